@@ -1,0 +1,201 @@
+"""Experts: the FFNs that tokens are routed to.
+
+Shape suffixes: N rows (assignments, grouped by expert), D d_model, F expert hidden size,
+H the first projection's width (2F for SwiGLU: gate then up; F otherwise), E experts.
+
+``GroupedExperts`` stores all experts as two 3-D tensors, ``w_in`` [E, D, H] and ``w_out``
+[E, F, D], laid out so that neither is transposed in the forward, and runs each projection
+as one grouped GEMM over the expert groups (``torch.nn.functional.grouped_mm``, which works
+on CPU and CUDA in torch >= 2.9). A per-expert matmul loop computes the same thing and is
+kept as the readable reference and as the fallback where grouped GEMM is unavailable or the
+layout is not 16-byte aligned. Empty experts cost nothing on either path.
+
+``ModuleExperts`` runs any list of modules, MoE layers included (hierarchical MoE).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available() -> bool:
+    return _grouped_mm is not None
+
+
+def _aligned(*tensors: Tensor) -> bool:
+    """grouped_mm needs every non-unit stride a multiple of 16 bytes."""
+    for tensor in tensors:
+        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        item = tensor.element_size()
+        for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+            if size > 1 and stride != 1 and (stride * item) % 16 != 0:
+                return False
+        if tensor.data_ptr() % 16 != 0:
+            return False
+    return True
+
+
+def use_grouped_mm(impl: str, *tensors: Tensor) -> bool:
+    if impl == "loop" or _grouped_mm is None:
+        return False
+    return _aligned(*tensors)
+
+
+def grouped_matmul(
+    rows_NK: Tensor, weight_EKM: Tensor, group_ends_E: Tensor, counts: Sequence[int], impl: str
+) -> Tensor:
+    """out[rows of expert e] = rows[rows of expert e] @ weight[e]: [N, M]."""
+    if use_grouped_mm(impl, rows_NK, weight_EKM):
+        return _grouped_mm(rows_NK, weight_EKM, offs=group_ends_E)
+    out_NM = rows_NK.new_empty(rows_NK.shape[0], weight_EKM.shape[2])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.matmul(rows_NK[start : start + count], weight_EKM[expert], out=out_NM[start : start + count])
+        start += count
+    return out_NM
+
+
+def grouped_weight_grad(
+    rows_NK: Tensor, grad_NM: Tensor, group_ends_E: Tensor, counts: Sequence[int], impl: str
+) -> Tensor:
+    """grad_weight[e] = rows[expert e]^T @ grad[expert e]: [E, K, M] (zeros for empty e)."""
+    rows_KN = rows_NK.t()
+    if use_grouped_mm(impl, rows_KN, grad_NM):
+        return _grouped_mm(rows_KN, grad_NM, offs=group_ends_E)
+    grad_EKM = rows_NK.new_zeros(len(counts), rows_NK.shape[1], grad_NM.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.matmul(rows_KN[:, start : start + count], grad_NM[start : start + count], out=grad_EKM[expert])
+        start += count
+    return grad_EKM
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """grouped_matmul with its backward as two grouped GEMMs (used by the unfused path)."""
+
+    @staticmethod
+    def forward(ctx, rows_NK, weight_EKM, group_ends_E, counts, impl):  # noqa: ANN001
+        ctx.save_for_backward(rows_NK, weight_EKM, group_ends_E)
+        ctx.counts, ctx.impl = counts, impl
+        return grouped_matmul(rows_NK, weight_EKM, group_ends_E, counts, impl)
+
+    @staticmethod
+    def backward(ctx, grad_NM):  # noqa: ANN001
+        rows_NK, weight_EKM, group_ends_E = ctx.saved_tensors
+        grad_NM = grad_NM.contiguous()
+        grad_rows = grouped_matmul(
+            grad_NM, weight_EKM.transpose(1, 2), group_ends_E, ctx.counts, ctx.impl
+        )
+        grad_weight = grouped_weight_grad(rows_NK, grad_NM, group_ends_E, ctx.counts, ctx.impl)
+        return grad_rows, grad_weight, None, None, None
+
+
+def activate(h_NH: Tensor, activation: str) -> Tensor:
+    """The expert nonlinearity; SwiGLU reads h as [gate | up] (Shazeer 2020, eq. 6)."""
+    if activation == "swiglu":
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        return F.silu(gate_NF) * up_NF
+    if activation == "gelu":
+        return F.gelu(h_NH)
+    if activation == "relu":
+        return F.relu(h_NH)
+    raise ValueError(f"activation={activation!r} is invalid: use swiglu, gelu or relu")
+
+
+def hidden_width(config: MoEConfig, d_ff: int) -> int:
+    return 2 * d_ff if config.activation == "swiglu" else d_ff
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs as 3-D weights: w_in [E, D, H], w_out [E, F, D]."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.activation = config.activation
+        self.impl = config.expert_impl
+        width = hidden_width(config, config.d_ff)
+        self.w_in = nn.Parameter(torch.empty(config.num_experts, config.d_model, width))
+        self.w_out = nn.Parameter(torch.empty(config.num_experts, config.d_ff, config.d_model))
+        self.dropout = nn.Dropout(config.expert_dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Per expert, the scale of nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.config.d_model), 1 / math.sqrt(self.config.d_model))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.config.d_ff), 1 / math.sqrt(self.config.d_ff))
+
+    def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
+        """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""
+        h_NH = _GroupedMatmul.apply(x_ND, self.w_in, group_ends_E, counts, self.impl)
+        act_NF = self.dropout(activate(h_NH, self.activation))
+        return _GroupedMatmul.apply(act_NF, self.w_out, group_ends_E, counts, self.impl)
+
+
+class ModuleExperts(nn.Module):
+    """Any modules as experts, each mapping [n, D] -> [n, D]; ``moekit.MoE`` layers too."""
+
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(experts) == 0:
+            raise ValueError("ModuleExperts needs at least one expert module, got 0")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
+        outputs = []
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count:
+                outputs.append(expert(x_ND[start : start + count]))
+            start += count
+        if not outputs:  # no rows at all
+            return torch.zeros_like(x_ND)
+        return torch.cat(outputs, dim=0)
+
+
+class DenseFFN(nn.Module):
+    """One FFN applied to every row: the shared experts, and the dense baseline."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.activation = activation
+        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(d_model, width))
+        self.w_out = nn.Parameter(torch.empty(d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(d_ff), 1 / math.sqrt(d_ff))
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return self.dropout(activate(x_ND @ self.w_in, self.activation)) @ self.w_out
+
+
+class SharedExperts(nn.Module):
+    """Experts every token goes through (DeepSeekMoE), as one dense FFN of width
+    num_shared_experts · shared_expert_d_ff, optionally scaled by a per-token sigmoid gate
+    (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.ffn = DenseFFN(config.d_model, config.shared_d_ff, config.activation, config.expert_dropout)
+        self.gate = nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        out_TD = self.ffn(x_TD)
+        if self.gate is not None:
+            out_TD = torch.sigmoid(self.gate(x_TD)) * out_TD
+        return out_TD

@@ -1,0 +1,237 @@
+"""The MoE layer: a drop-in replacement for a Transformer's feed-forward block.
+
+Data flow (DESIGN.md), shape suffixes T tokens, D d_model, E experts, N assignments:
+
+    x [..., D] → x_TD → router → assignments → capacity → dispatch plan
+              → experts (grouped GEMM) → combine → (+ shared experts) → y [..., D]
+
+Masked (padding) tokens are taken out before routing and get 0 from the layer, so they are
+in no loss and no statistic. The weighted auxiliary losses and the routing statistics of
+the most recent forward are kept on the layer (``last_aux_loss``, ``last_stats``) and read
+by ``moekit.aux_loss(model)`` and ``moekit.routing_stats(model)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moekit.capacity import apply_capacity, expert_capacity
+from moekit.config import MoEConfig
+from moekit.dispatch import LocalDispatcher
+from moekit.experts import GroupedExperts, ModuleExperts, SharedExperts
+from moekit.fused import fused_experts
+from moekit.losses import balance_loss, z_loss
+from moekit.routing import AuxFreeRouter, RoutingResult, build_router
+from moekit.stats import RawRoutingStats, RoutingStats
+
+
+class NonFiniteRouterLogitsError(FloatingPointError):
+    """Raised when router logits hold NaN or inf (turn off with ``check_finite=False``)."""
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    A user's ``y.sum().backward()`` sends an expanded zero-stride gradient, which CPU
+    grouped_mm rejects; every path inside the layer then sees a dense gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:  # noqa: ANN001
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return grad.contiguous()
+
+
+class MoE(nn.Module):
+    """Sparse Mixture-of-Experts feed-forward layer.
+
+    ``MoE(config)`` builds grouped SwiGLU/GELU/ReLU experts; ``MoE(config, experts=[...])``
+    routes to any modules mapping [n, d_model] to [n, d_model] (MoE layers included, for a
+    hierarchical MoE). ``forward(x, token_mask=None)`` maps [..., d_model] to the same shape.
+    """
+
+    def __init__(self, config: MoEConfig, experts: Sequence[nn.Module] | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoE expects a MoEConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.router = build_router(config)
+        if experts is None:
+            self.experts: GroupedExperts | ModuleExperts = GroupedExperts(config)
+        else:
+            if len(experts) != config.num_experts:
+                raise ValueError(
+                    f"MoE got {len(experts)} expert modules but MoEConfig.num_experts="
+                    f"{config.num_experts}; they must be equal"
+                )
+            self.experts = ModuleExperts(experts)
+        self.shared_experts = SharedExperts(config) if config.num_shared_experts > 0 else None
+        self.dispatcher = LocalDispatcher(config.num_experts)
+        # NOTE: the fused permute-experts-combine Function is the fast path; the unfused
+        # one (plain autograd) is the readable spec and serves dropout and module experts.
+        self.fused = True
+        self.last_aux_loss: Tensor | None = None
+        self.last_aux_losses: dict[str, Tensor] = {}
+        self.last_stats: RawRoutingStats | None = None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, capacity_factor={c.capacity_factor}"
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+
+    def _check_input(self, x: Tensor, token_mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE.forward expects a Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.config.d_model:
+            raise ValueError(
+                f"MoE input's last dimension is {x.shape[-1] if x.dim() else 'missing'} "
+                f"but d_model={self.config.d_model}; x has shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"MoE input must be a floating-point tensor, got {x.dtype}")
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool:
+                raise TypeError(f"token_mask must be a bool tensor (True = real token), got {token_mask.dtype}")
+            if tuple(token_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"token_mask has shape {tuple(token_mask.shape)} but x's leading shape is "
+                    f"{tuple(x.shape[:-1])}; they must be equal"
+                )
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        self._check_input(x, token_mask)
+        config = self.config
+        x_TD = x.reshape(-1, config.d_model)
+        valid_idx = None
+        if token_mask is not None:
+            valid_idx = token_mask.reshape(-1).nonzero().squeeze(1)
+            x_TD = x_TD.index_select(0, valid_idx)
+        num_tokens = x_TD.shape[0]
+
+        capacity_factor = self.active_capacity_factor
+        routing = self.router.route(x_TD, capacity_factor)
+        if config.check_finite and not bool(torch.isfinite(routing.logits_TE).all()):
+            raise NonFiniteRouterLogitsError(
+                "router logits contain NaN or inf: check the layer input and router weights "
+                "(MoEConfig.check_finite=False skips this check)"
+            )
+        assignments = routing.assignments
+        num_routed = len(assignments)
+        capacity = routing.capacity
+        if capacity_factor is not None and routing.capacity is None:
+            capacity = expert_capacity(
+                num_tokens, config.num_experts, config.top_k, capacity_factor, config.min_capacity
+            )
+            assignments, _ = apply_capacity(
+                assignments, num_tokens, config.num_experts, capacity, config.drop_priority
+            )
+        plan = self.dispatcher.plan(assignments, num_tokens)
+
+        experts = self.experts
+        use_fused = (
+            self.fused
+            and isinstance(experts, GroupedExperts)
+            and plan.num_rows > 0
+            and not (self.training and config.expert_dropout > 0)
+        )
+        if use_fused:
+            assert isinstance(experts, GroupedExperts)
+            y_TD = fused_experts(
+                x_TD, assignments.weight_N, experts.w_in, experts.w_out, plan,
+                config.activation, experts.impl,
+            )  # fmt: skip
+        else:
+            x_rows_ND = self.dispatcher.dispatch(x_TD, plan)
+            out_ND = experts(x_rows_ND, plan.group_ends_E, plan.tokens_per_expert)
+            y_TD = self.dispatcher.combine(out_ND, assignments.weight_N, plan)
+        y_TD = y_TD.to(x.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        self._record(routing, num_routed, plan.tokens_per_expert_E, assignments.token_idx_N, num_tokens, capacity)
+
+        if valid_idx is not None:
+            y_all_TD = y_TD.new_zeros(token_mask.numel(), config.d_model)  # type: ignore[union-attr]
+            y_TD = y_all_TD.index_copy(0, valid_idx, y_TD)
+        return _ContiguousGrad.apply(y_TD.reshape(x.shape))
+
+    def _record(
+        self,
+        routing: RoutingResult,
+        num_routed: int,
+        tokens_per_expert_E: Tensor,
+        kept_token_idx_N: Tensor,
+        num_tokens: int,
+        capacity: int | None,
+    ) -> None:
+        config = self.config
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if config.balance_loss_coef > 0 and config.router != "expert_choice":
+                losses["balance"] = config.balance_loss_coef * balance_loss(
+                    routing.scores_TE, routing.selected_per_expert_E, config.top_k
+                )
+            if config.z_loss_coef > 0:
+                losses["z"] = config.z_loss_coef * z_loss(routing.logits_TE)
+            if "importance" in routing.router_losses and config.importance_loss_coef > 0:
+                losses["importance"] = config.importance_loss_coef * routing.router_losses["importance"]
+            if "load" in routing.router_losses and config.load_loss_coef > 0:
+                losses["load"] = config.load_loss_coef * routing.router_losses["load"]
+        self.last_aux_losses = losses
+        self.last_aux_loss = sum(losses.values()) if losses else None  # type: ignore[assignment]
+        with torch.no_grad():
+            self.last_stats = RawRoutingStats(
+                num_tokens=num_tokens,
+                num_routed=num_routed,
+                tokens_per_expert_E=tokens_per_expert_E.detach(),
+                kept_token_idx_N=kept_token_idx_N.detach(),
+                scores_TE=routing.scores_TE.detach(),
+                capacity=capacity,
+            )
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """Every MoE layer inside ``model`` (itself and nested ones), with qualified names."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the coefficient-weighted auxiliary losses of every MoE layer in ``model``
+    (nested ones included) from its most recent forward; a 0-dim tensor, 0 when none."""
+    total: Tensor | None = None
+    for _, layer in moe_layers(model):
+        if layer.last_aux_loss is not None:
+            total = layer.last_aux_loss if total is None else total + layer.last_aux_loss
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return total
+
+
+def update_expert_bias(model: nn.Module) -> None:
+    """Apply the aux-loss-free bias update of every ``router='aux_free'`` layer; call once
+    per optimizer step (after ``optimizer.step()``)."""
+    for module in model.modules():
+        if isinstance(module, AuxFreeRouter):
+            module.update_bias()
+
+
+def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
+    """Per MoE layer in ``model`` (qualified name → stats) from its most recent forward:
+    tokens per expert, dropped fractions, router entropy, load CV and imbalance, empty
+    experts. Layers that have not run yet are left out."""
+    return {
+        name: layer.last_stats.summarize()
+        for name, layer in moe_layers(model)
+        if layer.last_stats is not None
+    }
