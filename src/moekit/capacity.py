@@ -32,9 +32,7 @@ def expert_capacity(
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def priority_order(
-    rank_N: Tensor, score_N: Tensor, num_tokens: int, priority: str
-) -> Tensor:
+def priority_order(rank_N: Tensor, score_N: Tensor, num_tokens: int, priority: str) -> Tensor:
     """Permutation of the (token-major) assignments from most to least important."""
     if priority == "position":
         # Token-major input: a stable sort on the rank puts all first choices (in token
@@ -47,9 +45,7 @@ def priority_order(
     raise ValueError(f"drop_priority={priority!r} is invalid: use position, score or random")
 
 
-def capacity_keep_mask(
-    expert_idx_N: Tensor, order_N: Tensor, capacity: int, num_experts: int
-) -> Tensor:
+def capacity_keep_mask(expert_idx_N: Tensor, order_N: Tensor, capacity: int, num_experts: int) -> Tensor:
     """True for the assignments among the first ``capacity`` of their expert in ``order_N``."""
     experts_by_priority_N = expert_idx_N[order_N]
     # Stable sort by expert keeps priority order inside each expert's group.
@@ -58,8 +54,7 @@ def capacity_keep_mask(
     tokens_per_expert_E = torch.bincount(sorted_experts_N, minlength=num_experts)
     group_starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
     position_in_expert_N = (
-        torch.arange(sorted_experts_N.numel(), device=expert_idx_N.device)
-        - group_starts_E[sorted_experts_N]
+        torch.arange(sorted_experts_N.numel(), device=expert_idx_N.device) - group_starts_E[sorted_experts_N]
     )
     keep_N = torch.empty_like(expert_idx_N, dtype=torch.bool)
     keep_N[order_N[by_expert_N]] = position_in_expert_N < capacity

@@ -61,7 +61,9 @@ def grouped_matmul(
     start = 0
     for expert, count in enumerate(counts):
         if count:
-            torch.matmul(rows_NK[start : start + count], weight_EKM[expert], out=out_NM[start : start + count])
+            torch.matmul(
+                rows_NK[start : start + count], weight_EKM[expert], out=out_NM[start : start + count]
+            )
         start += count
     return out_NM
 
@@ -77,7 +79,9 @@ def grouped_weight_grad(
     start = 0
     for expert, count in enumerate(counts):
         if count:
-            torch.matmul(rows_KN[:, start : start + count], grad_NM[start : start + count], out=grad_EKM[expert])
+            torch.matmul(
+                rows_KN[:, start : start + count], grad_NM[start : start + count], out=grad_EKM[expert]
+            )
         start += count
     return grad_EKM
 
@@ -95,9 +99,7 @@ class _GroupedMatmul(torch.autograd.Function):
     def backward(ctx, grad_NM):  # noqa: ANN001
         rows_NK, weight_EKM, group_ends_E = ctx.saved_tensors
         grad_NM = grad_NM.contiguous()
-        grad_rows = grouped_matmul(
-            grad_NM, weight_EKM.transpose(1, 2), group_ends_E, ctx.counts, ctx.impl
-        )
+        grad_rows = grouped_matmul(grad_NM, weight_EKM.transpose(1, 2), group_ends_E, ctx.counts, ctx.impl)
         grad_weight = grouped_weight_grad(rows_NK, grad_NM, group_ends_E, ctx.counts, ctx.impl)
         return grad_rows, grad_weight, None, None, None
 

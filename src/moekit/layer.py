@@ -83,7 +83,10 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, capacity_factor={c.capacity_factor}"
+        return (
+            f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, "
+            f"capacity_factor={c.capacity_factor}"
+        )
 
     @property
     def active_capacity_factor(self) -> float | None:
@@ -101,7 +104,9 @@ class MoE(nn.Module):
             raise TypeError(f"MoE input must be a floating-point tensor, got {x.dtype}")
         if token_mask is not None:
             if token_mask.dtype != torch.bool:
-                raise TypeError(f"token_mask must be a bool tensor (True = real token), got {token_mask.dtype}")
+                raise TypeError(
+                    f"token_mask must be a bool tensor (True = real token), got {token_mask.dtype}"
+                )
             if tuple(token_mask.shape) != tuple(x.shape[:-1]):
                 raise ValueError(
                     f"token_mask has shape {tuple(token_mask.shape)} but x's leading shape is "
@@ -158,7 +163,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self._record(routing, num_routed, plan.tokens_per_expert_E, assignments.token_idx_N, num_tokens, capacity)
+        self._record(
+            routing, num_routed, plan.tokens_per_expert_E, assignments.token_idx_N, num_tokens, capacity
+        )
 
         if valid_idx is not None:
             y_all_TD = y_TD.new_zeros(token_mask.numel(), config.d_model)  # type: ignore[union-attr]
