@@ -1,0 +1,354 @@
+"""The MoE layer against the naive per-token reference (tests/naive.py).
+
+Verifies, in fp32 to 1e-5, outputs and gradients (input, router, experts, shared experts)
+for every router, dropless and with capacity, every activation; the grouped-GEMM path
+against the per-expert loop; the fused path against plain autograd; and the edge cases
+(empty input, any leading shape, bf16, zero-stride upstream gradient, padding masks).
+
+    pytest tests/test_layer.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit import MoE, MoEConfig
+from tests import naive
+
+ROUTERS = ["topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free"]
+ACTIVATIONS = ["swiglu", "gelu", "relu"]
+
+
+def make_config(router: str, activation: str = "swiglu", **overrides) -> MoEConfig:
+    top_k = {"switch": 1, "gshard": 2}.get(router, 2)
+    values = dict(
+        d_model=16,
+        d_ff=8,
+        num_experts=4,
+        top_k=top_k,
+        router=router,
+        activation=activation,
+        min_capacity=0,
+        num_shared_experts=0,
+    )
+    if router == "gshard":
+        values["second_expert_policy"] = "all"
+    values.update(overrides)
+    return MoEConfig(**values)
+
+
+def grads_of(layer: MoE, x: torch.Tensor, y: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
+    params = [x, layer.router.weight]
+    if hasattr(layer.experts, "w_in"):
+        params += [layer.experts.w_in, layer.experts.w_out]
+    if layer.shared_experts is not None:
+        params += list(layer.shared_experts.parameters())
+    return list(torch.autograd.grad((y * upstream).sum(), params, allow_unused=True))
+
+
+def assert_matches_reference(layer: MoE, x: torch.Tensor, token_mask=None) -> None:
+    x = x.clone().requires_grad_(True)
+    y = layer(x, token_mask=token_mask)
+    upstream = torch.randn_like(y)
+    grads = grads_of(layer, x, y, upstream)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = naive.moe_forward(layer, x_ref, token_mask)
+    ref_grads = grads_of(layer, x_ref, y_ref, upstream)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(["x", "router", "w_in", "w_out", "shared"], grads, ref_grads, strict=False):
+        if want is None:
+            assert got is None or torch.count_nonzero(got) == 0, name
+            continue
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_matches_reference(router, capacity_factor, activation):
+    torch.manual_seed(0)
+    config = make_config(
+        router, activation, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor
+    )
+    layer = MoE(config)
+    if router == "aux_free":
+        layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    # Training mode where the router is deterministic, eval mode where it is not.
+    layer.train(router not in ("noisy_topk",))
+    assert_matches_reference(layer, torch.randn(24, 16))
+
+
+@pytest.mark.parametrize("priority", ["position", "score"])
+def test_capacity_priorities_match_reference(priority):
+    torch.manual_seed(1)
+    config = make_config("topk", capacity_factor=0.5, drop_priority=priority, num_experts=4)
+    layer = MoE(config).train()
+    assert_matches_reference(layer, torch.randn(40, 16))
+    assert moekit.routing_stats(layer)[""].dropped_fraction > 0.3
+
+
+def test_shared_experts_with_gate_match_reference():
+    torch.manual_seed(2)
+    layer = MoE(make_config("topk", num_shared_experts=2, shared_expert_d_ff=4, shared_expert_gate=True))
+    assert_matches_reference(layer, torch.randn(10, 16))
+
+
+def test_group_limited_aux_free_matches_reference():
+    torch.manual_seed(3)
+    config = make_config(
+        "aux_free", num_experts=8, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=2.5
+    )
+    layer = MoE(config).train()
+    layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    assert_matches_reference(layer, torch.randn(20, 16))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_matches_loop(activation, fused):
+    torch.manual_seed(4)
+    config = make_config("topk", activation, num_experts=6, capacity_factor=0.75)
+    grouped = MoE(config)
+    loop = MoE(make_config("topk", activation, num_experts=6, capacity_factor=0.75, expert_impl="loop"))
+    loop.load_state_dict(grouped.state_dict())
+    grouped.fused = loop.fused = fused
+    x = torch.randn(30, 16)
+    results = []
+    for layer in (grouped, loop):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        results.append([y, *grads_of(layer, xg, y, torch.ones_like(y))])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_matches_unfused_with_an_empty_expert():
+    torch.manual_seed(5)
+    layer = MoE(make_config("topk", num_experts=8, top_k=1))
+    with torch.no_grad():
+        layer.router.weight[3] = 0.0
+        layer.router.weight[3, 0] = -100.0
+    x = torch.randn(12, 16)
+    x[:, 0] = 1.0  # expert 3's logit is -100 for every token: it gets none
+    results = []
+    for fused in (True, False):
+        layer.fused = fused
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        results.append([y, *grads_of(layer, xg, y, torch.ones_like(y))])
+    assert moekit.routing_stats(layer)[""].tokens_per_expert[3] == 0
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(results[0][4][3]) == 0  # the empty expert gets zero gradient
+
+
+def test_empty_input_forward_and_backward():
+    for router in ROUTERS:
+        layer = MoE(make_config(router, capacity_factor=1.0, num_shared_experts=1))
+        x = torch.randn(0, 5, 16, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (0, 5, 16)
+        (y.sum() + moekit.aux_loss(layer)).backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(16,), (7, 16), (2, 3, 16), (2, 1, 3, 16)])
+def test_any_leading_shape(shape):
+    torch.manual_seed(6)
+    layer = MoE(make_config("topk"))
+    x = torch.randn(*shape)
+    y = layer(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.reshape(-1, 16), layer(x.reshape(-1, 16)))
+
+
+def test_sum_backward_with_zero_stride_gradient():
+    torch.manual_seed(7)
+    for fused in (True, False):
+        layer = MoE(make_config("topk", num_shared_experts=1))
+        layer.fused = fused
+        x = torch.randn(9, 16, requires_grad=True)
+        layer(x).sum().backward()  # upstream gradient is an expanded zero-stride tensor
+        assert torch.isfinite(x.grad).all() and layer.experts.w_in.grad is not None
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_bf16_input_keeps_router_in_float32(router):
+    torch.manual_seed(8)
+    layer = MoE(make_config(router, capacity_factor=1.25)).to(torch.bfloat16)
+    seen = {}
+    original = layer.router.compute_logits
+
+    def spy(x_TD):
+        logits = original(x_TD)
+        seen["dtype"] = logits.dtype
+        return logits
+
+    layer.router.compute_logits = spy
+    x = torch.randn(4, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and seen["dtype"] == torch.float32
+    (y.float().square().sum() + moekit.aux_loss(layer)).backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    # Close to the float32 layer with the same weights.
+    reference = MoE(make_config(router, capacity_factor=1.25)).eval()
+    reference.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    layer.eval()
+    torch.testing.assert_close(layer(x).float(), reference(x.float()), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_same_seed_gives_same_result(router):
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(9)
+        config = make_config(router, capacity_factor=1.0, drop_priority="random")
+        if router == "gshard":
+            config = make_config(router, capacity_factor=1.0, second_expert_policy="random")
+        layer = MoE(config).train()
+        x = torch.randn(20, 16)
+        outputs.append((layer(x), moekit.aux_loss(layer)))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=0, rtol=0)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice", "aux_free"])
+def test_padding_mask_excludes_tokens(router):
+    torch.manual_seed(10)
+    layer = MoE(make_config(router, capacity_factor=1.0)).train()
+    x = torch.randn(3, 8, 16)
+    mask = torch.rand(3, 8) > 0.4
+    assert_matches_reference(layer, x, token_mask=mask)
+    y = layer(x, token_mask=mask)
+    assert torch.count_nonzero(y[~mask]) == 0
+    masked_loss = moekit.aux_loss(layer)
+    masked_stats = moekit.routing_stats(layer)[""]
+    layer(x[mask])  # the same layer on only the real tokens
+    torch.testing.assert_close(masked_loss, moekit.aux_loss(layer))
+    assert masked_stats == moekit.routing_stats(layer)[""]
+    assert masked_stats.num_tokens == int(mask.sum())
+    # Garbage (even NaN) in padded positions changes nothing.
+    x_garbage = x.clone()
+    x_garbage[~mask] = float("nan")
+    torch.testing.assert_close(layer(x_garbage, token_mask=mask)[mask], y[mask])
+
+
+def test_dropped_token_gets_exactly_zero():
+    torch.manual_seed(11)
+    config = make_config("switch", num_experts=2, capacity_factor=0.5, min_capacity=0)
+    layer = MoE(config).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 10.0
+    x = torch.randn(8, 16)
+    x[:, 0] = 1.0  # every token prefers expert 0; capacity 2 keeps tokens 0 and 1
+    y = layer(x)
+    assert moekit.routing_stats(layer)[""].tokens_per_expert == [2, 0]
+    assert torch.count_nonzero(y[2:]) == 0
+    assert torch.count_nonzero(y[:2]) > 0
+
+
+def test_eval_capacity_none_makes_output_independent_of_batch():
+    torch.manual_seed(12)
+    layer = MoE(make_config("topk", capacity_factor=0.5, eval_capacity_factor=None)).eval()
+    x = torch.randn(16, 16)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(16)])
+    torch.testing.assert_close(layer(x), alone, atol=1e-6, rtol=1e-6)
+    layer.train()
+    layer(x)
+    assert moekit.routing_stats(layer)[""].capacity == 4
+
+
+def test_aux_loss_only_in_training():
+    torch.manual_seed(13)
+    layer = MoE(make_config("topk"))
+    x = torch.randn(10, 16)
+    layer.train()
+    layer(x)
+    assert float(moekit.aux_loss(layer)) > 0
+    layer.eval()
+    layer(x)
+    assert float(moekit.aux_loss(layer)) == 0.0
+
+
+def test_aux_loss_sums_weighted_terms():
+    torch.manual_seed(14)
+    config = make_config("noisy_topk", balance_loss_coef=0.5, z_loss_coef=0.25)
+    layer = MoE(config).train()
+    layer(torch.randn(12, 16))
+    terms = layer.last_aux_losses
+    assert set(terms) == {"balance", "z", "importance", "load"}
+    torch.testing.assert_close(moekit.aux_loss(layer), sum(terms.values()))
+
+
+def test_non_finite_logits_raise():
+    layer = MoE(make_config("topk"))
+    x = torch.randn(4, 16)
+    x[2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="router logits"):
+        layer(x)
+    unchecked = MoE(make_config("topk", check_finite=False))
+    unchecked(x)  # the check can be turned off
+
+
+def test_hierarchical_moe_trains_and_collects_inner_losses():
+    torch.manual_seed(15)
+    inner = [MoE(make_config("topk", num_experts=3, top_k=1, d_ff=8)) for _ in range(2)]
+    outer = MoE(make_config("topk", num_experts=2, top_k=1), experts=inner)
+    head = torch.nn.Linear(16, 1)
+    model = torch.nn.ModuleDict({"moe": outer, "head": head})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 16)
+    target = x[:, :1].sin() * 2
+    losses = []
+    for _ in range(60):
+        y = head(outer(x))
+        task = torch.nn.functional.mse_loss(y, target)
+        assert len(moekit.layer.moe_layers(outer)) == 3
+        inner_total = sum(m.last_aux_loss for m in inner if m.last_aux_loss is not None)
+        torch.testing.assert_close(moekit.aux_loss(model), outer.last_aux_loss + inner_total)
+        optimizer.zero_grad()
+        (task + moekit.aux_loss(model)).backward()
+        optimizer.step()
+        losses.append(task.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert inner[0].experts.w_in.grad is not None
+    assert set(moekit.routing_stats(model)) == {"moe", "moe.experts.experts.0", "moe.experts.experts.1"}
+
+
+def test_module_experts_match_reference():
+    torch.manual_seed(16)
+    experts = [torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)]
+    layer = MoE(make_config("topk", capacity_factor=1.0), experts=experts).train()
+    x = torch.randn(14, 16, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, naive.moe_forward(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_expert_dropout_only_in_training():
+    torch.manual_seed(17)
+    layer = MoE(make_config("topk", expert_dropout=0.5))
+    x = torch.randn(20, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), naive.moe_forward(layer, x), atol=1e-5, rtol=1e-5)
+    layer.train()
+    a, b = layer(x), layer(x)
+    assert not torch.allclose(a, b)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(18)
+    layer = MoE(make_config("topk"))
+    # NOTE: aot_eager traces with dynamo and AOTAutograd (where graph breaks and custom
+    # autograd.Functions are handled) without the minute-long C++ build of inductor.
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y_eager = layer(x)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, layer.experts.w_in])
+    y_compiled = compiled(x)
+    g_compiled = torch.autograd.grad(y_compiled.square().sum(), [x, layer.experts.w_in])
+    torch.testing.assert_close(y_compiled, y_eager)
+    for got, want in zip(g_compiled, g_eager, strict=True):
+        torch.testing.assert_close(got, want)
