@@ -153,5 +153,5 @@ def balance_loss(probs_TE, assignments_before_capacity, num_experts, top_k):
     n = [0] * num_experts
     for _, e, _, _, _ in assignments_before_capacity:
         n[e] += 1
-    P = [float(probs_TE[:, e].sum()) / T for e in range(num_experts)]
+    P = [probs_TE[:, e].sum().item() / T for e in range(num_experts)]
     return num_experts / (T * top_k) * sum(n[e] * P[e] for e in range(num_experts))
