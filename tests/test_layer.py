@@ -320,7 +320,9 @@ def test_hierarchical_moe_trains_and_collects_inner_losses():
 
 def test_module_experts_match_reference():
     torch.manual_seed(16)
-    experts = [torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)]
+    experts = [
+        torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)
+    ]
     layer = MoE(make_config("topk", capacity_factor=1.0), experts=experts).train()
     x = torch.randn(14, 16, requires_grad=True)
     y = layer(x)
