@@ -354,3 +354,11 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(y_compiled, y_eager)
     for got, want in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_unaligned_sizes_fall_back_and_match_reference(activation):
+    # grouped_mm needs 16-byte strides; d_model=6, d_ff=3 must take the loop and still be right.
+    torch.manual_seed(19)
+    layer = MoE(make_config("topk", activation, d_model=6, d_ff=3, num_shared_experts=1)).train()
+    assert_matches_reference(layer, torch.randn(11, 6))
