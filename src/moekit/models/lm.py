@@ -1,0 +1,322 @@
+"""A decoder-only Transformer language model whose feed-forward blocks are MoE layers.
+
+Notable features:
+- pre-norm blocks with RMSNorm, rotary position embeddings and causal attention through
+  ``F.scaled_dot_product_attention``; a KV cache for sampling that gives the same tokens as
+  recomputing the whole context
+- the FFN of every ``moe_every``-th layer is a ``moekit.MoE`` (1 = every layer, Mixtral
+  style; 2 = every other layer, Switch/GShard style), the others are dense
+- ``arch="dense"`` builds the dense baseline of the same config: every MoE FFN becomes a
+  dense FFN whose forward FLOPs per token equal the MoE's active FLOPs (top-k experts,
+  shared experts and the router), so the two compare at equal active compute
+- tied or untied input/output embeddings; the config is a dataclass saved as config.json
+
+Shape suffixes: B batch, S sequence, D d_model, H heads, K head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.experts import DenseFFN
+from moekit.layer import MoE
+
+ARCHS = ("moe", "dense")
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 128  # context length the model is trained at (rotary works beyond it)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    arch: str = "moe"  # "dense" = the equal-active-compute dense baseline of the same config
+    moe_every: int = 1  # every n-th layer's FFN is MoE (the last of each group of n)
+    dense_d_ff: int | None = None  # FFN width of non-MoE layers; None = FLOP-matched width
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=8))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LMConfig.{name}={value!r} is invalid: must be an integer >= 1")
+        if self.arch not in ARCHS:
+            raise ValueError(f"LMConfig.arch={self.arch!r} is invalid: must be one of {ARCHS}")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"LMConfig.d_model={self.d_model} is invalid: must be divisible by n_head={self.n_head}"
+            )
+        if (self.d_model // self.n_head) % 2 != 0:
+            raise ValueError(
+                f"LMConfig.n_head={self.n_head} is invalid: head dim d_model/n_head="
+                f"{self.d_model // self.n_head} must be even for rotary embeddings"
+            )
+        if self.moe.d_model != self.d_model:
+            raise ValueError(
+                f"LMConfig.moe.d_model={self.moe.d_model} is invalid: must equal d_model={self.d_model}"
+            )
+        if self.dense_d_ff is not None and self.dense_d_ff < 1:
+            raise ValueError(f"LMConfig.dense_d_ff={self.dense_d_ff} is invalid: must be >= 1 or None")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LMConfig.dropout={self.dropout} is invalid: must be in [0, 1)")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.arch == "moe" and (layer_idx + 1) % self.moe_every == 0
+
+    @property
+    def matched_d_ff(self) -> int:
+        """Width of a dense FFN (same activation) with the MoE layer's active forward FLOPs.
+
+        Active FLOPs per token of one MoE FFN: k routed experts and the shared experts, each
+        2·D·(H + F) multiply-adds for an FFN of width F (H = 2F for SwiGLU), plus the router's
+        2·D·E. A dense FFN of width F' costs 2·D·(H' + F'); solving gives F'.
+        """
+        moe = self.moe
+        hidden = moe.top_k * moe.d_ff + moe.shared_d_ff
+        per_unit = 3 if moe.activation == "swiglu" else 2  # (H + F) / F
+        router_units = moe.num_experts / per_unit
+        return max(1, round(hidden + router_units))
+
+    def ffn_width(self, layer_idx: int) -> int:
+        if self.is_moe_layer(layer_idx):
+            return self.moe.d_ff
+        moe_position = (layer_idx + 1) % self.moe_every == 0
+        if moe_position or self.dense_d_ff is None:
+            return self.matched_d_ff
+        return self.dense_d_ff
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"LMConfig got unknown fields {unknown}; known fields: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("moe"), dict):
+            values["moe"] = MoEConfig.from_dict(values["moe"])
+        return cls(**values)
+
+    def as_dense(self) -> LMConfig:
+        return replace(self, arch="dense")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): x / rms(x) · g, no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None):
+    """cos and sin of the rotary angles (Su et al. 2021, eq. 34): [S, K/2] each."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles_SK = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles_SK.cos(), angles_SK.sin()
+
+
+def apply_rotary(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of each head's features by the position angle."""
+    half = x_BHSK.shape[-1] // 2
+    x1, x2 = x_BHSK[..., :half], x_BHSK[..., half:]
+    cos, sin = cos_SK.to(x_BHSK.dtype), sin_SK.to(x_BHSK.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: [B, H, S, K] each."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        """Positions cached before the current forward (read before any layer appends)."""
+        return self.length_of(0)
+
+    def length_of(self, layer_idx: int) -> int:
+        keys = self.keys[layer_idx]
+        return 0 if keys is None else keys.shape[2]
+
+    def append(self, layer_idx: int, k_BHSK: Tensor, v_BHSK: Tensor) -> tuple[Tensor, Tensor]:
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        if old_k is not None and old_v is not None:
+            k_BHSK = torch.cat([old_k, k_BHSK], dim=2)
+            v_BHSK = torch.cat([old_v, v_BHSK], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k_BHSK, v_BHSK
+        return k_BHSK, v_BHSK
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.d_model // config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None) -> Tensor:
+        batch, seq, d_model = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(d_model, dim=2)
+        q_BHSK = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        k_BHSK = k.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        v_BHSK = v.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        q_BHSK, k_BHSK = apply_rotary(q_BHSK, cos_SK, sin_SK), apply_rotary(k_BHSK, cos_SK, sin_SK)
+        past = 0
+        if cache is not None:
+            past = cache.length_of(self.layer_idx)
+            k_BHSK, v_BHSK = cache.append(self.layer_idx, k_BHSK, v_BHSK)
+        dropout = self.dropout if self.training else 0.0
+        if past == 0:
+            y = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, dropout_p=dropout, is_causal=True)
+        else:
+            # New queries sit at positions past..past+seq-1 and see every key up to their own.
+            total = past + seq
+            allowed_SS = torch.ones(seq, total, dtype=torch.bool, device=x_BSD.device).tril(past)
+            y = F.scaled_dot_product_attention(
+                q_BHSK, k_BHSK, v_BHSK, attn_mask=allowed_SS, dropout_p=dropout
+            )
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn: nn.Module
+        if config.is_moe_layer(layer_idx):
+            self.ffn = MoE(config.moe)
+        else:
+            self.ffn = DenseFFN(config.d_model, config.ffn_width(layer_idx), config.moe.activation)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None) -> Tensor:
+        x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, cache))
+        return x_BSD + self.resid_dropout(self.ffn(self.ffn_norm(x_BSD)))
+
+
+class MoETransformerLM(nn.Module):
+    """Decoder-only LM; ``forward(idx_BS, targets_BS=None) -> (logits_BSV, loss | None)``.
+
+    The loss is the mean next-token cross-entropy (nats per token) without the auxiliary
+    losses; add ``moekit.aux_loss(model)`` for training.
+    """
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02) for embeddings and attention projections, residual output
+        # projections scaled by 1/sqrt(2·n_layer) so the residual stream does not grow with depth.
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            ffn = block.ffn
+            experts = ffn.experts if isinstance(ffn, MoE) else ffn
+            if hasattr(experts, "w_in"):
+                nn.init.normal_(experts.w_in, std=std)
+                nn.init.normal_(experts.w_out, std=residual_std)
+            if isinstance(ffn, MoE):
+                nn.init.normal_(ffn.router.weight, std=std)
+                if ffn.shared_experts is not None:
+                    nn.init.normal_(ffn.shared_experts.ffn.w_in, std=std)
+                    nn.init.normal_(ffn.shared_experts.ffn.w_out, std=residual_std)
+
+    def forward(
+        self, idx_BS: Tensor, targets_BS: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if idx_BS.dim() != 2:
+            raise ValueError(f"token ids must be [batch, seq], got shape {tuple(idx_BS.shape)}")
+        seq = idx_BS.shape[1]
+        past = cache.length if cache is not None else 0
+        head_dim = self.config.d_model // self.config.n_head
+        cos_SK, sin_SK = rotary_tables(past + seq, head_dim, self.config.rope_theta, idx_BS.device)
+        cos_SK, sin_SK = cos_SK[past:], sin_SK[past:]
+        x_BSD = self.embed(idx_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, cos_SK, sin_SK, cache)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        return logits_BSV, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx_BS: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` continuations; temperature 0 is greedy decoding."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} is invalid: must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} is invalid: must be >= 1 or None")
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        tokens = idx_BS
+        step_input = idx_BS
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits_BSV, _ = self(tokens)
+            else:
+                logits_BSV, _ = self(step_input, cache=cache)
+            logits_BV = logits_BSV[:, -1, :].float()
+            if temperature == 0:
+                next_B1 = logits_BV.argmax(dim=-1, keepdim=True)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k is not None:
+                    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1])).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                next_B1 = torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator)
+            tokens = torch.cat([tokens, next_B1], dim=1)
+            step_input = next_B1
+        return tokens

@@ -1,0 +1,507 @@
+"""Train an MoE (or dense baseline) language model on a text file.
+
+    moekit train                                   # small MoE on tiny Shakespeare, ~5 min on 2 CPU cores
+    moekit train --data my.txt --experts 16 --top-k 2 --out runs/my
+    moekit train --arch dense --out runs/dense     # the equal-active-compute dense baseline
+    moekit train --resume runs/my --steps 4000     # continue exactly where it stopped
+    python -m moekit train --json                  # last line: one JSON object of results
+
+The run directory holds config.json, checkpoint/ (model.safetensors and state.pt with the
+optimizer, schedule position, data sampler and RNG states), metrics.csv, TensorBoard events
+when tensorboard is installed, and PNG plots (loss, expert load per layer, dropped tokens).
+
+Training: AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation,
+the MoE auxiliary losses through ``moekit.aux_loss``, the aux-loss-free bias update once per
+optimizer step, optional bf16 autocast. Checkpoints are written to a temporary directory and
+renamed into place, so a crash never leaves a half-written checkpoint; Ctrl-C saves one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from tqdm import tqdm
+
+from moekit.accounting import count_parameters
+from moekit.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    TextDataset,
+    eval_batches,
+    random_batch,
+    tokenizer_from_dict,
+)
+from moekit.layer import aux_loss, moe_layers, routing_stats, update_expert_bias
+from moekit.models.lm import LMConfig, MoETransformerLM
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.csv"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message names the file."""
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # text file; None = the built-in tiny Shakespeare
+    tokenizer: str = "bytes"  # "bytes" (vocab 256) or "bpe" (trained on the corpus)
+    bpe_vocab_size: int = 1024
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only (not norms, not biases of the router)
+    beta2: float = 0.99  # small-batch runs like a shorter second-moment memory
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    eval_interval: int = 250
+    eval_batches: int = 16
+    checkpoint_interval: int = 1000
+    log_interval: int = 10
+    seed: int = 1337
+    bf16: bool = False  # bf16 autocast for the forward
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be an integer >= 1")
+        if self.tokenizer not in ("bytes", "bpe"):
+            raise ValueError(f"TrainConfig.tokenizer={self.tokenizer!r} is invalid: use bytes or bpe")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr} is invalid: must be > 0")
+        if self.warmup_steps < 0 or self.checkpoint_interval < 1:
+            raise ValueError("TrainConfig.warmup_steps must be >= 0 and checkpoint_interval >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} is invalid: must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to lr · min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        # NOTE: norms' gains and the router projection are not decayed: decay pulls router
+        # logits toward uniform, which fights the balance the router is learning.
+        (decay if param.dim() >= 2 and "router" not in name else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2), fused=False)
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """Print from rank 0 only (every process is rank 0 outside torch.distributed)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        print(*args, **kwargs)
+    elif torch.distributed.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Run directory: config, checkpoints (atomic), metrics
+# ---------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, model: MoETransformerLM, state: dict) -> Path:
+    """Write checkpoint/ atomically: into a temporary directory, then renamed into place.
+
+    The previous checkpoint stays intact until the new one is complete; a crash at any point
+    leaves either the old or the new checkpoint, never a mix.
+    """
+    final = run_dir / CHECKPOINT_DIR
+    tmp = run_dir / f"{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS_FILE))  # save_model keeps one copy of tied weights
+    torch.save(state, tmp / STATE_FILE)
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    final = run_dir / CHECKPOINT_DIR
+    if final.exists():
+        return final
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if old.exists():  # a crash between the two renames of save_checkpoint
+        return old
+    raise CheckpointError(f"{final}: no checkpoint in run directory {run_dir}")
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a moekit run directory")
+    try:
+        payload = json.loads(path.read_text())
+        LMConfig.from_dict(payload["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable run config ({error})") from error
+    return payload
+
+
+def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, dict]:
+    """The model of a run directory, with its latest checkpoint's weights, and the run config."""
+    run_dir = Path(run_dir)
+    payload = read_run_config(run_dir)
+    model = MoETransformerLM(LMConfig.from_dict(payload["model"]))
+    load_weights(model, find_checkpoint(run_dir) / WEIGHTS_FILE)
+    return model.to(device), payload
+
+
+def load_weights(model: MoETransformerLM, path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing weights file")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path}: corrupt or mismatched weights ({error})") from error
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the run's model config "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def load_state(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing training state file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corruption
+        raise CheckpointError(f"{path}: corrupt or truncated training state ({error})") from error
+
+
+def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
+    path = run_dir / METRICS_FILE
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns and not isinstance(row[key], list)]
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float
+    bits_per_byte: float
+    tokens_per_s: float
+    train_seconds: float
+    total_params: int
+    active_params: int
+    load_imbalance: float | None
+    dropped_fraction: float | None
+    plots: list[str]
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _NullWriter:
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard missing or broken: log nothing
+        return _NullWriter()
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformerLM, batches: list, bf16: bool) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(inputs, targets)
+        total += loss.item() * inputs.numel()
+        count += inputs.numel()
+    model.train()
+    return total / count
+
+
+def _layer_summaries(model: torch.nn.Module) -> tuple[float | None, float | None, list[list[float]]]:
+    stats = routing_stats(model)
+    if not stats:
+        return None, None, []
+    loads = []
+    for layer in stats.values():
+        total = sum(layer.tokens_per_expert) or 1
+        loads.append([count / total for count in layer.tokens_per_expert])
+    imbalance = sum(s.load_imbalance for s in stats.values()) / len(stats)
+    dropped = sum(s.dropped_fraction for s in stats.values()) / len(stats)
+    return imbalance, dropped, loads
+
+
+def train(
+    model_config: LMConfig,
+    train_config: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run in ``out``; returns its figures."""
+    train_config.validate()
+    run_dir = Path(out)
+    if resume:
+        # The run's own configs rule; only the number of steps may be changed (extended).
+        payload = read_run_config(run_dir)
+        model_config = LMConfig.from_dict(payload["model"])
+        steps = train_config.steps
+        train_config = TrainConfig.from_dict(payload["train"])
+        train_config.steps = steps
+        tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
+        if payload["train"].get("steps") != steps:
+            payload["train"]["steps"] = steps
+            write_json_atomic(run_dir / CONFIG_FILE, payload)
+    else:
+        if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+            raise CheckpointError(
+                f"{run_dir / CONFIG_FILE}: {run_dir} already holds a run; pass --resume {run_dir} "
+                "to continue it, or choose another --out (nothing was overwritten)"
+            )
+        tokenizer = ByteTokenizer()
+
+    if train_config.tokenizer == "bpe" and not resume:
+        from moekit.data import read_text
+
+        text, _ = read_text(train_config.data)
+        tokenizer = BPETokenizer.train(text, train_config.bpe_vocab_size)
+    if model_config.vocab_size != tokenizer.vocab_size:
+        model_config = LMConfig.from_dict({**model_config.to_dict(), "vocab_size": tokenizer.vocab_size})
+    dataset = TextDataset.load(train_config.data, model_config.seq_len, tokenizer)
+
+    torch.manual_seed(train_config.seed)
+    model = MoETransformerLM(model_config)
+    optimizer = build_optimizer(model, train_config)
+    sampler = torch.Generator().manual_seed(train_config.seed)
+    history: list[dict] = []
+    step = 0
+    train_seconds = 0.0
+    tokens_seen = 0
+    window = [0.0, 0, 0.0]  # train loss, tokens and seconds since the last log row
+    if resume:
+        checkpoint = find_checkpoint(run_dir)
+        load_weights(model, checkpoint / WEIGHTS_FILE)
+        state = load_state(checkpoint / STATE_FILE)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.set_state(state["sampler"])
+            torch.set_rng_state(state["torch_rng"])
+            step = state["step"]
+            history = state["history"]
+            train_seconds = state["train_seconds"]
+            tokens_seen = state["tokens_seen"]
+            window = state["window"]
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise CheckpointError(f"{checkpoint / STATE_FILE}: does not match this run ({error})") from error
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run_dir / CONFIG_FILE,
+            {
+                "model": model_config.to_dict(),
+                "train": asdict(train_config),
+                "tokenizer": tokenizer.to_dict(),
+            },
+        )
+
+    counts = count_parameters(model)
+    val_batches = eval_batches(
+        dataset.val_tokens, train_config.batch_size, model_config.seq_len, train_config.eval_batches
+    )
+    writer = _tensorboard_writer(run_dir)
+    model.train()
+
+    def state_dict() -> dict:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {
+                "step": step,
+                "warmup_steps": train_config.warmup_steps,
+                "steps": train_config.steps,
+            },
+            "sampler": sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "history": history,
+            "train_seconds": train_seconds,
+            "tokens_seen": tokens_seen,
+            "window": [window_loss, window_tokens, window_seconds],
+        }
+
+    bar = tqdm(total=train_config.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    interrupted = False
+    last_train_loss = float("nan")
+    window_loss, window_tokens, window_seconds = window
+    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len
+    try:
+        while step < train_config.steps:
+            started = time.perf_counter()
+            lr = lr_at(step, train_config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, step_aux = 0.0, 0.0
+            for _ in range(train_config.grad_accum):
+                inputs, targets = random_batch(
+                    dataset.train_tokens, train_config.batch_size, model_config.seq_len, sampler
+                )
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_config.bf16):
+                    _, loss = model(inputs, targets)
+                    auxiliary = aux_loss(model)
+                ((loss + auxiliary) / train_config.grad_accum).backward()
+                step_loss += loss.item() / train_config.grad_accum
+                step_aux += float(auxiliary.detach()) / train_config.grad_accum
+            if train_config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_expert_bias(model)
+            elapsed = time.perf_counter() - started
+            step += 1
+            train_seconds += elapsed
+            tokens_seen += tokens_per_step
+            last_train_loss = step_loss
+            window_loss += step_loss
+            window_tokens += tokens_per_step
+            window_seconds += elapsed
+            bar.update(1)
+
+            is_eval = step % train_config.eval_interval == 0 or step == train_config.steps
+            if step % train_config.log_interval == 0 or is_eval:
+                imbalance, dropped, loads = _layer_summaries(model)
+                row: dict[str, Any] = {
+                    "step": step,
+                    "train_loss": window_loss / max(1, window_tokens // tokens_per_step),
+                    "aux_loss": step_aux,
+                    "lr": lr,
+                    "tokens_per_s": window_tokens / window_seconds if window_seconds else 0.0,
+                    "load_imbalance": imbalance,
+                    "dropped_fraction": dropped,
+                    "train_seconds": train_seconds,
+                    "expert_load": loads,
+                }
+                if is_eval:
+                    row["val_loss"] = evaluate(model, val_batches, train_config.bf16)
+                history.append(row)
+                for key in ("train_loss", "val_loss", "aux_loss", "tokens_per_s", "load_imbalance", "lr"):
+                    if row.get(key) is not None:
+                        writer.add_scalar(key, row[key], step)
+                postfix = {"loss": f"{row['train_loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                if imbalance is not None:
+                    postfix["imbalance"] = f"{imbalance:.2f}"
+                if "val_loss" in row:
+                    postfix["val"] = f"{row['val_loss']:.3f}"
+                bar.set_postfix(postfix)
+                if on_step is not None:
+                    on_step(step, row)
+                window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+            if step % train_config.checkpoint_interval == 0 and step < train_config.steps:
+                save_checkpoint(run_dir, model, state_dict())
+                write_metrics_csv(run_dir, history)
+            if train_config.max_minutes is not None and train_seconds >= 60 * train_config.max_minutes:
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        bar.write(f"interrupted at step {step}: saving a checkpoint to {run_dir / CHECKPOINT_DIR}")
+    finally:
+        bar.close()
+        writer.close()
+    save_checkpoint(run_dir, model, state_dict())
+    write_metrics_csv(run_dir, history)
+
+    from moekit.plots import plot_run
+
+    plots = [str(p) for p in plot_run(run_dir, history, [name for name, _ in moe_layers(model)])]
+    val_rows = [row for row in history if "val_loss" in row]
+    val_loss = val_rows[-1]["val_loss"] if val_rows else evaluate(model, val_batches, train_config.bf16)
+    last_imbalance = next(
+        (r["load_imbalance"] for r in reversed(history) if r.get("load_imbalance") is not None), None
+    )
+    last_dropped = next(
+        (r["dropped_fraction"] for r in reversed(history) if r.get("dropped_fraction") is not None), None
+    )
+    result = TrainResult(
+        run_dir=str(run_dir),
+        steps=step,
+        train_loss=last_train_loss,
+        val_loss=val_loss,
+        bits_per_byte=val_loss / math.log(2) / dataset.bytes_per_token,
+        tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0,
+        train_seconds=train_seconds,
+        total_params=counts.total,
+        active_params=counts.active,
+        load_imbalance=last_imbalance,
+        dropped_fraction=last_dropped,
+        plots=plots,
+        interrupted=interrupted,
+    )
+    write_json_atomic(run_dir / "results.json", result.to_dict())
+    return result
