@@ -99,6 +99,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def default_configs() -> tuple[LMConfig, TrainConfig]:
+    """What ``moekit train`` trains without flags: a small MoE on tiny Shakespeare."""
+    return LMConfig(), TrainConfig()
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to lr · min_lr_ratio at the last step."""
     if step < config.warmup_steps:
@@ -482,9 +487,7 @@ def train(
     plots = [str(p) for p in plot_run(run_dir, history, [name for name, _ in moe_layers(model)])]
     val_rows = [row for row in history if "val_loss" in row]
     val_loss = val_rows[-1]["val_loss"] if val_rows else evaluate(model, val_batches, train_config.bf16)
-    last_imbalance = next(
-        (r["load_imbalance"] for r in reversed(history) if r.get("load_imbalance") is not None), None
-    )
+    last_imbalance = next((r["load_imbalance"] for r in reversed(history) if r.get("load_imbalance") is not None), None)
     last_dropped = next(
         (r["dropped_fraction"] for r in reversed(history) if r.get("dropped_fraction") is not None), None
     )

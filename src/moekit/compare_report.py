@@ -1,0 +1,213 @@
+"""results.md and the PNG figures of ``moekit compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _loss(summary: dict, name: str) -> str:
+    row = summary[name]
+    if row["seeds"] == 1:
+        return f"{row['val_loss_mean']:.4f}"
+    return f"{row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}"
+
+
+def _mean_curve(runs: list[dict], key: str, x_key: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    curves = []
+    for run in runs:
+        points = [(row[x_key], row[key]) for row in run["history"] if row.get(key) is not None]
+        curves.append(points)
+    length = min(len(c) for c in curves)
+    xs = np.array([[p[0] for p in c[:length]] for c in curves]).mean(axis=0)
+    ys = np.array([[p[1] for p in c[:length]] for c in curves]).mean(axis=0)
+    return xs, ys
+
+
+def write_report(
+    out: Path,
+    experiments: list[str],
+    results: dict[str, list[dict]],
+    summary: dict[str, Any],
+    command: str,
+    seconds: float,
+    steps: int,
+    seeds: int,
+) -> Path:
+    lines = [
+        "# moekit compare: results",
+        "",
+        f"Made by `{command}` in {seconds / 60:.1f} minutes on {_machine()}. Each setting trains "
+        f"the default `moekit train` model for {steps} steps with {seeds} seed(s); validation loss "
+        "is cross-entropy in nats per token (bytes) on the fixed 10% split, mean ± sd over seeds.",
+        "",
+    ]
+    figures: list[str] = []
+    moe = summary.get("moe-top2")
+    if "a" in experiments:
+        dense, timed = summary["dense"], summary["dense-equal-time"]
+        gap = dense["val_loss_mean"] - moe["val_loss_mean"]
+        spread = max(moe["val_loss_range"], dense["val_loss_range"])
+        lines += [
+            "## (a) MoE vs the dense baseline of equal active compute",
+            "",
+            "| model | total params | active params | steps | val loss | tokens/s | train min |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, label in (("moe-top2", "MoE top-2"), ("dense", "dense, equal steps"),
+                            ("dense-equal-time", "dense, equal wall time")):  # fmt: skip
+            row = summary[name]
+            lines.append(
+                f"| {label} | {row['total_params']:,} | {row['active_params']:,} | {row['steps']:.0f} | "
+                f"{_loss(summary, name)} | {row['tokens_per_s']:,.0f} | {row['train_seconds'] / 60:.2f} |"
+            )
+        lines += [
+            "",
+            f"At equal steps the MoE's validation loss is lower by {gap:.4f} nats; the largest spread "
+            f"(max − min) across seeds of either model is {spread:.4f}, so the gap is "
+            f"{'larger' if gap > spread else 'NOT larger'} than the seed spread. MoE throughput is "
+            f"{moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x the dense baseline's. At equal wall "
+            f"time the dense baseline reaches {timed['val_loss_mean']:.4f} "
+            f"({'worse' if timed['val_loss_mean'] > moe['val_loss_mean'] else 'better'} than the MoE).",
+            "",
+        ]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, label in (("moe-top2", "MoE top-2"), ("dense", "dense (equal steps)"),
+                            ("dense-equal-time", "dense (equal time)")):  # fmt: skip
+            xs, ys = _mean_curve(results[name], "val_loss")
+            if name != "dense-equal-time":
+                axes[0].plot(xs, ys, "o-", label=label)
+            xs, ys = _mean_curve(results[name], "val_loss", "train_seconds")
+            axes[1].plot(xs / 60, ys, "o-", label=label)
+        axes[0].set_xlabel("step")
+        axes[1].set_xlabel("training minutes")
+        for ax in axes:
+            ax.set_ylabel("validation loss")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle("MoE vs dense at equal active compute")
+        figures.append(_save(fig, out / "a_moe_vs_dense.png"))
+        lines += ["![MoE vs dense](a_moe_vs_dense.png)", ""]
+    if "b" in experiments:
+        lines += [
+            "## (b) top-1 (Switch) vs top-2",
+            "",
+            "| routing | val loss | tokens/s | max/mean load |",
+            "|---|---|---|---|",
+        ]
+        for name, label in (("switch-top1", "Switch top-1"), ("moe-top2", "top-2")):
+            row = summary[name]
+            lines.append(
+                f"| {label} | {_loss(summary, name)} | {row['tokens_per_s']:,.0f} | {_fmt(row['load_imbalance'], 2)} |"
+            )
+        lines.append("")
+    if "c" in experiments:
+        names = [("capacity-1.0", "1.0"), ("capacity-1.25", "1.25"), ("capacity-2.0", "2.0"), ("moe-top2", "dropless")]
+        lines += [
+            "## (c) capacity factor",
+            "",
+            "| capacity factor | dropped fraction | val loss | tokens/s |",
+            "|---|---|---|---|",
+        ]
+        for name, label in names:
+            row = summary[name]
+            lines.append(
+                f"| {label} | {_fmt(row['dropped_fraction'], 4)} | {_loss(summary, name)} "
+                f"| {row['tokens_per_s']:,.0f} |"
+            )
+        lines += ["", "![capacity](c_capacity.png)", ""]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        labels = [label for _, label in names]
+        axes[0].bar(labels, [summary[n]["dropped_fraction"] or 0.0 for n, _ in names])
+        axes[0].set_ylabel("dropped fraction (end of training)")
+        axes[1].bar(labels, [summary[n]["val_loss_mean"] for n, _ in names],
+                    yerr=[summary[n]["val_loss_sd"] for n, _ in names])  # fmt: skip
+        low = min(summary[n]["val_loss_mean"] for n, _ in names)
+        axes[1].set_ylim(low - 0.05, None)
+        axes[1].set_ylabel("validation loss")
+        for ax in axes:
+            ax.set_xlabel("capacity factor")
+        figures.append(_save(fig, out / "c_capacity.png"))
+    if "d" in experiments:
+        on, off = summary["moe-top2"], summary["no-balance-loss"]
+        lines += [
+            "## (d) balance loss on vs off",
+            "",
+            "| balance loss | max/mean tokens per expert (end) | val loss |",
+            "|---|---|---|",
+            f"| on (coef {_balance_coef()}) | {_fmt(on['load_imbalance'], 2)} | {_loss(summary, 'moe-top2')} |",
+            f"| off | {_fmt(off['load_imbalance'], 2)} | {_loss(summary, 'no-balance-loss')} |",
+            "",
+            "![balance](d_balance.png)",
+            "",
+        ]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, label in (("moe-top2", "balance loss on"), ("no-balance-loss", "balance loss off")):
+            xs, ys = _mean_curve(results[name], "load_imbalance")
+            ax.plot(xs, ys, label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max / mean tokens per expert (mean over layers)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        figures.append(_save(fig, out / "d_balance.png"))
+    if "e" in experiments:
+        names = [("moe-top2", "topk (k=2)"), ("switch-top1", "switch (k=1)"), ("gshard", "gshard (cf 2.0)"),
+                 ("noisy-topk", "noisy_topk (k=2)"), ("expert-choice", "expert_choice (cf 1.0)"),
+                 ("aux-free", "aux_free (k=2, no aux loss)")]  # fmt: skip
+        lines += [
+            "## (e) routers side by side",
+            "",
+            "| router | val loss | tokens/s | max/mean load | dropped |",
+            "|---|---|---|---|---|",
+        ]
+        for name, label in names:
+            row = summary[name]
+            lines.append(
+                f"| {label} | {_loss(summary, name)} | {row['tokens_per_s']:,.0f} | "
+                f"{_fmt(row['load_imbalance'], 2)} | {_fmt(row['dropped_fraction'], 3)} |"
+            )
+        lines += ["", "![routers](e_routers.png)", ""]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([label for _, label in names], [summary[n]["val_loss_mean"] for n, _ in names],
+               yerr=[summary[n]["val_loss_sd"] for n, _ in names])  # fmt: skip
+        ax.set_ylim(min(summary[n]["val_loss_mean"] for n, _ in names) - 0.05, None)
+        ax.set_ylabel("validation loss")
+        ax.tick_params(axis="x", rotation=20)
+        figures.append(_save(fig, out / "e_routers.png"))
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _balance_coef() -> float:
+    from moekit.train import default_configs
+
+    return default_configs()[0].moe.balance_loss_coef
