@@ -398,6 +398,58 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG_COMPARE = """\
+experiments:
+  a  MoE vs the dense baseline of equal active compute, at equal steps and equal wall time
+  b  top-1 (Switch) vs top-2
+  c  capacity factor 1.0 / 1.25 / 2.0 / dropless: dropped fraction and validation loss
+  d  balance loss on vs off: load imbalance over training
+  e  the routers side by side
+
+examples:
+  moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
+  moekit compare --experiments a --seeds 3 --steps 1500
+  moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
+"""
+
+
+def add_compare(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="short trainings that reproduce the MoE literature's claims: results.md + PNGs",
+        description="Run a grid of short trainings (several seeds each) and write results.md and PNG "
+        "figures. Finished runs are reused, so an interrupted grid continues where it stopped.",
+        epilog=EPILOG_COMPARE,
+        formatter_class=_formatter,
+    )
+    parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
+    parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
+    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="steps per run (default 800; 30 --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
+    _add_json_flag(parser)
+    parser.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moekit.compare import run_compare
+
+    steps = args.steps if args.steps is not None else (30 if args.quick else 800)
+    command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
+    try:
+        summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command)
+    except (ValueError, OSError) as err:
+        print(f"moekit compare: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/results.md")
+    for name, row in summary.items():
+        print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
+              f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -420,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_train(subparsers)
     add_sample(subparsers)
+    add_compare(subparsers)
     add_bench(subparsers)
     return parser
 
