@@ -57,6 +57,7 @@ HF_MIXTRAL_EAGER = "hf-mixtral-eager"
 HF_MIXTRAL_GROUPED = "hf-mixtral-grouped_mm"
 HF_SWITCH = "hf-switch"
 HF_IMPLS = (HF_MIXTRAL_EAGER, HF_MIXTRAL_GROUPED, HF_SWITCH)
+BUSY_WARNING = 0.15  # share of the CPUs other processes may keep busy before timings get noisy
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,10 +160,7 @@ class LayerCase:
     @property
     def title(self) -> str:
         c = self.config
-        return (
-            f"{self.kind}, E={c['num_experts']} k={c['top_k']} d={c['d_model']} f={c['d_ff']} "
-            f"T={self.num_tokens}"
-        )
+        return f"{self.kind}, E={c['num_experts']} k={c['top_k']} d={c['d_model']} f={c['d_ff']} T={self.num_tokens}"
 
     @property
     def dense_rows(self) -> int:
@@ -391,6 +389,7 @@ class ImplResult:
     dense_seconds: float | None = None  # median step time of the dense equivalent
     peak_bytes: int | None = None
     dense_peak_bytes: int | None = None
+    max_abs_diff: float | None = None  # of the forward output against moekit's
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"impl": self.impl, "ratio": round(self.ratio, 4)}
@@ -403,6 +402,8 @@ class ImplResult:
         if self.peak_bytes is not None:
             out["peak_bytes"] = self.peak_bytes
             out["dense_peak_bytes"] = self.dense_peak_bytes
+        if self.max_abs_diff is not None:
+            out["max_abs_diff"] = self.max_abs_diff
         return out
 
 
@@ -491,6 +492,41 @@ def _judge(result: ImplResult, case: LayerCase, by_impl: dict[str, ImplResult]) 
         result.passed = result.passed and result.ratio < by_impl[case.beat].ratio
 
 
+def output_differences(subjects: dict[str, Subject]) -> dict[str, float]:
+    """Max |y - y_moekit| of each other implementation's forward: they share the weights, so
+    they must compute the same function (a timing of something else would be meaningless)."""
+    reference = subjects[MOEKIT]
+    diffs: dict[str, float] = {}
+    with torch.no_grad():
+        y_ref = reference.forward(reference.x).reshape(reference.grad_out.shape)
+        for impl, subject in subjects.items():
+            if impl != MOEKIT:
+                y = subject.forward(subject.x).reshape(y_ref.shape)
+                diffs[impl] = float((y.float() - y_ref.float()).abs().max())
+    return diffs
+
+
+def cpu_busy_fraction(seconds: float = 0.5) -> float | None:
+    """Fraction of all CPUs' time that was busy over ``seconds`` (Linux /proc/stat), or None.
+
+    Taken before the benchmark starts: other processes on the machine make the timings noisy.
+    """
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 1.0 - (idle1 - idle0) / total if total > 0 else None
+
+
 def transformers_version() -> str | None:
     try:
         import transformers
@@ -499,9 +535,7 @@ def transformers_version() -> str | None:
     return transformers.__version__
 
 
-def run_case(
-    case: LayerCase, rounds: int, warmup: int, use_hf: bool, seed: int, progress: bool
-) -> CaseResult:
+def run_case(case: LayerCase, rounds: int, warmup: int, use_hf: bool, seed: int, progress: bool) -> CaseResult:
     from tqdm import tqdm
 
     notes: list[str] = []
@@ -516,12 +550,15 @@ def run_case(
     if case.beat is not None and case.beat not in impls:
         notes.append(f"not compared with {case.beat}: only the ratio target is checked")
     dense, subjects = build_subjects(case, impls, seed)
+    diffs = output_differences(subjects)
+    if any(diff > 1e-4 for diff in diffs.values()):
+        notes.append(f"outputs differ from moekit's: max |diff| {diffs}")
+    elif diffs:
+        notes.append(f"transformers blocks compute moekit's output (max |diff| {max(diffs.values()):.1e})")
     results: dict[str, ImplResult] = {}
     if case.metric == "time":
         total = len(impls) * (warmup + rounds)
-        with tqdm(
-            total=total, desc=f"case {case.key}", file=sys.stderr, disable=not progress, leave=False
-        ) as bar:
+        with tqdm(total=total, desc=f"case {case.key}", file=sys.stderr, disable=not progress, leave=False) as bar:
             # NOTE: the transformers implementations run first, so the moekit verdict that
             # depends on them (``beat``) can be decided as soon as moekit is measured.
             for impl in impls[1:] + impls[:1]:
@@ -538,6 +575,8 @@ def run_case(
                 results[impl] = memory_against_dense(subjects[impl], dense, dense_peak)
                 bar.update()
     _judge(results[MOEKIT], case, results)
+    for impl, diff in diffs.items():
+        results[impl].max_abs_diff = diff
     if case.note:
         notes.append(case.note)
     return CaseResult(case, [results[impl] for impl in impls], notes)
@@ -581,6 +620,7 @@ class LayerBenchReport:
     quick: bool
     malloc_reuse: bool
     seed: int
+    cpu_busy_before: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -593,6 +633,7 @@ class LayerBenchReport:
             "rounds": self.rounds,
             "seed": self.seed,
             "malloc_reuse": self.malloc_reuse,
+            "cpu_busy_before": self.cpu_busy_before,
             "torch": torch.__version__,
             "transformers": transformers_version(),
             "threads": torch.get_num_threads(),
@@ -631,6 +672,13 @@ class LayerBenchReport:
         for case_result in self.cases:
             for note in case_result.notes:
                 lines.append(f"note (case {case_result.case.key}): {note}")
+        if self.quick:
+            lines.append("note: --quick runs toy sizes; the targets are for the full sizes (a smoke test only)")
+        if self.cpu_busy_before is not None and self.cpu_busy_before > BUSY_WARNING:
+            lines.append(
+                f"note: other processes kept {100 * self.cpu_busy_before:.0f}% of the CPUs busy just before "
+                "the run; timings are noisy (rerun on an idle machine, or raise --rounds)"
+            )
         return "\n".join(lines)
 
 
@@ -647,7 +695,8 @@ def bench_layer(
     if rounds < 1:
         raise ValueError(f"rounds={rounds} is invalid: must be >= 1")
     cases = select_cases(case_keys, quick)
+    busy = cpu_busy_fraction(0.1 if quick else 0.5)
     reused = _reuse_freed_memory() if malloc_reuse else False
     warmup = 1 if quick else 2
     results = [run_case(case, rounds, warmup, use_hf, seed, progress) for case in cases]
-    return LayerBenchReport(results, rounds, quick, reused, seed)
+    return LayerBenchReport(results, rounds, quick, reused, seed, busy)
