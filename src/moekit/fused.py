@@ -67,11 +67,27 @@ def _activation_backward(g_act_NF: Tensor, h_NH: Tensor, activation: str) -> Ten
     return torch.ops.aten.threshold_backward(g_act_NF, h_NH, 0)
 
 
+_ROWDOT_CHUNK = 1 << 20  # elements per chunk of _rowwise_dot: a 4 MB float32 buffer
+
+
 def _rowwise_dot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """out[n] = <a[n], b[n]> in float32, without an [N, F] temporary in float32 inputs."""
-    if a_NF.dtype == torch.float32 and b_NF.dtype == torch.float32:
-        return torch.bmm(a_NF.unsqueeze(1), b_NF.unsqueeze(2)).view(-1)
-    return (a_NF.float() * b_NF.float()).sum(dim=-1)
+    """out[n] = <a[n], b[n]> in float32: [N].
+
+    NOTE: computed a few thousand rows at a time through one small product buffer, not as
+    one [N, F] temporary: no peak-memory cost, and the buffer stays in cache (faster on CPU
+    than both the full product and a batched [1, F] x [F, 1] matmul).
+    """
+    num_rows, width = a_NF.shape
+    out_N = torch.empty(num_rows, dtype=torch.float32, device=a_NF.device)
+    rows = max(1, _ROWDOT_CHUNK // max(width, 1))
+    buffer = torch.empty(min(rows, num_rows), width, dtype=torch.float32, device=a_NF.device)
+    for start in range(0, num_rows, rows):
+        end = min(num_rows, start + rows)
+        product = buffer[: end - start]
+        # .float() is free for float32 rows; bf16 rows are upcast a chunk at a time.
+        torch.mul(a_NF[start:end].float(), b_NF[start:end].float(), out=product)
+        torch.sum(product, dim=-1, out=out_N[start:end])
+    return out_N
 
 
 class _ExpertsUp(torch.autograd.Function):
