@@ -151,8 +151,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
 
     print(
         f"moekit bench layer: float32, cpu, {torch.get_num_threads()} threads, {rounds} rounds, "
-        f"median of per-round ratios to the dense equivalent"
-        + (" (--quick: toy sizes)" if args.quick else "")
+        f"median of per-round ratios to the dense equivalent" + (" (--quick: toy sizes)" if args.quick else "")
     )
     print(report.table())
     if args.json:
