@@ -151,7 +151,6 @@ class LayerCase:
     target: float  # ratio the moekit layer must stay at or under
     hf_impls: tuple[str, ...] = ()
     beat: str | None = None  # an implementation moekit must also be faster than
-    note: str = ""
 
     @property
     def moe_config(self) -> MoEConfig:
@@ -164,7 +163,7 @@ class LayerCase:
 
     @property
     def dense_rows(self) -> int:
-        return self.num_tokens * self.config.get("top_k", 2)
+        return self.num_tokens * self.config["top_k"]
 
 
 LAYER_CASES: tuple[LayerCase, ...] = (
@@ -577,8 +576,6 @@ def run_case(case: LayerCase, rounds: int, warmup: int, use_hf: bool, seed: int,
     _judge(results[MOEKIT], case, results)
     for impl, diff in diffs.items():
         results[impl].max_abs_diff = diff
-    if case.note:
-        notes.append(case.note)
     return CaseResult(case, [results[impl] for impl in impls], notes)
 
 
@@ -691,7 +688,11 @@ def bench_layer(
     malloc_reuse: bool = True,
     progress: bool = True,
 ) -> LayerBenchReport:
-    """Run the layer benchmark cases (all by default); see the module docstring for the method."""
+    """Run the layer benchmark cases (all by default); see the module docstring for the method.
+
+    ``malloc_reuse`` changes glibc's settings for the rest of the process (they cannot be
+    undone); pass False when calling this from a process that goes on doing other work.
+    """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} is invalid: must be >= 1")
     cases = select_cases(case_keys, quick)
