@@ -117,12 +117,15 @@ class _ExpertsUp(torch.autograd.Function):
     def backward(ctx, g_act_NF: Tensor):  # noqa: ANN001, ANN205
         x_rows_ND, h_NH, w_in_EDH, row_of_assignment_N, bag_offsets_T, group_ends_E = ctx.saved_tensors
         counts, impl = ctx.counts, ctx.impl
+        needs_x, needs_w_in = ctx.needs_input_grad[:2]
         g_h_NH = _activation_backward(g_act_NF.contiguous(), h_NH, ctx.activation)
-        g_w_in = grouped_weight_grad(x_rows_ND, g_h_NH, group_ends_E, counts, impl)
-        g_x_rows_ND = grouped_matmul(g_h_NH, w_in_EDH.transpose(1, 2), group_ends_E, counts, impl)
-        del g_h_NH
-        # A token's rows summed back into the token: embedding_bag over its bag of rows.
-        g_x_TD = F.embedding_bag(row_of_assignment_N, g_x_rows_ND, bag_offsets_T, mode="sum")
+        g_w_in = grouped_weight_grad(x_rows_ND, g_h_NH, group_ends_E, counts, impl) if needs_w_in else None
+        g_x_TD = None
+        if needs_x:
+            g_x_rows_ND = grouped_matmul(g_h_NH, w_in_EDH.transpose(1, 2), group_ends_E, counts, impl)
+            del g_h_NH
+            # A token's rows summed back into the token: embedding_bag over its bag of rows.
+            g_x_TD = F.embedding_bag(row_of_assignment_N, g_x_rows_ND, bag_offsets_T, mode="sum")
         return g_x_TD, g_w_in, None, None, None, None, None, None, None
 
 
@@ -161,21 +164,24 @@ class _ExpertsDownCombine(torch.autograd.Function):
     def backward(ctx, g_y_TD: Tensor):  # noqa: ANN001, ANN205
         act_NF, weight_N, w_out_EFD, token_of_row_N, row_of_assignment_N, order_N, group_ends_E = ctx.saved_tensors
         counts, impl = ctx.counts, ctx.impl
+        needs_act, needs_weight, needs_w_out = ctx.needs_input_grad[:3]
         # NOTE: contiguous() because an upstream y.sum() hands us a zero-stride expanded
         # tensor, which CPU grouped_mm rejects.
         g_rows_ND = g_y_TD.contiguous().index_select(0, token_of_row_N).to(act_NF.dtype)
         weight_by_row_N1 = weight_N.float().index_select(0, order_N)[:, None]
-        # u = g_rows @ w_out^T, so <u, act> = <g_rows, act @ w_out> = <g_rows, out>: the
-        # routing weight's gradient without keeping out [N, D] from the forward.
-        u_NF = grouped_matmul(g_rows_ND, w_out_EFD.transpose(1, 2), group_ends_E, counts, impl)
-        g_weight_N = _rowwise_dot(u_NF, act_NF).index_select(0, row_of_assignment_N)
-        g_act_NF = u_NF.mul_(weight_by_row_N1)
-        g_out_ND = g_rows_ND.mul_(weight_by_row_N1)
-        g_w_out = grouped_weight_grad(act_NF, g_out_ND, group_ends_E, counts, impl)
-        return (
-            g_act_NF, g_weight_N.to(weight_N.dtype), g_w_out,
-            None, None, None, None, None, None, None,
-        )  # fmt: skip
+        g_act_NF = g_weight_N = g_w_out = None
+        if needs_act or needs_weight:
+            # u = g_rows @ w_out^T, so <u, act> = <g_rows, act @ w_out> = <g_rows, out>: the
+            # routing weight's gradient without keeping out [N, D] from the forward.
+            u_NF = grouped_matmul(g_rows_ND, w_out_EFD.transpose(1, 2), group_ends_E, counts, impl)
+            if needs_weight:
+                g_weight_N = _rowwise_dot(u_NF, act_NF).index_select(0, row_of_assignment_N).to(weight_N.dtype)
+            if needs_act:
+                g_act_NF = u_NF.mul_(weight_by_row_N1)
+        if needs_w_out:
+            g_out_ND = g_rows_ND.mul_(weight_by_row_N1)
+            g_w_out = grouped_weight_grad(act_NF, g_out_ND, group_ends_E, counts, impl)
+        return g_act_NF, g_weight_N, g_w_out, None, None, None, None, None, None, None
 
 
 def fused_experts(
