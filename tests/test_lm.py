@@ -8,6 +8,7 @@ bad data and bad checkpoints rejected with the file named).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -31,7 +32,7 @@ def tiny_config(**overrides) -> LMConfig:
 
 def tiny_train_config(**overrides) -> TrainConfig:
     values = dict(
-        steps=12, batch_size=4, eval_interval=6, eval_batches=2, log_interval=1, checkpoint_interval=6
+        steps=12, batch_size=4, eval_interval=6, eval_batches=2, log_interval=1, checkpoint_interval=6, max_minutes=None
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -92,9 +93,7 @@ def test_kv_cache_gives_same_logits_and_tokens():
     first, _ = model(idx[:, :4], cache=cache)
     rest = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 7)]
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
-    cached = model.generate(
-        idx[:, :3], 12, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3)
-    )
+    cached = model.generate(idx[:, :3], 12, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3))
     uncached = model.generate(
         idx[:, :3], 12, temperature=0.8, top_k=20, use_cache=False, generator=torch.Generator().manual_seed(3)
     )
@@ -237,3 +236,50 @@ def test_default_corpus_ships_with_the_package():
     dataset = TextDataset.load(None, 64, ByteTokenizer())
     assert dataset.train_tokens.numel() > 900_000
     assert dataset.val_tokens.numel() > 100_000
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    # Two micro-batches of 2 accumulate to the same gradient as one batch of 4 (dense model:
+    # the MoE balance loss is per micro-batch by design, so it would differ).
+    torch.manual_seed(3)
+    model = MoETransformerLM(tiny_config(arch="dense"))
+    idx = torch.randint(0, 256, (4, 16))
+    targets = torch.randint(0, 256, (4, 16))
+    _, loss = model(idx, targets)
+    loss.backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for half in (slice(0, 2), slice(2, 4)):
+        _, loss = model(idx[half], targets[half])
+        (loss / 2).backward()
+    for got, want in zip((p.grad for p in model.parameters()), whole, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_grad_accum_and_bf16_train(tmp_path, corpus):
+    result = train(
+        tiny_config(),
+        tiny_train_config(data=str(corpus), steps=4, grad_accum=2, bf16=True),
+        tmp_path / "r",
+        progress=False,
+    )
+    assert result.steps == 4 and math.isfinite(result.val_loss)
+
+
+def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
+    pytest.importorskip("tokenizers")
+    from moekit.data import default_corpus_path
+
+    corpus = tmp_path / "shakespeare.txt"
+    corpus.write_text(default_corpus_path().read_text()[:60000])
+    result = train(
+        tiny_config(), tiny_train_config(data=str(corpus), steps=3, tokenizer="bpe", bpe_vocab_size=300),
+        tmp_path / "bpe", progress=False,
+    )  # fmt: skip
+    model, payload = load_model_from_run(tmp_path / "bpe")
+    assert payload["tokenizer"]["kind"] == "bpe"
+    assert model.config.vocab_size <= 300 and result.bits_per_byte > 0
+    from moekit.data import tokenizer_from_dict
+
+    tokenizer = tokenizer_from_dict(payload["tokenizer"])
+    assert tokenizer.decode(tokenizer.encode("To be, or not")) == "To be, or not"

@@ -229,7 +229,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<arch>-<time>)")
     parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
     parser.add_argument(
-        "--capacity-factor", type=_capacity_factor, default="unset", metavar="CF",
+        "--capacity-factor", type=_capacity_factor, default=argparse.SUPPRESS, metavar="CF",
         help="expert capacity factor; 'none' = dropless (the default)",
     )  # fmt: skip
     for flag, _, kind, text in _MODEL_FLAGS + _TRAIN_FLAGS:
@@ -258,7 +258,7 @@ def _configs_from_args(args: argparse.Namespace):  # noqa: ANN202
             model_values["moe"][field[4:]] = value
         else:
             model_values[field] = value
-    if args.capacity_factor != "unset":
+    if hasattr(args, "capacity_factor"):
         given["--capacity-factor"] = args.capacity_factor
         model_values["moe"]["capacity_factor"] = args.capacity_factor
     model_values["moe"]["d_model"] = model_values["d_model"]

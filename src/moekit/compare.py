@@ -4,8 +4,8 @@
     moekit compare --experiments a,d --seeds 2   # a subset
     moekit compare --quick                       # a tiny grid: checks the pipeline
 
-Experiments (every run is the default ``moekit train`` model with fewer steps, so runs differ
-only in the setting under study):
+Experiments (every run is the default ``moekit train`` model at context 64 and batch 8 for a
+few hundred steps, so runs differ only in the setting under study):
   a  MoE vs the dense baseline of equal active compute: at equal steps, and at equal wall
      time (the dense run gets the MoE run's training time)
   b  top-1 (Switch) vs top-2 routing
@@ -29,6 +29,8 @@ from moekit.models.lm import LMConfig
 from moekit.train import TrainConfig, default_configs, train
 
 EXPERIMENTS = ("a", "b", "c", "d", "e")
+COMPARE_SEQ_LEN = 64
+COMPARE_BATCH_SIZE = 8
 
 
 @dataclass
@@ -50,12 +52,21 @@ def _with_moe(model: LMConfig, **moe_values: Any) -> LMConfig:
 def plan_runs(experiments: list[str], seeds: int, steps: int, quick: bool) -> list[RunSpec]:
     """The settings each experiment needs; a setting shared by experiments runs once."""
     model, train_config = default_configs()
+    # NOTE: the default model at a shorter context and smaller batch, so that a grid of
+    # dozens of runs fits in minutes on a CPU; runs differ only in the setting under study.
+    model = replace(model, seq_len=COMPARE_SEQ_LEN)
     train_config = replace(
-        train_config, steps=steps, eval_interval=max(1, steps // 8), checkpoint_interval=10**9, log_interval=10
+        train_config,
+        steps=steps,
+        batch_size=COMPARE_BATCH_SIZE,
+        warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)),
+        eval_interval=max(1, steps // 8),
+        checkpoint_interval=10**9,
+        log_interval=10,
+        max_minutes=None,
     )
     if quick:
-        model = replace(model, d_model=32, n_layer=2, n_head=2, seq_len=32)
-        model = _with_moe(model, d_model=32, d_ff=32)
+        model = replace(model, d_model=32, n_layer=2, n_head=2, seq_len=32, moe=replace(model.moe, d_model=32, d_ff=32))
         train_config = replace(train_config, batch_size=4, eval_batches=2, log_interval=2)
     settings: dict[str, LMConfig] = {"moe-top2": model}
     if "a" in experiments:

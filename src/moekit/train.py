@@ -62,10 +62,10 @@ class TrainConfig:
     data: str | None = None  # text file; None = the built-in tiny Shakespeare
     tokenizer: str = "bytes"  # "bytes" (vocab 256) or "bpe" (trained on the corpus)
     bpe_vocab_size: int = 1024
-    steps: int = 3000  # optimizer steps
+    steps: int = 1500  # optimizer steps (or max_minutes, whichever ends first)
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3  # peak learning rate
+    lr: float = 4e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1  # on matrices only (not norms, not biases of the router)
@@ -77,7 +77,7 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     bf16: bool = False  # bf16 autocast for the forward
-    max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    max_minutes: float | None = 5.0  # stop (and checkpoint) after this much training time; None = off
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
@@ -104,11 +104,20 @@ def default_configs() -> tuple[LMConfig, TrainConfig]:
     return LMConfig(), TrainConfig()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to lr · min_lr_ratio at the last step."""
+CALIBRATION_STEPS = (5, 25)  # steps timed to fit a max_minutes run's schedule to the machine
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warmup to lr, then cosine decay to lr · min_lr_ratio at ``total_steps``.
+
+    ``total_steps`` is config.steps, or fewer when ``max_minutes`` would end the run first:
+    the trainer times steps 5 to 25 and fixes the schedule's length once (saved in the
+    checkpoint), so a time-limited run still ends on a decayed rate and resumes exactly.
+    """
+    total_steps = config.steps if total_steps is None else total_steps
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
+    span = max(1, total_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
@@ -321,6 +330,7 @@ def train(
         model_config = LMConfig.from_dict(payload["model"])
         steps = train_config.steps
         train_config = TrainConfig.from_dict(payload["train"])
+        steps_changed = steps != train_config.steps
         train_config.steps = steps
         tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
         if payload["train"].get("steps") != steps:
@@ -352,6 +362,9 @@ def train(
     train_seconds = 0.0
     tokens_seen = 0
     window = [0.0, 0, 0.0]  # train loss, tokens and seconds since the last log row
+    total_steps = train_config.steps
+    calibrated = train_config.max_minutes is None
+    calibration_start = 0.0
     if resume:
         checkpoint = find_checkpoint(run_dir)
         load_weights(model, checkpoint / WEIGHTS_FILE)
@@ -365,6 +378,10 @@ def train(
             train_seconds = state["train_seconds"]
             tokens_seen = state["tokens_seen"]
             window = state["window"]
+            if not steps_changed:
+                total_steps = state["total_steps"]
+                calibrated = state["calibrated"]
+                calibration_start = state["calibration_start"]
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise CheckpointError(f"{checkpoint / STATE_FILE}: does not match this run ({error})") from error
     else:
@@ -391,7 +408,7 @@ def train(
             "scheduler": {
                 "step": step,
                 "warmup_steps": train_config.warmup_steps,
-                "steps": train_config.steps,
+                "steps": total_steps,
             },
             "sampler": sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -400,17 +417,20 @@ def train(
             "train_seconds": train_seconds,
             "tokens_seen": tokens_seen,
             "window": [window_loss, window_tokens, window_seconds],
+            "total_steps": total_steps,
+            "calibrated": calibrated,
+            "calibration_start": calibration_start,
         }
 
-    bar = tqdm(total=train_config.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
     interrupted = False
     last_train_loss = float("nan")
     window_loss, window_tokens, window_seconds = window
     tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len
     try:
-        while step < train_config.steps:
+        while step < total_steps:
             started = time.perf_counter()
-            lr = lr_at(step, train_config)
+            lr = lr_at(step, train_config, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss, step_aux = 0.0, 0.0
@@ -439,7 +459,15 @@ def train(
             window_seconds += elapsed
             bar.update(1)
 
-            is_eval = step % train_config.eval_interval == 0 or step == train_config.steps
+            if not calibrated and step == CALIBRATION_STEPS[0]:
+                calibration_start = train_seconds
+            if not calibrated and step == CALIBRATION_STEPS[1]:
+                seconds_per_step = (train_seconds - calibration_start) / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+                budget = 60 * train_config.max_minutes - train_seconds  # type: ignore[operator]
+                total_steps = min(total_steps, step + max(1, int(budget / seconds_per_step)))
+                calibrated = True
+                bar.total = total_steps
+            is_eval = step % train_config.eval_interval == 0 or step == total_steps
             if step % train_config.log_interval == 0 or is_eval:
                 imbalance, dropped, loads = _layer_summaries(model)
                 row: dict[str, Any] = {
@@ -468,7 +496,7 @@ def train(
                 if on_step is not None:
                     on_step(step, row)
                 window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
-            if step % train_config.checkpoint_interval == 0 and step < train_config.steps:
+            if step % train_config.checkpoint_interval == 0 and step < total_steps:
                 save_checkpoint(run_dir, model, state_dict())
                 write_metrics_csv(run_dir, history)
             if train_config.max_minutes is not None and train_seconds >= 60 * train_config.max_minutes:
@@ -479,6 +507,14 @@ def train(
     finally:
         bar.close()
         writer.close()
+    if step > 0 and not (history and history[-1]["step"] == step and "val_loss" in history[-1]):
+        # Stopped off the evaluation grid (time limit, Ctrl-C): evaluate where it stopped.
+        imbalance, dropped, loads = _layer_summaries(model)
+        history.append({
+            "step": step, "train_loss": last_train_loss, "lr": lr_at(step, train_config, total_steps),
+            "load_imbalance": imbalance, "dropped_fraction": dropped, "train_seconds": train_seconds,
+            "expert_load": loads, "val_loss": evaluate(model, val_batches, train_config.bf16),
+        })  # fmt: skip
     save_checkpoint(run_dir, model, state_dict())
     write_metrics_csv(run_dir, history)
 

@@ -44,7 +44,10 @@ class LMConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
-    moe: MoEConfig = field(default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=8))
+    # 16 experts of width 2·d_model, top-2: the active FFN width is 4·d_model like a GPT block.
+    moe: MoEConfig = field(
+        default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=16, top_k=2, balance_loss_coef=0.02)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -59,18 +62,14 @@ class LMConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"LMConfig.arch={self.arch!r} is invalid: must be one of {ARCHS}")
         if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"LMConfig.d_model={self.d_model} is invalid: must be divisible by n_head={self.n_head}"
-            )
+            raise ValueError(f"LMConfig.d_model={self.d_model} is invalid: must be divisible by n_head={self.n_head}")
         if (self.d_model // self.n_head) % 2 != 0:
             raise ValueError(
                 f"LMConfig.n_head={self.n_head} is invalid: head dim d_model/n_head="
                 f"{self.d_model // self.n_head} must be even for rotary embeddings"
             )
         if self.moe.d_model != self.d_model:
-            raise ValueError(
-                f"LMConfig.moe.d_model={self.moe.d_model} is invalid: must equal d_model={self.d_model}"
-            )
+            raise ValueError(f"LMConfig.moe.d_model={self.moe.d_model} is invalid: must equal d_model={self.d_model}")
         if self.dense_d_ff is not None and self.dense_d_ff < 1:
             raise ValueError(f"LMConfig.dense_d_ff={self.dense_d_ff} is invalid: must be >= 1 or None")
         if not 0 <= self.dropout < 1:
@@ -199,9 +198,7 @@ class CausalSelfAttention(nn.Module):
             # New queries sit at positions past..past+seq-1 and see every key up to their own.
             total = past + seq
             allowed_SS = torch.ones(seq, total, dtype=torch.bool, device=x_BSD.device).tril(past)
-            y = F.scaled_dot_product_attention(
-                q_BHSK, k_BHSK, v_BHSK, attn_mask=allowed_SS, dropout_p=dropout
-            )
+            y = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, attn_mask=allowed_SS, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 

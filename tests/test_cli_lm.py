@@ -1,0 +1,96 @@
+"""``moekit train``, ``moekit sample`` and ``moekit compare`` from the command line, on tiny
+models: the JSON figures, the run directory, resume conflicts and error messages.
+
+    pytest tests/test_cli_lm.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moekit.cli import main
+
+TINY = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--d-ff", "32",
+        "--experts", "4", "--batch-size", "4", "--eval-interval", "5", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("Now is the winter of our discontent made glorious summer.\n" * 60)
+    return path
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_train_json_then_sample_then_resume(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data", str(corpus), "--steps", "10", "--out", str(run), "--json"]) == 0
+    result = last_json(capsys)
+    for key in ("val_loss", "train_loss", "tokens_per_s", "total_params", "active_params", "steps"):
+        assert key in result
+    assert result["steps"] == 10 and result["total_params"] > result["active_params"]
+    assert main(["sample", str(run), "--prompt", "Now", "--tokens", "20", "--seed", "1", "--json"]) == 0
+    sample = last_json(capsys)["samples"][0]
+    assert sample.startswith("Now") and len(sample.encode()) >= 20
+    # Same text with and without the KV cache.
+    assert main(["sample", str(run), "--prompt", "Now", "--tokens", "20", "--seed", "1", "--no-cache", "--json"]) == 0
+    assert last_json(capsys)["samples"][0] == sample
+    assert main(["train", "--resume", str(run), "--steps", "14", "--no-progress", "--json"]) == 0
+    assert last_json(capsys)["steps"] == 14
+
+
+def test_resume_refuses_changed_model_flags(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--data", str(corpus), "--steps", "2", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--experts", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--experts 4 (not 8)" in err
+
+
+def test_train_rejects_bad_data_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert main(["train", *TINY, "--data", str(missing), "--steps", "2", "--out", str(tmp_path / "r")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", *TINY, "--data", str(empty), "--steps", "2", "--out", str(tmp_path / "r2")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_train_rejects_invalid_model_flags(tmp_path, corpus, capsys):
+    assert main(["train", *TINY, "--data", str(corpus), "--top-k", "9", "--out", str(tmp_path / "r")]) == 2
+    assert "top_k=9" in capsys.readouterr().err
+
+
+def test_sample_from_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "none")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_dense_arch_trains(tmp_path, corpus, capsys):
+    run = tmp_path / "dense"
+    assert (
+        main(["train", *TINY, "--arch", "dense", "--data", str(corpus), "--steps", "3", "--out", str(run), "--json"])
+        == 0
+    )
+    result = last_json(capsys)
+    assert result["total_params"] == result["active_params"]
+
+
+def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--quick", "--seeds", "1", "--steps", "6", "--out", str(out), "--json"]) == 0
+    summary = last_json(capsys)
+    assert {"moe-top2", "dense", "dense-equal-time", "switch-top1", "capacity-1.0", "no-balance-loss",
+            "expert-choice", "aux-free"} <= set(summary)  # fmt: skip
+    text = (out / "results.md").read_text()
+    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+        assert heading in text
+    for png in ("a_moe_vs_dense.png", "c_capacity.png", "d_balance.png", "e_routers.png"):
+        assert (out / png).exists()
