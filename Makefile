@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean setup
+RUN_DIR := runs/make-run-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: run test bench lint clean setup
 
 setup: $(STAMP)
 
@@ -19,7 +21,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: train the default MoE on tiny Shakespeare (5 minutes), then sample from it.
 run: $(STAMP)
+	$(VENV)/bin/moekit train --out $(RUN_DIR)
+	$(VENV)/bin/moekit sample $(RUN_DIR) --prompt "ROMEO:" --tokens 400 --temperature 0.8 --top-k 40
+
+bench: $(STAMP)
 	$(VENV)/bin/moekit bench layer
 
 test: $(STAMP)

@@ -423,8 +423,8 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="steps per run (default 800; 30 --quick)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds of experiment a (b-e use at most 2)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="steps per run (default 400; 30 --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     _add_json_flag(parser)
     parser.set_defaults(func=cmd_compare)
@@ -433,7 +433,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from moekit.compare import run_compare
 
-    steps = args.steps if args.steps is not None else (30 if args.quick else 800)
+    steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
     try:
         summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command)

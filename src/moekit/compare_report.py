@@ -49,8 +49,9 @@ def write_report(
         "# moekit compare: results",
         "",
         f"Made by `{command}` in {seconds / 60:.1f} minutes on {_machine()}. Each setting trains "
-        f"the default `moekit train` model for {steps} steps with {seeds} seed(s); validation loss "
-        "is cross-entropy in nats per token (bytes) on the fixed 10% split, mean ± sd over seeds.",
+        f"the default `moekit train` model (context 64, batch 8) for {steps} steps; experiment (a) "
+        f"uses {seeds} seed(s), the others up to 2. Validation loss is cross-entropy in nats per "
+        "token (bytes) on the fixed 10% split, mean ± sd over seeds.",
         "",
     ]
     figures: list[str] = []
