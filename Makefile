@@ -16,7 +16,6 @@ setup: $(STAMP)
 # in pyproject.toml.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)

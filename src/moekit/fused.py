@@ -36,16 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch import DispatchPlan
-from moekit.experts import grouped_matmul, grouped_weight_grad
-
-
-def _activation_forward(h_NH: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
-        return F.silu(gate_NF) * up_NF
-    if activation == "gelu":
-        return F.gelu(h_NH)
-    return F.relu(h_NH)
+from moekit.experts import activate, grouped_matmul, grouped_weight_grad
 
 
 def _activation_backward(g_act_NF: Tensor, h_NH: Tensor, activation: str) -> Tensor:
@@ -108,7 +99,7 @@ class _ExpertsUp(torch.autograd.Function):
     ) -> Tensor:
         x_rows_ND = x_TD.index_select(0, token_of_row_N)
         h_NH = grouped_matmul(x_rows_ND, w_in_EDH, group_ends_E, counts, impl)
-        act_NF = _activation_forward(h_NH, activation)
+        act_NF = activate(h_NH, activation)
         ctx.save_for_backward(x_rows_ND, h_NH, w_in_EDH, row_of_assignment_N, bag_offsets_T, group_ends_E)
         ctx.counts, ctx.activation, ctx.impl = counts, activation, impl
         return act_NF
