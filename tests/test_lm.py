@@ -283,3 +283,13 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
 
     tokenizer = tokenizer_from_dict(payload["tokenizer"])
     assert tokenizer.decode(tokenizer.encode("To be, or not")) == "To be, or not"
+
+
+def test_generation_beyond_the_context_matches_with_and_without_cache():
+    torch.manual_seed(4)
+    model = MoETransformerLM(tiny_config()).eval()  # seq_len 32
+    idx = torch.randint(0, 256, (2, 5))
+    kwargs = dict(temperature=1.0, top_k=50)
+    cached = model.generate(idx, 80, generator=torch.Generator().manual_seed(5), **kwargs)
+    uncached = model.generate(idx, 80, use_cache=False, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert cached.shape == (2, 85) and torch.equal(cached, uncached)

@@ -60,6 +60,7 @@ def write_report(
         dense, timed = summary["dense"], summary["dense-equal-time"]
         gap = dense["val_loss_mean"] - moe["val_loss_mean"]
         spread = max(moe["val_loss_range"], dense["val_loss_range"])
+        verdict = "beats the dense baseline by more than" if gap > spread else "does NOT beat it by more than"
         lines += [
             "## (a) MoE vs the dense baseline of equal active compute",
             "",
@@ -75,9 +76,10 @@ def write_report(
             )
         lines += [
             "",
-            f"At equal steps the MoE's validation loss is lower by {gap:.4f} nats; the largest spread "
-            f"(max − min) across seeds of either model is {spread:.4f}, so the gap is "
-            f"{'larger' if gap > spread else 'NOT larger'} than the seed spread. MoE throughput is "
+            f"At equal steps the MoE's validation loss is {'lower' if gap > 0 else 'higher'} than the "
+            f"dense baseline's by {abs(gap):.4f} nats; the largest spread (max − min) across seeds of "
+            f"either model is {spread:.4f}, so the MoE "
+            f"{verdict} the seed spread. MoE throughput is "
             f"{moe['tokens_per_s'] / dense['tokens_per_s']:.2f}x the dense baseline's. At equal wall "
             f"time the dense baseline reaches {timed['val_loss_mean']:.4f} "
             f"({'worse' if timed['val_loss_mean'] > moe['val_loss_mean'] else 'better'} than the MoE).",

@@ -297,12 +297,21 @@ class MoETransformerLM(nn.Module):
             raise ValueError(f"temperature={temperature} is invalid: must be >= 0")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid: must be >= 1 or None")
-        cache = KVCache(self.config.n_layer) if use_cache else None
+        # NOTE: positions beyond the trained context are never used: when the context would
+        # exceed seq_len, it restarts from its last seq_len // 2 tokens (re-encoded from
+        # position 0). The cached and uncached paths follow the same rule, so they agree.
+        seq_len = self.config.seq_len
         tokens = idx_BS
-        step_input = idx_BS
+        start = max(0, tokens.shape[1] - seq_len)
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        step_input = tokens[:, start:]
         for _ in range(max_new_tokens):
+            if tokens.shape[1] - start > seq_len:
+                start = tokens.shape[1] - seq_len // 2
+                cache = KVCache(self.config.n_layer) if use_cache else None
+                step_input = tokens[:, start:]
             if cache is None:
-                logits_BSV, _ = self(tokens)
+                logits_BSV, _ = self(tokens[:, start:])
             else:
                 logits_BSV, _ = self(step_input, cache=cache)
             logits_BV = logits_BSV[:, -1, :].float()
