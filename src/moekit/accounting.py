@@ -32,11 +32,11 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     total = sum(p.numel() for p in model.parameters())
     routed = 0
     inactive = 0.0
-    seen: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, MoE) or id(module) in seen:
-            continue
-        seen.add(id(module))
+    outer_names: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE) or any(name.startswith(outer + ".") for outer in outer_names):
+            continue  # NOTE: a nested (hierarchical) MoE counts inside its outer layer's experts
+        outer_names.append(name)
         expert_params = sum(p.numel() for p in module.experts.parameters())
         routed += expert_params
         config = module.config

@@ -95,14 +95,6 @@ def plan_runs(experiments: list[str], seeds: int, steps: int, quick: bool) -> li
     return runs
 
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def run_compare(
     out: str | Path,
     experiments: list[str] | None = None,

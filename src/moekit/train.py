@@ -104,14 +104,14 @@ def default_configs() -> tuple[LMConfig, TrainConfig]:
     return LMConfig(), TrainConfig()
 
 
-CALIBRATION_STEPS = (5, 25)  # steps timed to fit a max_minutes run's schedule to the machine
+CALIBRATION_STEPS = (10, 50)  # steps timed to fit a max_minutes run's schedule to the machine
 
 
 def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
     """Linear warmup to lr, then cosine decay to lr · min_lr_ratio at ``total_steps``.
 
     ``total_steps`` is config.steps, or fewer when ``max_minutes`` would end the run first:
-    the trainer times steps 5 to 25 and fixes the schedule's length once (saved in the
+    the trainer times steps 10 to 50 and fixes the schedule's length once (saved in the
     checkpoint), so a time-limited run still ends on a decayed rate and resumes exactly.
     """
     total_steps = config.steps if total_steps is None else total_steps
