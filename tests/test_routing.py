@@ -185,4 +185,6 @@ def test_router_projection_is_one_named_parameter(router):
     layer = MoE(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=top_k, router=router))
     params = dict(layer.named_parameters())
     assert params["router.weight"].shape == (4, 8)
-    assert "router.expert_bias" in layer.state_dict() if router == "aux_free" else True
+    # The aux-free selection bias is state (saved with the weights), never a trained parameter.
+    assert ("router.expert_bias" in layer.state_dict()) == (router == "aux_free")
+    assert "router.expert_bias" not in params

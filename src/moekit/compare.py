@@ -16,6 +16,8 @@ few hundred steps, so runs differ only in the setting under study):
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -140,14 +142,10 @@ def run_compare(
 
 def _run_one(run_dir: Path, spec: RunSpec) -> dict:
     if (run_dir / "results.json").exists():  # finished earlier: reuse (the grid can be resumed)
-        import json
-
         result = json.loads((run_dir / "results.json").read_text())
         state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
     else:
         if run_dir.exists():
-            import shutil
-
             shutil.rmtree(run_dir)  # an unfinished run: start it again
         result = train(spec.model, spec.train, run_dir, progress=False).to_dict()
         state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)

@@ -17,6 +17,14 @@ SECOND_EXPERT_POLICIES = ("random", "threshold_random", "sample", "all")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
+def reject_unknown_fields(cls: type, values: dict[str, Any]) -> None:
+    """A config dict (e.g. a config.json) with fields the dataclass lacks is an error, not ignored."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(known)}")
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
@@ -162,8 +170,5 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig got unknown fields {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         return cls(**values)

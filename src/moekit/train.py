@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
 from moekit.accounting import count_parameters
+from moekit.config import reject_unknown_fields
 from moekit.data import (
     BPETokenizer,
     ByteTokenizer,
@@ -95,8 +96,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        reject_unknown_fields(cls, values)
+        return cls(**values)
 
 
 def default_configs() -> tuple[LMConfig, TrainConfig]:

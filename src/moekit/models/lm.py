@@ -17,14 +17,14 @@ Shape suffixes: B batch, S sequence, D d_model, H heads, K head dim, V vocabular
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, reject_unknown_fields
 from moekit.experts import DenseFFN
 from moekit.layer import MoE
 
@@ -105,10 +105,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"LMConfig got unknown fields {unknown}; known fields: {sorted(known)}")
+        reject_unknown_fields(cls, values)
         values = dict(values)
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])
