@@ -85,10 +85,14 @@ def test_dense_arch_trains(tmp_path, corpus, capsys):
 
 def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--quick", "--seeds", "1", "--steps", "6", "--out", str(out), "--json"]) == 0
+    args = ["compare", "--quick", "--seeds", "1", "--steps", "6", "--steps-a", "4", "--out", str(out), "--json"]
+    assert main(args) == 0
     summary = last_json(capsys)
-    assert {"moe-top2", "dense", "dense-equal-time", "switch-top1", "capacity-1.0", "no-balance-loss",
+    assert {"moe", "dense", "dense-equal-time", "moe-top2", "switch-top1", "capacity-1.0", "no-balance-loss",
             "expert-choice", "aux-free"} <= set(summary)  # fmt: skip
+    assert summary["moe"]["steps"] == 4 and summary["moe-top2"]["steps"] == 6
+    throughput = summary["throughput"]
+    assert throughput["ratio_to_baseline"]["dense"] == 1.0 and throughput["ratio_to_baseline"]["moe"] > 0
     text = (out / "results.md").read_text()
     for heading in ("(a)", "(b)", "(c)", "(d)", "(e)"):
         assert heading in text

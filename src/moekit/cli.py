@@ -407,7 +407,7 @@ experiments:
 
 examples:
   moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
-  moekit compare --experiments a --seeds 3 --steps 1500
+  moekit compare --experiments a --seeds 3 --steps-a 1000
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
 """
 
@@ -424,7 +424,12 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
     parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds of experiment a (b-e use at most 2)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="steps per run (default 400; 30 --quick)")
+    parser.add_argument(
+        "--steps", type=_positive_int, default=None, help="steps per run of (b)-(e) (default 400; 30 --quick)"
+    )
+    parser.add_argument(
+        "--steps-a", type=_positive_int, default=None, help="steps per run of (a) (default 600; 30 --quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     _add_json_flag(parser)
     parser.set_defaults(func=cmd_compare)
@@ -434,14 +439,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from moekit.compare import run_compare
 
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
+    headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
     try:
-        summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command)
+        summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command, headline_steps)
     except (ValueError, OSError) as err:
         print(f"moekit compare: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/results.md")
     for name, row in summary.items():
+        if name == "throughput":
+            ratio = row["ratio_to_baseline"]["moe"]
+            print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
+            continue
         print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
               f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if args.json:

@@ -4,10 +4,12 @@
     moekit compare --experiments a,d --seeds 2   # a subset
     moekit compare --quick                       # a tiny grid: checks the pipeline
 
-Experiments (every run is the default ``moekit train`` model at context 64 and batch 8 for a
-few hundred steps, so runs differ only in the setting under study):
-  a  MoE vs the dense baseline of equal active compute: at equal steps, and at equal wall
-     time (the dense run gets the MoE run's training time)
+Experiment (a) trains the default ``moekit train`` model and recipe (context 128, batch 16);
+(b)-(e) train it at context 64 and batch 8 for a few hundred steps, so that a grid of dozens of
+runs fits in about half an hour; runs differ only in the setting under study.
+  a  MoE vs the dense baseline of equal active compute: at equal steps, at equal wall time
+     (the dense run gets the MoE run's training time), and training throughput measured in
+     one process, the two models alternating step by step
   b  top-1 (Switch) vs top-2 routing
   c  capacity factor 1.0 / 1.25 / 2.0 / dropless: dropped fraction and validation loss
   d  balance loss on vs off: load imbalance (max/mean tokens per expert) over training
@@ -27,13 +29,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moekit.models.lm import LMConfig
-from moekit.train import TrainConfig, default_configs, train
+from moekit.data import ByteTokenizer, TextDataset, random_batch
+from moekit.layer import aux_loss, update_expert_bias
+from moekit.models.lm import LMConfig, MoETransformerLM
+from moekit.train import TrainConfig, build_optimizer, default_configs, train
 
 EXPERIMENTS = ("a", "b", "c", "d", "e")
 COMPARE_SEQ_LEN = 64
 COMPARE_BATCH_SIZE = 8
 SEEDS_PER_SIDE_EXPERIMENT = 2  # seeds for experiments b-e (a uses all --seeds)
+THROUGHPUT_ROUNDS = 7
+THROUGHPUT_STEPS_PER_ROUND = 4
 
 
 @dataclass
@@ -52,48 +58,75 @@ def _with_moe(model: LMConfig, **moe_values: Any) -> LMConfig:
     return replace(model, moe=replace(model.moe, **moe_values))
 
 
-def plan_runs(experiments: list[str], seeds: int, steps: int, quick: bool) -> list[RunSpec]:
-    """The settings each experiment needs; a setting shared by experiments runs once."""
-    model, train_config = default_configs()
-    # NOTE: the default model at a shorter context and smaller batch, so that a grid of
-    # dozens of runs fits in minutes on a CPU; runs differ only in the setting under study.
-    model = replace(model, seq_len=COMPARE_SEQ_LEN)
-    train_config = replace(
+def _fixed_steps(train_config: TrainConfig, steps: int) -> TrainConfig:
+    return replace(
         train_config,
         steps=steps,
-        batch_size=COMPARE_BATCH_SIZE,
         warmup_steps=min(train_config.warmup_steps, max(1, steps // 10)),
         eval_interval=max(1, steps // 8),
         checkpoint_interval=10**9,
         log_interval=10,
         max_minutes=None,
     )
+
+
+def headline_configs(steps: int, quick: bool) -> tuple[LMConfig, TrainConfig]:
+    """Experiment (a): the default ``moekit train`` model and recipe, for a fixed number of steps."""
+    model, train_config = default_configs()
+    train_config = _fixed_steps(train_config, steps)
     if quick:
-        model = replace(model, d_model=32, n_layer=2, n_head=2, seq_len=32, moe=replace(model.moe, d_model=32, d_ff=32))
-        train_config = replace(train_config, batch_size=4, eval_batches=2, log_interval=2)
-    settings: dict[str, LMConfig] = {"moe-top2": model}
+        return _quick(model, train_config)
+    return model, train_config
+
+
+def side_configs(steps: int, quick: bool) -> tuple[LMConfig, TrainConfig]:
+    """Experiments (b)-(e): the default model at a shorter context and a smaller batch."""
+    model, train_config = default_configs()
+    # NOTE: so that a grid of dozens of runs fits in about half an hour on a CPU.
+    model = replace(model, seq_len=COMPARE_SEQ_LEN)
+    train_config = replace(_fixed_steps(train_config, steps), batch_size=COMPARE_BATCH_SIZE)
+    if quick:
+        return _quick(model, train_config)
+    return model, train_config
+
+
+def _quick(model: LMConfig, train_config: TrainConfig) -> tuple[LMConfig, TrainConfig]:
+    model = replace(model, d_model=32, n_layer=2, n_head=2, seq_len=32, moe=replace(model.moe, d_model=32, d_ff=32))
+    return model, replace(train_config, batch_size=4, eval_batches=2, log_interval=2)
+
+
+def plan_runs(
+    experiments: list[str], seeds: int, steps: int, quick: bool, headline_steps: int | None = None
+) -> list[RunSpec]:
+    """The settings each experiment needs; a setting shared by experiments runs once."""
+    settings: dict[str, tuple[LMConfig, TrainConfig]] = {}
     if "a" in experiments:
-        settings["dense"] = model.as_dense()
+        model, train_config = headline_configs(headline_steps or steps, quick)
+        settings["moe"] = (model, train_config)
+        settings["dense"] = (model.as_dense(), train_config)
+    model, train_config = side_configs(steps, quick)
+    if any(name in experiments for name in "bcde"):
+        settings["moe-top2"] = (model, train_config)
     if "b" in experiments or "e" in experiments:
-        settings["switch-top1"] = _with_moe(model, router="switch", top_k=1)
+        settings["switch-top1"] = (_with_moe(model, router="switch", top_k=1), train_config)
     if "c" in experiments:
         for factor in (1.0, 1.25, 2.0):
-            settings[f"capacity-{factor}"] = _with_moe(model, capacity_factor=factor)
+            settings[f"capacity-{factor}"] = (_with_moe(model, capacity_factor=factor), train_config)
     if "d" in experiments:
-        settings["no-balance-loss"] = _with_moe(model, balance_loss_coef=0.0)
+        settings["no-balance-loss"] = (_with_moe(model, balance_loss_coef=0.0), train_config)
     if "e" in experiments:
-        settings["gshard"] = _with_moe(model, router="gshard", capacity_factor=2.0)
-        settings["noisy-topk"] = _with_moe(model, router="noisy_topk")
-        settings["expert-choice"] = _with_moe(model, router="expert_choice", capacity_factor=1.0)
-        settings["aux-free"] = _with_moe(model, router="aux_free", balance_loss_coef=0.0)
+        settings["gshard"] = (_with_moe(model, router="gshard", capacity_factor=2.0), train_config)
+        settings["noisy-topk"] = (_with_moe(model, router="noisy_topk"), train_config)
+        settings["expert-choice"] = (_with_moe(model, router="expert_choice", capacity_factor=1.0), train_config)
+        settings["aux-free"] = (_with_moe(model, router="aux_free", balance_loss_coef=0.0), train_config)
     # (a) is the claim that needs the seed spread: it gets every seed; the other settings get
     # up to two, which is enough to see the differences they show.
-    headline = {"moe-top2", "dense"}
+    headline = {"moe", "dense"}
     runs = []
     for seed in range(seeds):
-        for name, config in settings.items():
+        for name, (config, run_train) in settings.items():
             if name in headline or seed < SEEDS_PER_SIDE_EXPERIMENT:
-                runs.append(RunSpec(name, seed, config, replace(train_config, seed=1000 + seed)))
+                runs.append(RunSpec(name, seed, config, replace(run_train, seed=1000 + seed)))
     return runs
 
 
@@ -104,40 +137,108 @@ def run_compare(
     steps: int = 1000,
     quick: bool = False,
     command: str = "moekit compare",
+    headline_steps: int | None = None,
 ) -> dict[str, Any]:
     experiments = list(experiments or EXPERIMENTS)
     unknown = sorted(set(experiments) - set(EXPERIMENTS))
     if unknown:
         raise ValueError(f"--experiments {','.join(unknown)} is invalid: choose from {','.join(EXPERIMENTS)}")
-    if seeds < 1 or steps < 1:
-        raise ValueError(f"--seeds {seeds} and --steps {steps} must be >= 1")
+    if seeds < 1 or steps < 1 or (headline_steps is not None and headline_steps < 1):
+        raise ValueError(f"--seeds {seeds}, --steps {steps} and --steps-a {headline_steps} must be >= 1")
+    headline_steps = headline_steps or steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(experiments, seeds, steps, quick)
+    runs = plan_runs(experiments, seeds, steps, quick, headline_steps)
     results: dict[str, list[dict]] = {}
     started = time.time()
     for spec in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True):
         torch.manual_seed(spec.train.seed)
         result = _run_one(out / "runs" / spec.key, spec)
         results.setdefault(spec.name, []).append(result)
+    throughput = None
     if "a" in experiments:
+        model, train_config = headline_configs(headline_steps, quick)
         # Equal wall time: the dense baseline trains for as long as the MoE run took.
         for seed in range(seeds):
-            moe_seconds = results["moe-top2"][seed]["train_seconds"]
-            dense_model = runs[0].model.as_dense()
+            moe_seconds = results["moe"][seed]["train_seconds"]
             spec = RunSpec(
                 "dense-equal-time",
                 seed,
-                dense_model,
-                replace(runs[0].train, seed=1000 + seed, steps=10 * steps, max_minutes=moe_seconds / 60,
-                        eval_interval=max(1, steps // 8)),
+                model.as_dense(),
+                replace(train_config, seed=1000 + seed, steps=10 * headline_steps, max_minutes=moe_seconds / 60,
+                        eval_interval=max(1, headline_steps // 8)),
             )  # fmt: skip
             results.setdefault(spec.name, []).append(_run_one(out / "runs" / spec.key, spec))
+        rounds, steps_per_round = (2, 1) if quick else (THROUGHPUT_ROUNDS, THROUGHPUT_STEPS_PER_ROUND)
+        throughput = measure_throughput(
+            {"moe": model, "dense": model.as_dense()}, train_config, "dense", rounds, steps_per_round
+        )
     summary = summarize(results)
+    if throughput is not None:
+        summary["throughput"] = throughput
     from moekit.compare_report import write_report
 
-    write_report(out, experiments, results, summary, command, time.time() - started, steps, seeds)
+    write_report(out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps)
     return summary
+
+
+def measure_throughput(
+    models: dict[str, LMConfig],
+    train_config: TrainConfig,
+    baseline: str,
+    rounds: int = THROUGHPUT_ROUNDS,
+    steps_per_round: int = THROUGHPUT_STEPS_PER_ROUND,
+) -> dict[str, Any]:
+    """Training tokens/s of each model in one process, the models alternating round by round.
+
+    Separate runs are timed minutes apart, so anything else on the machine lands on one of
+    them; alternating short rounds (as DESIGN.md's benchmarks do) exposes every model to the
+    same conditions. Each round times ``steps_per_round`` full optimizer steps of each model
+    (forward, aux losses, backward, clipping, AdamW, bias update); the ratio to ``baseline`` is
+    the median of the per-round ratios.
+    """
+    if baseline not in models:
+        raise ValueError(f"baseline={baseline!r} is not one of the models {sorted(models)}")
+    seq_len = next(iter(models.values())).seq_len
+    dataset = TextDataset.load(train_config.data, seq_len, ByteTokenizer())
+    sampler = torch.Generator().manual_seed(train_config.seed)
+    trainers = {}
+    for name, config in models.items():
+        torch.manual_seed(train_config.seed)
+        model = MoETransformerLM(config).train()
+        trainers[name] = (model, build_optimizer(model, train_config))
+
+    def timed_steps(model: MoETransformerLM, optimizer: torch.optim.Optimizer, count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            inputs, targets = random_batch(dataset.train_tokens, train_config.batch_size, seq_len, sampler)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_config.bf16):
+                _, loss = model(inputs, targets)
+                auxiliary = aux_loss(model)
+            (loss + auxiliary).backward()
+            if train_config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_expert_bias(model)
+        return time.perf_counter() - started
+
+    for model, optimizer in trainers.values():
+        timed_steps(model, optimizer, 2)  # warm-up: first-call allocations and kernel selection
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(rounds), desc="throughput", unit="round", dynamic_ncols=True, leave=False):
+        for name, (model, optimizer) in trainers.items():
+            seconds[name].append(timed_steps(model, optimizer, steps_per_round))
+    tokens_per_round = steps_per_round * train_config.batch_size * train_config.grad_accum * seq_len
+    return {
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "tokens_per_s": {name: tokens_per_round / statistics.median(times) for name, times in seconds.items()},
+        "ratio_to_baseline": {
+            name: statistics.median(b / t for b, t in zip(seconds[baseline], times, strict=True))
+            for name, times in seconds.items()
+        },
+    }
 
 
 def _run_one(run_dir: Path, spec: RunSpec) -> dict:
