@@ -155,20 +155,19 @@ def run_compare(
         torch.manual_seed(spec.train.seed)
         result = _run_one(out / "runs" / spec.key, spec)
         results.setdefault(spec.name, []).append(result)
+        if spec.name == "moe":
+            # Equal wall time: the dense baseline trains for as long as this MoE run took, right
+            # after it, so that both see the same machine.
+            timed = RunSpec(
+                "dense-equal-time",
+                spec.seed,
+                spec.model.as_dense(),
+                replace(spec.train, steps=10 * spec.train.steps, max_minutes=result["train_seconds"] / 60),
+            )
+            results.setdefault(timed.name, []).append(_run_one(out / "runs" / timed.key, timed))
     throughput = None
     if "a" in experiments:
         model, train_config = headline_configs(headline_steps, quick)
-        # Equal wall time: the dense baseline trains for as long as the MoE run took.
-        for seed in range(seeds):
-            moe_seconds = results["moe"][seed]["train_seconds"]
-            spec = RunSpec(
-                "dense-equal-time",
-                seed,
-                model.as_dense(),
-                replace(train_config, seed=1000 + seed, steps=10 * headline_steps, max_minutes=moe_seconds / 60,
-                        eval_interval=max(1, headline_steps // 8)),
-            )  # fmt: skip
-            results.setdefault(spec.name, []).append(_run_one(out / "runs" / spec.key, spec))
         rounds, steps_per_round = (2, 1) if quick else (THROUGHPUT_ROUNDS, THROUGHPUT_STEPS_PER_ROUND)
         throughput = measure_throughput(
             {"moe": model, "dense": model.as_dense()}, train_config, "dense", rounds, steps_per_round
