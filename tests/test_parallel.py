@@ -220,15 +220,8 @@ def _load_worker(rank: int, num_ranks: int, directories: list[Path]) -> list[tor
 
 
 def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
-    two = tmp_path / "two"
-    logits_2 = results_of(run_ranks(_save_worker, 2, tmp_path / "job2", two))
-    checkpoint_2 = two / "checkpoint"
-    assert sorted(p.name for p in checkpoint_2.iterdir()) == [
-        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "model.safetensors",
-        "shards.json", "state-00000-of-00002.pt", "state-00001-of-00002.pt",
-    ]  # fmt: skip
-
-    # One AdamW step of mean_r loss_r in one process is the step the two ranks took.
+    # One AdamW step of mean_r loss_r in one process must be the step the two ranks take.
+    # (Built first: the forked ranks then inherit what the optimizer imports on first use.)
     torch.manual_seed(0)
     reference = MoETransformerLM(LM)
     reference_optimizer = make_optimizer(reference)
@@ -236,6 +229,14 @@ def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
     loss.backward()
     reference_optimizer.step()
     reference.eval()
+
+    two = tmp_path / "two"
+    logits_2 = results_of(run_ranks(_save_worker, 2, tmp_path / "job2", two))
+    checkpoint_2 = two / "checkpoint"
+    assert sorted(p.name for p in checkpoint_2.iterdir()) == [
+        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "model.safetensors",
+        "shards.json", "state-00000-of-00002.pt", "state-00001-of-00002.pt",
+    ]  # fmt: skip
 
     # 2 ranks → 1 process: weights, optimizer moments, outputs.
     torch.manual_seed(99)
