@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moekit import __version__
+from moekit.bench_ep import add_bench_ep
 
 EPILOG_MAIN = """\
 examples:
@@ -30,6 +31,7 @@ examples:
 EPILOG_BENCH = """\
 examples:
   moekit bench layer
+  moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
   moekit bench layer --quick --no-hf
 """
 
@@ -100,6 +102,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=lambda args: _print_help(bench))
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
     add_bench_layer(bench_sub)
+    add_bench_ep(bench_sub)
 
 
 def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:

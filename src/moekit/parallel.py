@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +73,47 @@ def _collective_error(what: str, group: dist.ProcessGroup | None, error: Excepti
     )
 
 
+@dataclass
+class AllToAllMeter:
+    """What this rank's all-to-alls cost while ``meter_all_to_all`` has the meter installed."""
+
+    calls: int = 0
+    bytes_sent: int = 0  # to the other ranks (rows a rank keeps for itself are not sent)
+    seconds: float = 0.0  # wall time inside the collectives, waiting for slower ranks included
+
+
+_meter: AllToAllMeter | None = None
+
+
+def meter_all_to_all(meter: AllToAllMeter | None) -> None:
+    """Count every all-to-all of expert parallelism into ``meter`` (None: stop counting)."""
+    global _meter
+    _meter = meter
+
+
+def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:  # noqa: ANN001
+    size, rank = _group_size_rank(group)
+    total = x.numel() * x.element_size()
+    if input_splits is None:  # equal splits
+        return total * (size - 1) // size
+    row_bytes = total // max(1, x.shape[0])
+    return (sum(input_splits) - input_splits[rank]) * row_bytes
+
+
 def _all_to_all_single(
     out: Tensor, x: Tensor, output_splits: list[int] | None, input_splits: list[int] | None, group, what: str  # noqa: ANN001
 ) -> Tensor:
+    started = time.perf_counter()
     try:
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
     except RuntimeError as error:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
         raise _collective_error(what, group, error) from error
+    if _meter is not None:
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        _meter.calls += 1
+        _meter.bytes_sent += _bytes_to_others(x, input_splits, group)
+        _meter.seconds += time.perf_counter() - started
     return out
 
 
