@@ -54,7 +54,9 @@ class DistributedRun:
         if expert_parallel == 1:
             return cls.single()
         owns_group = not torch.distributed.is_initialized()
-        rank, num_ranks = parallel.init_distributed(timeout_s)
+        # NOTE: gloo, because the trainer keeps the model on the CPU; the layer itself runs on
+        # NCCL with CUDA tensors (docs/scaling.md).
+        rank, num_ranks = parallel.init_distributed(timeout_s, backend="gloo")
         return cls(rank, num_ranks, owns_group)
 
     @property
