@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.parallel import ExpertShard, _collective_error, sharded_parameters
+from moekit.parallel import ExpertShard, barrier, sharded_parameters
 
 WEIGHTS_FILE = "model.safetensors"
 SHARDS_FILE = "shards.json"
@@ -57,14 +57,6 @@ def _rank_and_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _barrier(what: str) -> None:
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        except RuntimeError as error:
-            raise _collective_error(what, None, error) from error
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -269,16 +261,16 @@ def save_sharded_checkpoint(run_dir: Path, model: nn.Module, state: dict, checkp
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier("barrier before writing a checkpoint")
+    barrier("barrier before writing a checkpoint")
     written = write_weights(model, tmp)
     torch.save(state, tmp / state_file(rank, num_ranks))
     _fsync_dir_files(tmp, [*written, state_file(rank, num_ranks)])
-    _barrier("barrier after writing a checkpoint")
+    barrier("barrier after writing a checkpoint")
     if rank == 0:
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier("barrier after renaming a checkpoint")
+    barrier("barrier after renaming a checkpoint")
     return final

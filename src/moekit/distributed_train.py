@@ -10,7 +10,10 @@ equal. The losses and step times that drive logging, the time budget and the sch
 means over the ranks, so every rank takes the same decisions (same number of steps, same
 evaluation points): a rank that stopped alone would leave the others waiting in an
 all-to-all. Only rank 0 writes the run directory (config, metrics, plots, results) and
-shows the progress bar; checkpoints are sharded (``moekit.distributed_checkpoint``).
+shows the progress bar; checkpoints are sharded (``moekit.distributed_checkpoint``). The
+expert-load statistics in the logs and plots are rank 0's routing of its own batches.
+Evaluation runs the same validation batches on every rank (the all-to-alls need every rank
+in every forward), so every rank reports the same validation loss.
 
 A single process uses ``DistributedRun.single()``, under which every method is the plain
 single-process behaviour.
@@ -69,7 +72,7 @@ class DistributedRun:
 
     def barrier(self) -> None:
         if self.distributed:
-            distributed_checkpoint._barrier("barrier of the training ranks")
+            parallel.barrier("barrier of the training ranks")
 
     def shard(self, model: nn.Module) -> nn.Module:
         if self.distributed:

@@ -65,7 +65,7 @@ def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _collective_error(what: str, group: dist.ProcessGroup | None, error: Exception) -> ExpertParallelError:
+def collective_error(what: str, group: dist.ProcessGroup | None, error: Exception) -> ExpertParallelError:
     size, rank = _group_size_rank(group)
     return ExpertParallelError(
         f"{what} failed on rank {rank} of {size}: another rank raised, was killed, or did not reach "
@@ -107,7 +107,7 @@ def _all_to_all_single(
     try:
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
     except RuntimeError as error:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
-        raise _collective_error(what, group, error) from error
+        raise collective_error(what, group, error) from error
     if _meter is not None:
         if out.is_cuda:
             torch.cuda.synchronize()
@@ -239,13 +239,22 @@ class ExpertParallelDispatcher(LocalDispatcher):
 # ---------------------------------------------------------------------------------------
 
 
+def barrier(what: str, group: dist.ProcessGroup | None = None) -> None:
+    """``dist.barrier`` that fails with ExpertParallelError; nothing to wait for outside a group."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier(group=group)
+        except RuntimeError as error:
+            raise collective_error(what, group, error) from error
+
+
 def _broadcast_from_first(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
     source = dist.get_global_rank(group, 0) if group is not None else 0
     try:
         for tensor in tensors:
             dist.broadcast(tensor.data, src=source, group=group)
     except RuntimeError as error:
-        raise _collective_error("broadcast of replicated weights", group, error) from error
+        raise collective_error("broadcast of replicated weights", group, error) from error
 
 
 def expert_parallel(moe: MoE, group: dist.ProcessGroup | None = None) -> MoE:
@@ -347,7 +356,7 @@ def average_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) 
         try:
             dist.all_reduce(flat, group=group)
         except RuntimeError as error:
-            raise _collective_error("all-reduce of replicated gradients", group, error) from error
+            raise collective_error("all-reduce of replicated gradients", group, error) from error
         flat.div_(num_ranks)
         offset = 0
         for param in replicated:
@@ -374,7 +383,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     try:
         dist.all_reduce(expert_sq, group=group)
     except RuntimeError as error:
-        raise _collective_error("all-reduce of the gradient norm", group, error) from error
+        raise collective_error("all-reduce of the gradient norm", group, error) from error
     total_norm = (replicated_sq + expert_sq).sqrt()
     scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     for grad in grads + expert_grads:
@@ -391,7 +400,7 @@ def all_reduce_router_load(model: nn.Module, group: dist.ProcessGroup | None = N
             try:
                 dist.all_reduce(module.load_since_update, group=group)
             except RuntimeError as error:
-                raise _collective_error("all-reduce of router load", group, error) from error
+                raise collective_error("all-reduce of router load", group, error) from error
 
 
 @torch.no_grad()
@@ -403,7 +412,7 @@ def all_reduce_mean(values: list[float], group: dist.ProcessGroup | None = None)
     try:
         dist.all_reduce(tensor, group=group)
     except RuntimeError as error:
-        raise _collective_error("all-reduce of step figures", group, error) from error
+        raise collective_error("all-reduce of step figures", group, error) from error
     return (tensor / dist.get_world_size(group)).tolist()
 
 
