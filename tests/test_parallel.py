@@ -7,6 +7,7 @@ Verifies, in fp32 to 1e-5:
   experts, experts) is that of mean_r loss_r
 - experts with no rows, a rank whose experts receive nothing, a rank with no tokens
 - capacity counted per rank (and that a global capacity would have given other outputs)
+- aux-loss-free routers pool the ranks' load: replicated biases get the single-process update
 - E not divisible by the ranks: ValueError naming both numbers
 - checkpoints: 2 ranks → 1 process → 4 ranks (and 2 → 4) give the same model outputs;
   optimizer moments resharded; one data-parallel AdamW step equals the single-process step
@@ -26,10 +27,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, update_expert_bias
 from moekit.distributed_checkpoint import load_training_state, load_weights, save_sharded_checkpoint
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.parallel import average_gradients, expert_major_order, expert_parallel, shard_experts
+from moekit.parallel import (
+    all_reduce_router_load,
+    average_gradients,
+    clip_grad_norm_,
+    expert_major_order,
+    expert_parallel,
+    shard_experts,
+)
 from tests.ranks import results_of, run_ranks
 
 D_MODEL = 16
@@ -78,7 +86,12 @@ def _layer_worker(rank: int, num_ranks: int, scenario: str) -> dict:
     average_gradients(layer)
     averaged = {name: p.grad.clone() for name, p in layer_params(layer).items()}
     shapes = {name: tuple(p.shape) for name, p in layer_params(layer).items()}
-    return {"y": y.detach(), "x_grad": x.grad, "raw": raw, "averaged": averaged, "shapes": shapes}
+    norm = clip_grad_norm_(layer, max_norm=1e-3)
+    clipped = {name: p.grad.clone() for name, p in layer_params(layer).items()}
+    return {
+        "y": y.detach(), "x_grad": x.grad, "raw": raw, "averaged": averaged, "shapes": shapes,
+        "norm": norm, "clipped": clipped,
+    }  # fmt: skip
 
 
 def single_process_reference(scenario: str, num_ranks: int) -> tuple[list, list, dict]:
@@ -119,6 +132,13 @@ def check_against_single_process(scenario: str, num_ranks: int, tmp_path: Path) 
             else:
                 want = grad / num_ranks
             torch.testing.assert_close(got["averaged"][name], want, atol=1e-5, rtol=1e-5, msg=name)
+        # Clipping uses the norm over every rank's shards: the single-process norm.
+        norm = torch.cat([(grad / num_ranks).reshape(-1) for grad in grads.values()]).norm()
+        torch.testing.assert_close(got["norm"], norm, atol=1e-5, rtol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(
+                got["clipped"][name], got["averaged"][name] * 1e-3 / (norm + 1e-6), atol=1e-7, rtol=1e-4, msg=name
+            )
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
@@ -144,6 +164,27 @@ def test_capacity_is_counted_per_rank(num_ranks: int, tmp_path: Path) -> None:
     per_rank = [layer(rank_inputs("capacity", r)[0]) for r in range(num_ranks)]
     global_batch = layer(torch.cat([rank_inputs("capacity", r)[0] for r in range(num_ranks)]))
     assert not torch.allclose(torch.cat(per_rank), global_batch)
+
+
+def _aux_free_worker(rank: int, num_ranks: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    layer = expert_parallel(MoE(MoEConfig(d_model=D_MODEL, d_ff=8, num_experts=8, top_k=2, router="aux_free")))
+    layer(rank_inputs("dropless", rank)[0])
+    all_reduce_router_load(layer)
+    update_expert_bias(layer)
+    return layer.router.expert_bias
+
+
+def test_aux_free_bias_sees_every_rank_load_and_stays_replicated(tmp_path: Path) -> None:
+    biases = results_of(run_ranks(_aux_free_worker, 2, tmp_path))
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=D_MODEL, d_ff=8, num_experts=8, top_k=2, router="aux_free"))
+    for rank in range(2):  # one process, both ranks' tokens, one update: the pooled load
+        layer(rank_inputs("dropless", rank)[0])
+    update_expert_bias(layer)
+    assert layer.router.expert_bias.abs().sum() > 0
+    for bias in biases:
+        torch.testing.assert_close(bias, layer.router.expert_bias)
 
 
 def test_expert_major_order_hand_computed() -> None:
