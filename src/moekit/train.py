@@ -465,7 +465,8 @@ def _train(
     interrupted = False
     last_train_loss = float("nan")
     window_loss, window_tokens, window_seconds = window
-    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len
+    # Every rank trains on its own batches: the step covers all ranks' tokens.
+    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len * ranks.num_ranks
     try:
         while step < total_steps:
             started = time.perf_counter()
