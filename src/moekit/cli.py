@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from moekit import __version__
+from moekit.bench_ep import add_bench_ep
 
 EPILOG_MAIN = """\
 examples:
@@ -29,6 +31,7 @@ examples:
 EPILOG_BENCH = """\
 examples:
   moekit bench layer
+  moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
   moekit bench layer --quick --no-hf
 """
 
@@ -99,6 +102,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=lambda args: _print_help(bench))
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
     add_bench_layer(bench_sub)
+    add_bench_ep(bench_sub)
 
 
 def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
@@ -171,6 +175,8 @@ examples:
   moekit train --arch dense --out runs/dense     the dense baseline of equal active compute
   moekit train --resume runs/my --steps 6000     continue exactly where the run stopped
   torchrun --nproc_per_node 1 -m moekit train    (single process; same as plain moekit train)
+  torchrun --nproc_per_node 4 -m moekit train --expert-parallel 4 --out runs/ep4
+                                                 experts sharded over 4 ranks, the rest data-parallel
 """
 
 # Model flags: (flag, LMConfig/MoEConfig field, type, help). None = the config's default.
@@ -236,6 +242,11 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--expert-parallel", type=_positive_int, default=1, metavar="N",
+        help="shard every MoE layer's experts over N ranks (launch with torchrun --nproc_per_node N); "
+        "other weights are data-parallel",
+    )  # fmt: skip
     _add_json_flag(parser)
     parser.set_defaults(func=cmd_train)
 
@@ -281,6 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moekit.data import DataError
+    from moekit.parallel import ExpertParallelError
     from moekit.train import CheckpointError, read_run_config, train
 
     try:
@@ -297,12 +309,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.steps is None:
                 train_config.steps = saved["train"]["steps"]
         else:
+            if args.expert_parallel > 1 and args.out is None:
+                raise ValueError(
+                    f"--expert-parallel {args.expert_parallel} needs --out DIR: every rank must name the same run "
+                    "directory (the default one is named after each process's start time)"
+                )
             out = Path(args.out or f"runs/{model_config.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        result = train(model_config, train_config, out, resume=bool(args.resume), progress=not args.no_progress)
+        result = train(
+            model_config, train_config, out, resume=bool(args.resume), progress=not args.no_progress,
+            expert_parallel=args.expert_parallel,
+        )  # fmt: skip
     except (ValueError, OSError) as err:
         kind = "data" if isinstance(err, DataError) else "error"
         print(f"moekit train: {kind}: {err}", file=sys.stderr)
         return 2
+    except ExpertParallelError as err:
+        print(f"moekit train: error: {err}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
+        return 130 if result.interrupted else 0
     _print_train_summary(result)
     if args.json:
         _print_json(result.to_dict())

@@ -62,6 +62,10 @@ def make_plan(assignments: Assignments, num_tokens: int, num_experts: int) -> Di
 class LocalDispatcher:
     """Single-process dispatch: permute token rows into expert order and back."""
 
+    # NOTE: the layer's fused permute-experts-combine path bypasses dispatch/combine; a
+    # dispatcher that communicates between them (expert parallelism) turns it off.
+    fusable = True
+
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
@@ -71,6 +75,10 @@ class LocalDispatcher:
     def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
         """Rows of x in expert order: [N, D]."""
         return x_TD.index_select(0, plan.token_of_row_N)
+
+    def expert_groups(self, plan: DispatchPlan) -> tuple[Tensor, tuple[int, ...]]:
+        """The group ends (grouped_mm offs) and row counts of the experts this process runs."""
+        return plan.group_ends_E, plan.tokens_per_expert
 
     def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
         """y[token] = Σ weight · expert_out over the token's assignments: [T, D].

@@ -145,6 +145,7 @@ class MoE(nn.Module):
         experts = self.experts
         use_fused = (
             self.fused
+            and self.dispatcher.fusable
             and isinstance(experts, GroupedExperts)
             and plan.num_rows > 0
             and not (self.training and config.expert_dropout > 0)
@@ -157,7 +158,7 @@ class MoE(nn.Module):
             )  # fmt: skip
         else:
             x_rows_ND = self.dispatcher.dispatch(x_TD, plan)
-            out_ND = experts(x_rows_ND, plan.group_ends_E, plan.tokens_per_expert)
+            out_ND = experts(x_rows_ND, *self.dispatcher.expert_groups(plan))
             y_TD = self.dispatcher.combine(out_ND, assignments.weight_N, plan)
         y_TD = y_TD.to(x.dtype)
         if self.shared_experts is not None:

@@ -5,6 +5,8 @@
     moekit train --arch dense --out runs/dense     # the equal-active-compute dense baseline
     moekit train --resume runs/my --steps 4000     # continue exactly where it stopped
     python -m moekit train --json                  # last line: one JSON object of results
+    torchrun --nproc_per_node 4 -m moekit train --expert-parallel 4 --out runs/ep4
+                                                   # experts sharded over 4 ranks (moekit.distributed_train)
 
 The run directory holds config.json, checkpoint/ (model.safetensors and state.pt with the
 optimizer, schedule position, data sampler and RNG states), metrics.csv, TensorBoard events
@@ -44,6 +46,7 @@ from moekit.data import (
     random_batch,
     tokenizer_from_dict,
 )
+from moekit.distributed_train import DistributedRun
 from moekit.layer import aux_loss, moe_layers, routing_stats, update_expert_bias
 from moekit.models.lm import LMConfig, MoETransformerLM
 
@@ -212,6 +215,14 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETr
 
 
 def load_weights(model: MoETransformerLM, path: Path) -> None:
+    from moekit import distributed_checkpoint
+
+    if distributed_checkpoint.read_layout(path.parent)[0] > 1:  # written by several ranks
+        try:
+            distributed_checkpoint.load_weights(model, path.parent)
+        except distributed_checkpoint.ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from error
+        return
     if not path.exists():
         raise CheckpointError(f"{path}: missing weights file")
     try:
@@ -321,10 +332,31 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    expert_parallel: int = 1,
 ) -> TrainResult:
-    """Train (or, with ``resume``, continue) the run in ``out``; returns its figures."""
+    """Train (or, with ``resume``, continue) the run in ``out``; returns its figures.
+
+    ``expert_parallel`` > 1: launched by torchrun on that many ranks, experts sharded over
+    them, the rest data-parallel (see ``moekit.distributed_train``); a checkpoint written by
+    any number of ranks resumes on any other.
+    """
     train_config.validate()
-    run_dir = Path(out)
+    ranks = DistributedRun.setup(expert_parallel)
+    try:
+        return _train(model_config, train_config, Path(out), resume, progress, on_step, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(
+    model_config: LMConfig,
+    train_config: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    on_step: Callable[[int, dict], None] | None,
+    ranks: DistributedRun,
+) -> TrainResult:
     if resume:
         # The run's own configs rule; only the number of steps may be changed (extended).
         payload = read_run_config(run_dir)
@@ -334,7 +366,7 @@ def train(
         steps_changed = steps != train_config.steps
         train_config.steps = steps
         tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
-        if payload["train"].get("steps") != steps:
+        if payload["train"].get("steps") != steps and ranks.is_main:
             payload["train"]["steps"] = steps
             write_json_atomic(run_dir / CONFIG_FILE, payload)
     else:
@@ -344,6 +376,7 @@ def train(
                 "to continue it, or choose another --out (nothing was overwritten)"
             )
         tokenizer = ByteTokenizer()
+        ranks.barrier()  # every rank has checked the directory before rank 0 writes into it
 
     if train_config.tokenizer == "bpe" and not resume:
         from moekit.data import read_text
@@ -356,8 +389,12 @@ def train(
 
     torch.manual_seed(train_config.seed)
     model = MoETransformerLM(model_config)
+    counts = count_parameters(model)
+    ranks.shard(model)
+    if ranks.distributed:
+        torch.manual_seed(ranks.data_seed(train_config.seed))  # routing noise differs per rank
     optimizer = build_optimizer(model, train_config)
-    sampler = torch.Generator().manual_seed(train_config.seed)
+    sampler = torch.Generator().manual_seed(ranks.data_seed(train_config.seed))
     history: list[dict] = []
     step = 0
     train_seconds = 0.0
@@ -368,8 +405,8 @@ def train(
     calibration_start = 0.0
     if resume:
         checkpoint = find_checkpoint(run_dir)
-        load_weights(model, checkpoint / WEIGHTS_FILE)
-        state = load_state(checkpoint / STATE_FILE)
+        ranks.load_weights(model, checkpoint, load_weights)
+        state = ranks.load_state(model, optimizer, checkpoint, load_state)
         try:
             optimizer.load_state_dict(state["optimizer"])
             sampler.set_state(state["sampler"])
@@ -385,7 +422,7 @@ def train(
                 calibration_start = state["calibration_start"]
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise CheckpointError(f"{checkpoint / STATE_FILE}: does not match this run ({error})") from error
-    else:
+    elif ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             run_dir / CONFIG_FILE,
@@ -396,11 +433,10 @@ def train(
             },
         )
 
-    counts = count_parameters(model)
     val_batches = eval_batches(
         dataset.val_tokens, train_config.batch_size, model_config.seq_len, train_config.eval_batches
     )
-    writer = _tensorboard_writer(run_dir)
+    writer = _tensorboard_writer(run_dir) if ranks.is_main else _NullWriter()
     model.train()
 
     def state_dict() -> dict:
@@ -423,11 +459,14 @@ def train(
             "calibration_start": calibration_start,
         }
 
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not (progress and ranks.is_main), dynamic_ncols=True, desc="train"
+    )
     interrupted = False
     last_train_loss = float("nan")
     window_loss, window_tokens, window_seconds = window
-    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len
+    # Every rank trains on its own batches: the step covers all ranks' tokens.
+    tokens_per_step = train_config.batch_size * train_config.grad_accum * model_config.seq_len * ranks.num_ranks
     try:
         while step < total_steps:
             started = time.perf_counter()
@@ -445,12 +484,16 @@ def train(
                 ((loss + auxiliary) / train_config.grad_accum).backward()
                 step_loss += loss.item() / train_config.grad_accum
                 step_aux += float(auxiliary.detach()) / train_config.grad_accum
+            ranks.reduce_gradients(model)
             if train_config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+                ranks.clip_grad_norm_(model, train_config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            ranks.pool_router_load(model)
             update_expert_bias(model)
             elapsed = time.perf_counter() - started
+            # Means over the ranks: every rank then makes the same time-budget decisions.
+            step_loss, step_aux, elapsed = ranks.mean([step_loss, step_aux, elapsed])
             step += 1
             train_seconds += elapsed
             tokens_seen += tokens_per_step
@@ -494,12 +537,13 @@ def train(
                 if "val_loss" in row:
                     postfix["val"] = f"{row['val_loss']:.3f}"
                 bar.set_postfix(postfix)
-                if on_step is not None:
+                if on_step is not None and ranks.is_main:
                     on_step(step, row)
                 window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
             if step % train_config.checkpoint_interval == 0 and step < total_steps:
-                save_checkpoint(run_dir, model, state_dict())
-                write_metrics_csv(run_dir, history)
+                ranks.save_checkpoint(run_dir, model, state_dict(), save_checkpoint)
+                if ranks.is_main:
+                    write_metrics_csv(run_dir, history)
             if train_config.max_minutes is not None and train_seconds >= 60 * train_config.max_minutes:
                 break
     except KeyboardInterrupt:
@@ -516,12 +560,13 @@ def train(
             "load_imbalance": imbalance, "dropped_fraction": dropped, "train_seconds": train_seconds,
             "expert_load": loads, "val_loss": evaluate(model, val_batches, train_config.bf16),
         })  # fmt: skip
-    save_checkpoint(run_dir, model, state_dict())
-    write_metrics_csv(run_dir, history)
+    ranks.save_checkpoint(run_dir, model, state_dict(), save_checkpoint)
+    plots: list[str] = []
+    if ranks.is_main:
+        write_metrics_csv(run_dir, history)
+        from moekit.plots import plot_run
 
-    from moekit.plots import plot_run
-
-    plots = [str(p) for p in plot_run(run_dir, history, [name for name, _ in moe_layers(model)])]
+        plots = [str(p) for p in plot_run(run_dir, history, [name for name, _ in moe_layers(model)])]
     val_rows = [row for row in history if "val_loss" in row]
     val_loss = val_rows[-1]["val_loss"] if val_rows else evaluate(model, val_batches, train_config.bf16)
     last_imbalance = next((r["load_imbalance"] for r in reversed(history) if r.get("load_imbalance") is not None), None)
@@ -543,5 +588,6 @@ def train(
         plots=plots,
         interrupted=interrupted,
     )
-    write_json_atomic(run_dir / "results.json", result.to_dict())
+    if ranks.is_main:
+        write_json_atomic(run_dir / "results.json", result.to_dict())
     return result
