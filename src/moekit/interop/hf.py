@@ -126,7 +126,10 @@ def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
     if kind == "MixtralSparseMoeBlock" and block.jitter_noise > 0:
         # NOTE: Mixtral's jitter multiplies the input of router *and* experts in training; moekit's
         # jitter is Switch's (router input only), so it is not carried over. Eval is unaffected.
-        warnings.warn(f"{kind}: router_jitter_noise={block.jitter_noise} is not carried over (training-only noise)")
+        warnings.warn(
+            f"{kind}: router_jitter_noise={block.jitter_noise} is not carried over (training-only noise)",
+            stacklevel=3,
+        )
     if kind == "Qwen2MoeSparseMoeBlock":
         values.update(
             num_shared_experts=1,
