@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moekit import __version__
+from moekit.cli_interop import add_interop
 
 EPILOG_MAIN = """\
 examples:
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(subparsers)
     add_compare(subparsers)
     add_bench(subparsers)
+    add_interop(subparsers)
     return parser
 
 

@@ -433,3 +433,60 @@ def load_hf_checkpoint(folder: str | Path) -> tuple[MoETransformerLM, dict]:
     _check_complete(lm, state)
     lm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     return lm.eval(), hf_config
+
+
+# ---------------------------------------------------------------------------------------
+# Run directories <-> Hugging Face folders
+# ---------------------------------------------------------------------------------------
+
+
+def hf_tokenizer_payload(folder: str | Path, vocab_size: int) -> dict:
+    """The run-directory tokenizer entry for a Hugging Face folder: its tokenizer.json, or
+    moekit's byte tokenizer for a 256-token vocabulary."""
+    path = Path(folder) / "tokenizer.json"
+    if path.exists():
+        return {"kind": "bpe", "tokenizer": json.loads(path.read_text())}
+    if vocab_size == 256:
+        return {"kind": "bytes"}
+    raise ConversionError(
+        f"{path}: missing, and vocab_size={vocab_size} is not moekit's byte vocabulary (256): "
+        "text cannot be tokenized for this model"
+    )
+
+
+def import_hf_folder(folder: str | Path, out: str | Path) -> Path:
+    """Write a moekit run directory (config.json + checkpoint/) for a local HF Mixtral folder."""
+    from dataclasses import asdict
+
+    from moekit.train import CONFIG_FILE, CheckpointError, TrainConfig, save_checkpoint, write_json_atomic
+
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
+    lm, _ = load_hf_checkpoint(folder)
+    tokenizer = hf_tokenizer_payload(folder, lm.config.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / CONFIG_FILE, {"model": lm.config.to_dict(), "train": asdict(TrainConfig()), "tokenizer": tokenizer}
+    )
+    save_checkpoint(out, lm, {"imported_from": str(Path(folder).resolve())})
+    return out
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a run's latest checkpoint as a folder that
+    ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads (a BPE tokenizer goes
+    along as tokenizer.json; the byte tokenizer needs none: token id = byte value)."""
+    from moekit.train import load_model_from_run
+
+    lm, payload = load_model_from_run(run_dir)
+    reasons = mixtral_incompatibility(lm.config)
+    if reasons:
+        raise ConversionError(f"{run_dir}: not expressible as a transformers Mixtral: " + "; ".join(reasons))
+    hf = to_hf_model(lm.eval())
+    out = Path(out)
+    hf.save_pretrained(out)
+    tokenizer = payload.get("tokenizer", {"kind": "bytes"})
+    if tokenizer.get("kind") == "bpe":
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer["tokenizer"]))
+    return out
