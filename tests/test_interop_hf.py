@@ -331,3 +331,85 @@ def test_non_mixtral_folder_is_rejected_naming_the_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     with pytest.raises(ConversionError, match="qwen3_moe"):
         load_hf_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# moekit export / import
+# ---------------------------------------------------------------------------------------
+
+
+def write_run(path, config: LMConfig, tokenizer: dict | None = None) -> MoETransformerLM:
+    from dataclasses import asdict
+
+    from moekit.train import TrainConfig, save_checkpoint, write_json_atomic
+
+    torch.manual_seed(0)
+    model = MoETransformerLM(config)
+    path.mkdir(parents=True)
+    payload = {"model": config.to_dict(), "train": asdict(TrainConfig()), "tokenizer": tokenizer or {"kind": "bytes"}}
+    write_json_atomic(path / "config.json", payload)
+    save_checkpoint(path, model, {})
+    return model.eval()
+
+
+def test_export_loads_in_transformers_with_identical_logits_and_imports_back(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.cli import main
+    from moekit.train import load_model_from_run
+
+    config = LMConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32, tie_embeddings=True,
+                      moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))  # fmt: skip
+    lm = write_run(tmp_path / "run", config)
+    assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        want, _ = lm(idx)
+    torch.testing.assert_close(hf_logits(hf, idx), want, atol=1e-5, rtol=1e-5)
+
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, payload = load_model_from_run(tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx)[0], want, atol=1e-5, rtol=1e-5)
+    assert payload["tokenizer"] == {"kind": "bytes"}
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "back"), "--prompt", "ab", "--tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+def test_export_of_a_run_mixtral_cannot_express_fails_naming_why(tmp_path, capsys):
+    from moekit.cli import main
+
+    config = LMConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=16, moe_every=2,
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=1, router="switch"))  # fmt: skip
+    write_run(tmp_path / "run", config)
+    assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "moe_every=2" in err and "router='switch'" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_carries_a_bpe_tokenizer_both_ways(tmp_path):
+    pytest.importorskip("tokenizers")
+    from moekit.data import BPETokenizer
+    from moekit.interop.hf import export_run, import_hf_folder
+    from moekit.train import load_model_from_run
+
+    tokenizer = BPETokenizer.train("hello world, hello moe. " * 50, 300)
+    config = LMConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_head=2, d_model=16,
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=2, top_k=1))  # fmt: skip
+    write_run(tmp_path / "run", config, tokenizer.to_dict())
+    export_run(tmp_path / "run", tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    import_hf_folder(tmp_path / "hf", tmp_path / "back")
+    _, payload = load_model_from_run(tmp_path / "back")
+    assert payload["tokenizer"] == tokenizer.to_dict()
+
+
+def test_import_without_a_tokenizer_for_a_large_vocabulary_is_rejected(tmp_path):
+    from moekit.interop.hf import import_hf_folder
+
+    tiny_mixtral().save_pretrained(tmp_path / "hf")  # vocab 64, no tokenizer.json
+    with pytest.raises(ConversionError, match="tokenizer.json"):
+        import_hf_folder(tmp_path / "hf", tmp_path / "run")
