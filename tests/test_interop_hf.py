@@ -413,3 +413,21 @@ def test_import_without_a_tokenizer_for_a_large_vocabulary_is_rejected(tmp_path)
     tiny_mixtral().save_pretrained(tmp_path / "hf")  # vocab 64, no tokenizer.json
     with pytest.raises(ConversionError, match="tokenizer.json"):
         import_hf_folder(tmp_path / "hf", tmp_path / "run")
+
+
+def test_grouped_query_attention_kv_cache_gives_the_same_tokens():
+    config = LMConfig(vocab_size=50, seq_len=12, n_layer=2, n_head=4, n_kv_head=2, d_model=16,
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))  # fmt: skip
+    torch.manual_seed(0)
+    lm = MoETransformerLM(config).eval()
+    assert lm.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 4, 16)
+    prompt = torch.randint(0, 50, (2, 5))
+    cached = lm.generate(prompt, 20, temperature=0, use_cache=True)
+    uncached = lm.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("field,value", [("n_kv_head", 3), ("n_kv_head", 0), ("norm_eps", 0.0)])
+def test_lm_attention_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        LMConfig(n_head=4, **{field: value})
