@@ -95,7 +95,7 @@ def print_cost(cost: ModelCost, context: int) -> None:
         if cost.components[name]:
             print(f"  {name:<16}{cost.components[name]:>20,}{active_parts[name]:>20,}")
     flops = cost.forward_flops_per_token(context)
-    print(f"\n  forward FLOPs/token {flops:,} ({flops / 1e9:,.2f} GFLOP) at {context} tokens of context")
+    print(f"\n  forward FLOPs      {flops:,} per token ({flops / 1e9:,.2f} GFLOP) at {context} tokens of context")
     print("  weight memory      " + "   ".join(
         f"{dtype} {size / 1e9:,.1f} GB" for dtype, size in cost.memory_bytes().items()))  # fmt: skip
     print()
