@@ -110,10 +110,12 @@ def test_bad_finetune_arguments_name_the_field(tmp_path, text_file, kwargs, mess
         finetune(tmp_path / "src", text_file, tmp_path / "ft", progress=False, **kwargs)
 
 
-def test_freeze_rejects_a_mode_with_nothing_to_train():
+@pytest.mark.parametrize("mode,message", [("non-experts", "no trainable parameters"), ("experts", "freezes nothing"),
+                                          ("router", "freezes nothing")])  # fmt: skip
+def test_freeze_modes_that_do_nothing_on_a_dense_model_are_rejected(mode, message):
     model = MoETransformerLM(tiny_config(arch="dense"))
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        freeze(model, "non-experts")
+    with pytest.raises(ValueError, match=message):
+        freeze(model, mode)
 
 
 def test_finetune_from_a_hugging_face_folder(tmp_path, text_file):

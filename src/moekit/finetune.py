@@ -85,6 +85,8 @@ def freeze(model: torch.nn.Module, mode: str) -> tuple[int, int]:
             frozen += param.numel()
     if trainable == 0:
         raise ValueError(f"freeze={mode!r} leaves no trainable parameters in this model")
+    if mode != "none" and frozen == 0:
+        raise ValueError(f"freeze={mode!r} freezes nothing: this model has no {mode.replace('non-', '')} parameters")
     return trainable, frozen
 
 
