@@ -171,6 +171,32 @@ def test_switch_router_bias_is_rejected_by_name():
         from_hf_block(block)
 
 
+def test_gated_gelu_experts_are_rejected_naming_the_activation():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=2,
+                                                hidden_act="gelu"))  # fmt: skip
+    with pytest.raises(ValueError, match="GELUActivation.*silu"):
+        from_hf_block(block)
+
+
+def test_loss_coefficients_follow_the_transformers_config():
+    from transformers import MixtralConfig, SwitchTransformersConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    config = MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.02)  # fmt: skip
+    moe = from_hf_block(MixtralSparseMoeBlock(config), hf_config=config)
+    # transformers' balance loss is k times moekit's: the same objective needs k times the coefficient.
+    assert moe.config.balance_loss_coef == pytest.approx(0.04) and moe.config.z_loss_coef == 0.0
+    switch = SwitchTransformersConfig(d_model=8, d_ff=8, num_experts=2, router_z_loss_coef=0.003,
+                                      router_aux_loss_coef=0.01)  # fmt: skip
+    moe = from_hf_block(SwitchTransformersSparseMLP(switch), hf_config=switch)
+    assert moe.config.balance_loss_coef == pytest.approx(0.01) and moe.config.z_loss_coef == pytest.approx(0.003)
+
+
 def test_unsupported_block_is_rejected_naming_the_supported_ones():
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock"):
         from_hf_block(torch.nn.Linear(4, 4))

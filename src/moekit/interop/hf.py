@@ -53,15 +53,18 @@ class ConversionError(ValueError):
 # ---------------------------------------------------------------------------------------
 
 
-def _activation(act_fn: nn.Module, where: str) -> str:
+def _activation(act_fn: nn.Module, where: str, gated: bool) -> str:
+    """moekit's activation for a transformers expert: gated experts (act(gate)·up) must use SiLU
+    (SwiGLU); plain ones (act(x·wi)·wo) ReLU or exact GELU."""
     name = type(act_fn).__name__.lower()
-    if "silu" in name or "swish" in name:
+    if gated and ("silu" in name or "swish" in name):
         return "swiglu"
-    if name in ("relu", "reluactivation"):
+    if not gated and name in ("relu", "reluactivation"):
         return "relu"
-    if name == "geluactivation" and not getattr(act_fn, "use_gelu_python", False):
+    if not gated and name == "geluactivation" and not getattr(act_fn, "use_gelu_python", False):
         return "gelu"
-    raise ConversionError(f"{where}: activation {type(act_fn).__name__} has no moekit equivalent (silu, relu, gelu)")
+    allowed = "silu (gated experts)" if gated else "relu or gelu"
+    raise ConversionError(f"{where}: activation {type(act_fn).__name__} has no moekit equivalent; allowed: {allowed}")
 
 
 def _copy_grouped(moe: MoE, gate_up_EHD: Tensor, down_EDF: Tensor) -> None:
@@ -100,7 +103,7 @@ def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
             num_experts=router.num_experts,
             top_k=1,
             router="switch",
-            activation=_activation(expert.act, kind),
+            activation=_activation(expert.act, kind, gated=False),
             expert_capacity=int(router.expert_capacity),
             routing_group="sequence",
             drop_priority="position",
@@ -119,7 +122,7 @@ def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
         d_ff=experts.intermediate_dim,
         num_experts=gate.num_experts,
         top_k=top_k,
-        activation=_activation(experts.act_fn, kind),
+        activation=_activation(experts.act_fn, kind, gated=True),
         normalize_weights=bool(getattr(gate, "norm_topk_prob", True)),  # Mixtral always renormalizes
         **_loss_coefs(hf_config, top_k),
     )
