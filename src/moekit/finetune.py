@@ -4,10 +4,11 @@
     moekit finetune --from hf/mixtral-tiny --data new.txt --out runs/ft --expert-dropout 0.2 --seq-len 256
     moekit upcycle runs/dense --out runs/upcycled --experts 8 --top-k 2
 
-Fine-tuning MoE models overfits easily (Switch Transformers §4.2, ST-MoE §4): so the
-auxiliary losses stay on, ``--expert-dropout`` raises dropout inside the experts only
-(Switch's "expert dropout"), ``--freeze`` trains a subset of the parameters (ST-MoE Table 9
-found freezing the MoE parameters keeps quality while training 80% fewer), and the run stops
+Sparse models overfit easily when fine-tuned (Switch Transformers, Fedus et al. 2021, §2.4;
+ST-MoE, Zoph et al. 2022, §4): so the auxiliary losses stay on, ``--expert-dropout`` raises
+dropout inside the experts only (Switch's "expert dropout"), ``--freeze`` trains a subset of
+the parameters (ST-MoE found that updating only the non-MoE parameters fine-tunes about as
+well as updating all of them, and updating only the experts worse), and the run stops
 when the validation loss has not improved for ``patience`` evaluations, keeping the best
 weights. The source is a moekit run directory or a local Hugging Face Mixtral folder; the
 output is a run directory that ``moekit sample`` reads.
