@@ -24,6 +24,12 @@ from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.train import TrainConfig, load_model_from_run, save_checkpoint, write_json_atomic
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Inputs drawn in a test do not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 def tiny_config(arch: str = "moe", **moe) -> LMConfig:
     return LMConfig(
         vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=16, arch=arch,

@@ -33,6 +33,12 @@ from moekit.models.lm import LMConfig, MoETransformerLM
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    """Inputs drawn in a test do not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> None:
     """transformers leaves block weights uninitialized (torch.empty) outside a full model."""
     generator = torch.Generator().manual_seed(seed)
@@ -209,14 +215,18 @@ def test_fixed_capacity_per_sequence_drops_by_position():
         d_model=4, d_ff=4, num_experts=2, top_k=1, router="switch", activation="relu",
         expert_capacity=2, routing_group="sequence", min_capacity=0,
     )  # fmt: skip
-    moe = MoE(config).eval()
+    moe = MoE(config)
     with torch.no_grad():
         moe.router.weight.copy_(torch.tensor([[5.0, 5, 5, 5], [-5.0, -5, -5, -5]]))
-    x = torch.rand(2, 4, 4) + 0.5  # positive inputs: expert 0 wins for every token
-    with torch.no_grad():
-        out = moe(x)
-    routed = out.abs().sum(-1) > 0
-    assert routed.tolist() == [[True, True, False, False], [True, True, False, False]]
+        moe.experts.w_in.fill_(0.1)  # positive weights and inputs: a kept token's output is > 0
+        moe.experts.w_out.fill_(0.1)
+    x = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5  # expert 0 wins for every token
+    for mode in (moe.eval, moe.train):
+        mode()
+        with torch.no_grad():
+            routed = moe(x).abs().sum(-1) > 0
+        assert routed.tolist() == [[True, True, False, False], [True, True, False, False]]
+        assert sorted(moe.last_stats.kept_token_idx_N.tolist()) == [0, 1, 4, 5]
     batch_config = MoEConfig(**{**config.to_dict(), "routing_group": "batch"})
     batch_moe = MoE(batch_config).eval()
     batch_moe.load_state_dict(moe.state_dict())
