@@ -20,6 +20,7 @@ from typing import Any
 
 from moekit import __version__
 from moekit.bench_ep import add_bench_ep
+from moekit.cli_interop import add_interop
 
 EPILOG_MAIN = """\
 examples:
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(subparsers)
     add_compare(subparsers)
     add_bench(subparsers)
+    add_interop(subparsers)
     return parser
 
 

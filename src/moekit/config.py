@@ -15,6 +15,7 @@ ACTIVATIONS = ("swiglu", "gelu", "relu")
 DROP_PRIORITIES = ("position", "score", "random")
 SECOND_EXPERT_POLICIES = ("random", "threshold_random", "sample", "all")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+ROUTING_GROUPS = ("batch", "sequence")
 
 
 def reject_unknown_fields(cls: type, values: dict[str, Any]) -> None:
@@ -43,6 +44,12 @@ class MoEConfig:
     eval_capacity_factor: float | None = None  # None = dropless eval (output independent of batch)
     min_capacity: int = 4  # DeepSpeed's default; keeps tiny batches from dropping everything
     drop_priority: str = "position"  # position (GShard/Switch), score (V-MoE BPR), random
+    # A fixed C per expert, in training and eval alike, instead of the formula (transformers'
+    # SwitchTransformersConfig.expert_capacity); None = use capacity_factor.
+    expert_capacity: int | None = None
+    # Tokens that share the capacity: "batch" = all tokens of one forward; "sequence" = each
+    # sequence of a [B, S, D] input on its own (Switch/Mesh-TF routing groups; transformers' Switch).
+    routing_group: str = "batch"
 
     normalize_weights: bool = True  # renormalize the top-k weights to sum to 1 (Mixtral)
     second_expert_policy: str = "random"  # gshard only; see routing.GShardRouter
@@ -96,6 +103,16 @@ class MoEConfig:
             )
         if self.expert_impl not in EXPERT_IMPLS:
             _fail("expert_impl", self.expert_impl, f"must be one of {EXPERT_IMPLS}")
+        if self.routing_group not in ROUTING_GROUPS:
+            _fail("routing_group", self.routing_group, f"must be one of {ROUTING_GROUPS}")
+        if self.expert_capacity is not None and (
+            not isinstance(self.expert_capacity, int) or isinstance(self.expert_capacity, bool)
+            or self.expert_capacity < 1
+        ):
+            _fail("expert_capacity", self.expert_capacity, "must be None or an integer >= 1")
+        if self.router == "expert_choice" and (self.expert_capacity is not None or self.routing_group != "batch"):
+            _fail("router", self.router, "expert choice sets its own capacity: use expert_capacity=None, "
+                  "routing_group='batch'")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
         if self.router == "switch" and self.top_k != 1:

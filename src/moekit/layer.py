@@ -133,12 +133,21 @@ class MoE(nn.Module):
         assignments = routing.assignments
         num_routed = len(assignments)
         capacity = routing.capacity
-        if capacity_factor is not None and routing.capacity is None:
-            capacity = expert_capacity(
-                num_tokens, config.num_experts, config.top_k, capacity_factor, config.min_capacity
-            )
+        if routing.capacity is None and (capacity_factor is not None or config.expert_capacity is not None):
+            group_idx_T = None
+            group_tokens = num_tokens
+            if config.routing_group == "sequence" and x.dim() >= 3:
+                group_tokens = x.shape[-2]
+                token_idx_T = valid_idx if valid_idx is not None else torch.arange(num_tokens, device=x.device)
+                group_idx_T = token_idx_T // group_tokens
+            if config.expert_capacity is not None:
+                capacity = config.expert_capacity
+            else:
+                capacity = expert_capacity(
+                    group_tokens, config.num_experts, config.top_k, capacity_factor, config.min_capacity
+                )
             assignments, _ = apply_capacity(
-                assignments, num_tokens, config.num_experts, capacity, config.drop_priority
+                assignments, num_tokens, config.num_experts, capacity, config.drop_priority, group_idx_T
             )
         plan = self.dispatcher.plan(assignments, num_tokens)
 

@@ -27,6 +27,19 @@ def balance_loss(scores_TE: Tensor, selected_per_expert_E: Tensor, top_k: int) -
     return num_experts / (num_tokens * top_k) * torch.dot(selected_per_expert_E.float(), mean_prob_E)
 
 
+def hf_balance_loss(scores_TE: Tensor, selected_per_expert_E: Tensor, top_k: int) -> Tensor:
+    """The balance loss in transformers' convention (``load_balancing_loss_func``):
+
+        loss_hf = E / T · Σ_i n_i · P_i = k · balance_loss
+
+    transformers averages the one-hot choices over tokens for each of the k ranks and sums
+    over the ranks, so it is k at perfect balance (moekit's is 1). Use it to compare a
+    number with transformers' ``aux_loss``; its ``router_aux_loss_coef`` is
+    ``balance_loss_coef / k`` for the same objective.
+    """
+    return top_k * balance_loss(scores_TE, selected_per_expert_E, top_k)
+
+
 def z_loss(logits_TE: Tensor) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(x)².
 

@@ -130,6 +130,8 @@ def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> flo
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen (fine-tuning with --freeze): no optimizer state
         # NOTE: norms' gains and the router projection are not decayed: decay pulls router
         # logits toward uniform, which fights the balance the router is learning.
         (decay if param.dim() >= 2 and "router" not in name else no_decay).append(param)

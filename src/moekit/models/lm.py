@@ -9,6 +9,7 @@ Notable features:
 - ``arch="dense"`` builds the dense baseline of the same config: every MoE FFN becomes a
   dense FFN whose forward FLOPs per token equal the MoE's active FLOPs (top-k experts,
   shared experts and the router), so the two compare at equal active compute
+- grouped-query attention (``n_kv_head``), so a Mixtral checkpoint is expressible
 - tied or untied input/output embeddings; the config is a dataclass saved as config.json
 
 Shape suffixes: B batch, S sequence, D d_model, H heads, K head dim, V vocabulary.
@@ -37,6 +38,7 @@ class LMConfig:
     seq_len: int = 128  # context length the model is trained at (rotary works beyond it)
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads for grouped-query attention (Mixtral: 8 of 32); None = n_head
     d_model: int = 128
     arch: str = "moe"  # "dense" = the equal-active-compute dense baseline of the same config
     moe_every: int = 1  # every n-th layer's FFN is MoE (the last of each group of n)
@@ -44,6 +46,7 @@ class LMConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-6  # RMSNorm epsilon (Mixtral uses 1e-5)
     # 16 experts of width 2·d_model, top-2: the active FFN width is 4·d_model like a GPT block.
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=16, top_k=2, balance_loss_coef=0.02)
@@ -68,12 +71,25 @@ class LMConfig:
                 f"LMConfig.n_head={self.n_head} is invalid: head dim d_model/n_head="
                 f"{self.d_model // self.n_head} must be even for rotary embeddings"
             )
+        if self.n_kv_head is not None and (
+            not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0
+        ):
+            raise ValueError(
+                f"LMConfig.n_kv_head={self.n_kv_head!r} is invalid: must be None or an integer >= 1 "
+                f"that divides n_head={self.n_head}"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"LMConfig.norm_eps={self.norm_eps} is invalid: must be > 0")
         if self.moe.d_model != self.d_model:
             raise ValueError(f"LMConfig.moe.d_model={self.moe.d_model} is invalid: must equal d_model={self.d_model}")
         if self.dense_d_ff is not None and self.dense_d_ff < 1:
             raise ValueError(f"LMConfig.dense_d_ff={self.dense_d_ff} is invalid: must be >= 1 or None")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LMConfig.dropout={self.dropout} is invalid: must be in [0, 1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.arch == "moe" and (layer_idx + 1) % self.moe_every == 0
@@ -135,7 +151,11 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.devic
 
 
 def apply_rotary(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
-    """Rotate pairs (first half, second half) of each head's features by the position angle."""
+    """Rotate pairs (first half, second half) of each head's features by the position angle.
+
+    This is the "rotate half" layout of transformers' Llama/Mixtral (``x·cos + rotate_half(x)·sin``
+    with cos/sin repeated over both halves), so their q/k weights load without permutation.
+    """
     half = x_BHSK.shape[-1] // 2
     x1, x2 = x_BHSK[..., :half], x_BHSK[..., half:]
     cos, sin = cos_SK.to(x_BHSK.dtype), sin_SK.to(x_BHSK.dtype)
@@ -172,22 +192,32 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.d_model // config.n_head
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        # NOTE: rows are [q (n_head heads) | k (n_kv_head heads) | v (n_kv_head heads)], each head's
+        # features in the "rotate half" order that Hugging Face's Llama/Mixtral checkpoints use.
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None) -> Tensor:
         batch, seq, d_model = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).split(d_model, dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x_BSD).split([d_model, kv_dim, kv_dim], dim=2)
         q_BHSK = q.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        k_BHSK = k.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
-        v_BHSK = v.view(batch, seq, self.n_head, self.head_dim).transpose(1, 2)
+        k_BHSK = k.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v_BHSK = v.view(batch, seq, self.n_kv_head, self.head_dim).transpose(1, 2)
         q_BHSK, k_BHSK = apply_rotary(q_BHSK, cos_SK, sin_SK), apply_rotary(k_BHSK, cos_SK, sin_SK)
         past = 0
         if cache is not None:
             past = cache.length_of(self.layer_idx)
             k_BHSK, v_BHSK = cache.append(self.layer_idx, k_BHSK, v_BHSK)
+        if self.n_kv_head != self.n_head:
+            # Grouped-query attention (Ainslie et al. 2023): kv head j serves query heads
+            # j·n_rep ... (j+1)·n_rep - 1, as transformers' repeat_kv does.
+            n_rep = self.n_head // self.n_kv_head
+            k_BHSK = k_BHSK.repeat_interleave(n_rep, dim=1)
+            v_BHSK = v_BHSK.repeat_interleave(n_rep, dim=1)
         dropout = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, dropout_p=dropout, is_causal=True)
@@ -202,9 +232,9 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: LMConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn: nn.Module
         if config.is_moe_layer(layer_idx):
             self.ffn = MoE(config.moe)
@@ -230,7 +260,7 @@ class MoETransformerLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

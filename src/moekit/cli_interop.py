@@ -1,0 +1,278 @@
+"""``moekit params``, ``export``, ``import``, ``finetune`` and ``upcycle``.
+
+    moekit params mixtral-8x7b                 total / active parameters, FLOPs, memory
+    moekit params path/to/config.json --json   a transformers config.json, or a run directory
+    moekit export runs/my --hf hf/my           a folder transformers' from_pretrained loads
+    moekit import hf/mixtral --out runs/mx     a local Mixtral folder as a moekit run directory
+    moekit finetune --from runs/my --data new.txt --out runs/ft --freeze experts
+    moekit upcycle runs/dense --out runs/up --experts 8 --top-k 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from moekit.accounting import COMPONENTS, ModelCost
+from moekit.presets import PRESETS
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, separators=(",", ":")), flush=True)
+
+
+def _fail(command: str, err: Exception) -> int:
+    print(f"moekit {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def add_interop(subparsers: argparse._SubParsersAction) -> None:
+    add_params(subparsers)
+    add_export(subparsers)
+    add_import(subparsers)
+    add_finetune(subparsers)
+    add_upcycle(subparsers)
+
+
+# --------------------------------------------------------------------------------------------
+# moekit params
+# --------------------------------------------------------------------------------------------
+
+EPILOG_PARAMS = f"""\
+presets: {", ".join(PRESETS)}
+
+examples:
+  moekit params mixtral-8x7b
+  moekit params deepseek-v3 --context 8192
+  moekit params ~/models/Qwen3-30B-A3B/config.json --json
+  moekit params runs/moe-20260101-120000
+"""
+
+
+def add_params(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "params",
+        help="total vs active parameters, FLOPs per token and weight memory of an MoE model",
+        description="Parameter arithmetic of an MoE model from its config alone (nothing is downloaded "
+        "or allocated): a preset, a Hugging Face config.json (mixtral, qwen2_moe, qwen3_moe, olmoe, "
+        "deepseek_v3, switch_transformers) or a moekit run directory.",
+        epilog=EPILOG_PARAMS,
+        formatter_class=_formatter,
+    )
+    parser.add_argument("model", metavar="PRESET|CONFIG|RUN_DIR")
+    parser.add_argument(
+        "--context", type=int, default=None, metavar="N",
+        help="tokens of context for the attention FLOPs (default 4096)",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    parser.set_defaults(func=cmd_params)
+
+
+def _human(count: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def print_cost(cost: ModelCost, context: int) -> None:
+    total, active = cost.total, cost.active
+    print(f"{cost.name} ({cost.family})")
+    print(f"  total parameters   {total:>20,}  ({_human(total)})")
+    print(f"  active per token   {active:>20,}  ({_human(active)}, {active / total:.1%})")
+    if cost.num_experts:
+        print(f"  MoE layers         {cost.moe_layers} of {cost.num_layers}, {cost.num_experts} routed experts, "
+              f"top-{cost.top_k}")  # fmt: skip
+    print(f"\n  {'component':<16}{'total':>20}{'active':>20}")
+    active_parts = cost.active_components
+    for name in COMPONENTS:
+        if cost.components[name]:
+            print(f"  {name:<16}{cost.components[name]:>20,}{active_parts[name]:>20,}")
+    flops = cost.forward_flops_per_token(context)
+    print(f"\n  forward FLOPs      {flops:,} per token ({flops / 1e9:,.2f} GFLOP) at {context} tokens of context")
+    print("  weight memory      " + "   ".join(
+        f"{dtype} {size / 1e9:,.1f} GB" for dtype, size in cost.memory_bytes().items()))  # fmt: skip
+    print()
+    import textwrap
+
+    print(textwrap.fill(cost.explanation(), width=100, initial_indent="  ", subsequent_indent="  "))
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from moekit.accounting import load_cost
+
+    try:
+        cost = load_cost(args.model)
+        if args.context is not None and args.context < 0:
+            raise ValueError(f"--context {args.context} is invalid: must be >= 0")
+    except (ValueError, OSError) as err:
+        return _fail("params", err)
+    context = args.context if args.context is not None else 4096
+    print_cost(cost, context)
+    if args.json:
+        payload = cost.to_dict(context)
+        payload["explanation"] = cost.explanation()
+        _print_json(payload)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# moekit export / import
+# --------------------------------------------------------------------------------------------
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run as a Hugging Face Mixtral folder (from_pretrained loads it)",
+        description="Write the latest checkpoint of a run directory as a transformers MixtralForCausalLM "
+        "folder (config.json + model.safetensors). Only runs whose model Mixtral can express convert: "
+        "topk router, SwiGLU experts, an MoE FFN in every layer, dropless, no shared experts.",
+        epilog="examples:\n  moekit export runs/my --hf hf/my\n",
+        formatter_class=_formatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--hf", required=True, metavar="OUT_DIR", help="folder to write")
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moekit.interop.hf import export_run
+
+    try:
+        out = export_run(args.run_dir, args.hf)
+    except (ValueError, OSError, ImportError) as err:
+        return _fail("export", err)
+    print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def add_import(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import",
+        help="read a local Hugging Face Mixtral folder into a run directory",
+        description="Read a local transformers Mixtral folder (config.json, safetensors shards, and "
+        "tokenizer.json unless the vocabulary is 256 bytes) into a moekit run directory that "
+        "`moekit sample` and `moekit finetune` use. Nothing is downloaded.",
+        epilog="examples:\n  moekit import ~/models/tiny-mixtral --out runs/tiny-mixtral\n",
+        formatter_class=_formatter,
+    )
+    parser.add_argument("hf_dir", metavar="HF_DIR")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.set_defaults(func=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from moekit.interop.hf import import_hf_folder
+
+    try:
+        out = import_hf_folder(args.hf_dir, args.out)
+    except (ValueError, OSError) as err:
+        return _fail("import", err)
+    print(f"wrote run directory {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# moekit finetune / upcycle
+# --------------------------------------------------------------------------------------------
+
+EPILOG_FINETUNE = """\
+freeze modes:
+  none         train every parameter
+  router       keep the routers as they are, train everything else
+  experts      keep the routed and shared experts, train attention, embeddings, norms, routers
+  non-experts  train only the experts
+
+examples:
+  moekit finetune --from runs/my --data new.txt --out runs/ft
+  moekit finetune --from runs/my --data new.txt --out runs/ft2 --freeze experts --expert-dropout 0.2
+  moekit finetune --from hf/tiny-mixtral --data new.txt --out runs/ft3 --seq-len 128 --json
+"""
+
+
+def add_finetune(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a run or a Hugging Face Mixtral folder on a text file (early stopping)",
+        description="Fine-tune with the auxiliary losses on, optional expert dropout and frozen parameter "
+        "groups, evaluating every --eval-interval steps and stopping after --patience evaluations "
+        "without improvement; the best weights are kept.",
+        epilog=EPILOG_FINETUNE,
+        formatter_class=_formatter,
+    )
+    parser.add_argument("--from", dest="source", required=True, metavar="RUN_DIR|HF_DIR")
+    parser.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (90%% train, 10%% validation)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.add_argument("--freeze", default="none", choices=("none", "router", "experts", "non-experts"))
+    parser.add_argument("--expert-dropout", type=float, default=0.0, metavar="P", help="dropout inside the experts")
+    parser.add_argument("--steps", type=int, default=200, help="maximum optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=None, help="training context (default: the model's)")
+    parser.add_argument("--eval-interval", type=int, default=25, help="steps between validations")
+    parser.add_argument("--patience", type=int, default=3, help="validations without improvement before stopping")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    parser.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from moekit.finetune import finetune
+
+    try:
+        result = finetune(
+            args.source, args.data, args.out, args.freeze, args.expert_dropout, args.steps, args.lr,
+            args.batch_size, args.seq_len, args.eval_interval, patience=args.patience, seed=args.seed,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (ValueError, OSError) as err:
+        return _fail("finetune", err)
+    print(f"run {result.run_dir}: freeze={result.freeze}, expert dropout {result.expert_dropout}")
+    print(f"  validation loss  {result.val_loss_before:.4f} -> {result.val_loss_after:.4f} (best at step "
+          f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")  # fmt: skip
+    print(f"  parameters       {result.trainable_params:,} trained, {result.frozen_params:,} frozen")
+    if args.json:
+        _print_json(result.to_dict())
+    return 0
+
+
+def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "upcycle",
+        help="turn a dense run into an MoE run (sparse upcycling)",
+        description="Sparse upcycling (Komatsuzaki et al. 2022): every expert starts as a copy of the "
+        "dense FFN, the router starts near zero, and the renormalized top-k weights sum to 1, so the "
+        "new model computes exactly what the dense one did until it is trained.",
+        epilog="examples:\n  moekit upcycle runs/dense --out runs/upcycled --experts 8 --top-k 2\n"
+        "  moekit finetune --from runs/upcycled --data corpus.txt --out runs/upcycled-ft\n",
+        formatter_class=_formatter,
+    )
+    parser.add_argument("dense_run", metavar="DENSE_RUN_DIR")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR")
+    parser.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
+    parser.add_argument("--moe-every", type=int, default=1, help="every n-th layer becomes MoE")
+    parser.add_argument("--router-std", type=float, default=1e-3, help="std of the router's initial weights")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=cmd_upcycle)
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from moekit.accounting import count_parameters
+    from moekit.finetune import upcycle
+
+    try:
+        model = upcycle(args.dense_run, args.out, args.experts, args.top_k, args.moe_every, args.router_std, args.seed)
+    except (ValueError, OSError) as err:
+        return _fail("upcycle", err)
+    counts = count_parameters(model)
+    print(f"wrote run directory {args.out}: {counts.total:,} parameters, {counts.active:,} active per token")
+    return 0

@@ -1,0 +1,299 @@
+"""Fine-tune an MoE language model, and turn a dense one into an MoE (sparse upcycling).
+
+    moekit finetune --from runs/my --data new.txt --out runs/ft --freeze non-experts
+    moekit finetune --from hf/mixtral-tiny --data new.txt --out runs/ft --expert-dropout 0.2 --seq-len 256
+    moekit upcycle runs/dense --out runs/upcycled --experts 8 --top-k 2
+
+Sparse models overfit easily when fine-tuned (Switch Transformers, Fedus et al. 2021, §2.4;
+ST-MoE, Zoph et al. 2022, §4): so the auxiliary losses stay on, ``--expert-dropout`` raises
+dropout inside the experts only (Switch's "expert dropout"), ``--freeze`` trains a subset of
+the parameters (ST-MoE found that updating only the non-MoE parameters fine-tunes about as
+well as updating all of them, and updating only the experts worse), and the run stops
+when the validation loss has not improved for ``patience`` evaluations, keeping the best
+weights. The source is a moekit run directory or a local Hugging Face Mixtral folder; the
+output is a run directory that ``moekit sample`` reads.
+
+Sparse upcycling (Komatsuzaki et al. 2022): every expert starts as a copy of the dense FFN
+and the router starts small. With the top-k weights renormalized to sum to 1 and no token
+dropped, the MoE layer computes Σ_j w_j·FFN(x) = FFN(x), so the upcycled model's output
+equals the dense model's at initialization, whatever the router says.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from moekit.config import MoEConfig
+from moekit.data import ByteTokenizer, TextDataset, eval_batches, random_batch, tokenizer_from_dict
+from moekit.experts import DenseFFN
+from moekit.layer import MoE, aux_loss, update_expert_bias
+from moekit.models.lm import LMConfig, MoETransformerLM
+from moekit.train import (
+    CONFIG_FILE,
+    CheckpointError,
+    TrainConfig,
+    build_optimizer,
+    evaluate,
+    load_model_from_run,
+    lr_at,
+    read_run_config,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+FREEZE_MODES = ("none", "router", "experts", "non-experts")
+
+
+def is_expert_param(name: str) -> bool:
+    """Routed and shared expert FFN weights (not the router)."""
+    return ".experts." in name or ".shared_experts." in name
+
+
+def is_router_param(name: str) -> bool:
+    return ".router." in name
+
+
+def freeze(model: torch.nn.Module, mode: str) -> tuple[int, int]:
+    """Set requires_grad by ``mode``; returns (trainable, frozen) parameter counts.
+
+    none: train everything; router: freeze the routers (keep the learned routing);
+    experts: freeze routed and shared experts (train attention, embeddings, norms, routers);
+    non-experts: train only the experts.
+    """
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"freeze={mode!r} is invalid: must be one of {FREEZE_MODES}")
+    trainable = frozen = 0
+    for name, param in model.named_parameters():
+        if mode == "router":
+            train = not is_router_param(name)
+        elif mode == "experts":
+            train = not is_expert_param(name)
+        elif mode == "non-experts":
+            train = is_expert_param(name)
+        else:
+            train = True
+        param.requires_grad_(train)
+        if train:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    if trainable == 0:
+        raise ValueError(f"freeze={mode!r} leaves no trainable parameters in this model")
+    if mode != "none" and frozen == 0:
+        raise ValueError(f"freeze={mode!r} freezes nothing: this model has no {mode.replace('non-', '')} parameters")
+    return trainable, frozen
+
+
+def load_source(source: str | Path) -> tuple[MoETransformerLM, dict]:
+    """A model and its run payload (model, train, tokenizer) from a moekit run directory or a
+    local Hugging Face Mixtral folder."""
+    import json
+
+    source = Path(source)
+    config_path = source / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing; --from needs a moekit run directory or a Hugging Face folder")
+    payload = json.loads(config_path.read_text())
+    if "model" in payload and "train" in payload:
+        model, payload = load_model_from_run(source)
+        return model, payload
+    from moekit.interop.hf import hf_tokenizer_payload, load_hf_checkpoint
+
+    model, _ = load_hf_checkpoint(source)
+    return model, {
+        "model": model.config.to_dict(),
+        "train": asdict(TrainConfig()),
+        "tokenizer": hf_tokenizer_payload(source, model.config.vocab_size),
+    }
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: str
+    source: str
+    freeze: str
+    expert_dropout: float
+    val_loss_before: float
+    val_loss_after: float  # of the best weights, which the run keeps
+    best_step: int
+    steps: int
+    stopped_early: bool
+    trainable_params: int
+    frozen_params: int
+    train_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finetune(
+    source: str | Path,
+    data: str | Path,
+    out: str | Path,
+    freeze_mode: str = "none",
+    expert_dropout: float = 0.0,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    eval_interval: int = 25,
+    eval_batches_count: int = 8,
+    patience: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune the model of ``source`` on the text file ``data``; writes the run to ``out``."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
+    if patience < 1:
+        raise ValueError(f"patience={patience} is invalid: must be >= 1")
+    source_model, payload = load_source(source)
+    config = source_model.config
+    moe = replace(config.moe, expert_dropout=expert_dropout)  # validates the value
+    config = LMConfig.from_dict({**config.to_dict(), "moe": moe.to_dict(), "seq_len": seq_len or config.seq_len})
+    torch.manual_seed(seed)
+    model = MoETransformerLM(config)  # NOTE: rebuilt so its expert dropout modules use the new rate
+    model.load_state_dict(source_model.state_dict())
+    del source_model
+    trainable, frozen = freeze(model, freeze_mode)
+
+    train_config = TrainConfig(
+        data=str(data), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
+        eval_interval=eval_interval, eval_batches=eval_batches_count, seed=seed, max_minutes=None,
+    )  # fmt: skip
+    train_config.validate()
+    tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
+    dataset = TextDataset.load(data, config.seq_len, tokenizer)
+    val = eval_batches(dataset.val_tokens, batch_size, config.seq_len, eval_batches_count)
+    optimizer = build_optimizer(model, train_config)
+    sampler = torch.Generator().manual_seed(seed)
+
+    before = best = evaluate(model, val, bf16=False)
+    best_state = copy.deepcopy(model.state_dict())
+    best_step, bad_evals, step, seconds = 0, 0, 0, 0.0
+    stopped_early = False
+    model.train()
+    bar = tqdm(total=steps, disable=not progress, dynamic_ncols=True, desc=f"finetune ({freeze_mode})")
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, train_config)
+        inputs, targets = random_batch(dataset.train_tokens, batch_size, config.seq_len, sampler)
+        _, loss = model(inputs, targets)
+        (loss + aux_loss(model)).backward()  # the auxiliary losses stay on while fine-tuning
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train_config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(model)
+        seconds += time.perf_counter() - started
+        bar.update(1)
+        if step % eval_interval == 0 or step == steps:
+            val_loss = evaluate(model, val, bf16=False)
+            shown = {"loss": loss.item(), "val": val_loss, "best": min(best, val_loss)}
+            bar.set_postfix({key: f"{value:.3f}" for key, value in shown.items()})
+            if val_loss < best:
+                best, best_step, bad_evals = val_loss, step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+                if bad_evals >= patience:
+                    stopped_early = True
+                    break
+    bar.close()
+    model.load_state_dict(best_state)  # early stopping keeps the best weights
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / CONFIG_FILE,
+        {"model": config.to_dict(), "train": asdict(train_config), "tokenizer": tokenizer.to_dict()},
+    )
+    result = FinetuneResult(
+        run_dir=str(out), source=str(source), freeze=freeze_mode, expert_dropout=expert_dropout,
+        val_loss_before=before, val_loss_after=best, best_step=best_step, steps=step, stopped_early=stopped_early,
+        trainable_params=trainable, frozen_params=frozen, train_seconds=seconds,
+    )  # fmt: skip
+    save_checkpoint(out, model, {"finetune": result.to_dict()})
+    write_json_atomic(out / "results.json", result.to_dict())
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse upcycling
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def upcycle_model(
+    dense: MoETransformerLM, num_experts: int, top_k: int, moe_every: int = 1, router_std: float = 1e-3,
+    seed: int = 0,
+) -> MoETransformerLM:  # fmt: skip
+    """The sparse upcycling of a dense moekit LM: every expert a copy of the layer's dense FFN,
+    routers N(0, router_std), top-k weights renormalized, dropless."""
+    config = dense.config
+    if config.arch != "dense":
+        raise ValueError(f"upcycle needs a dense model (arch='dense'), got arch={config.arch!r}")
+    widths = {config.ffn_width(i) for i in range(config.n_layer)}
+    if len(widths) != 1:
+        raise ValueError(f"upcycle needs one FFN width in every layer, got {sorted(widths)}")
+    width = widths.pop()
+    # NOTE: exact equality at init needs weights summing to 1 (normalize_weights, topk router)
+    # and no capacity drops (dropless); the losses keep the dense run's coefficients.
+    moe = MoEConfig(**{
+        **config.moe.to_dict(), "d_ff": width, "num_experts": num_experts, "top_k": top_k, "router": "topk",
+        "normalize_weights": True, "capacity_factor": None, "eval_capacity_factor": None, "expert_capacity": None,
+        "routing_group": "batch", "num_shared_experts": 0, "shared_expert_d_ff": None, "shared_expert_gate": False,
+        "n_group": 1, "topk_group": 1,
+    })  # fmt: skip
+    upcycled_config = replace(config, arch="moe", moe_every=moe_every, dense_d_ff=width, moe=moe)
+    upcycled_config.validate()
+    torch.manual_seed(seed)
+    model = MoETransformerLM(upcycled_config)
+    dense_state = dense.state_dict()
+    state = model.state_dict()
+    for name in state:
+        if name in dense_state and state[name].shape == dense_state[name].shape:
+            state[name] = dense_state[name]
+    model.load_state_dict(state)
+    for layer_idx, (block, dense_block) in enumerate(zip(model.blocks, dense.blocks, strict=True)):
+        ffn, dense_ffn = block.ffn, dense_block.ffn
+        assert isinstance(dense_ffn, DenseFFN)
+        if isinstance(ffn, MoE):
+            ffn.experts.w_in.copy_(dense_ffn.w_in.expand_as(ffn.experts.w_in))
+            ffn.experts.w_out.copy_(dense_ffn.w_out.expand_as(ffn.experts.w_out))
+            torch.nn.init.normal_(ffn.router.weight, std=router_std)
+        else:
+            assert upcycled_config.ffn_width(layer_idx) == width
+    return model
+
+
+def upcycle(
+    dense_run: str | Path, out: str | Path, num_experts: int, top_k: int, moe_every: int = 1,
+    router_std: float = 1e-3, seed: int = 0,
+) -> MoETransformerLM:  # fmt: skip
+    """Upcycle the dense run directory ``dense_run`` into a new MoE run directory ``out``."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
+    dense, payload = load_model_from_run(dense_run)
+    model = upcycle_model(dense, num_experts, top_k, moe_every, router_std, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / CONFIG_FILE,
+        {
+            "model": model.config.to_dict(),
+            "train": read_run_config(Path(dense_run))["train"],
+            "tokenizer": payload.get("tokenizer", ByteTokenizer().to_dict()),
+        },
+    )
+    save_checkpoint(out, model, {"upcycled_from": str(dense_run)})
+    return model
