@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moekit import __version__
+from moekit.cli_multitask import add_multitask
 
 EPILOG_MAIN = """\
 examples:
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(subparsers)
     add_compare(subparsers)
     add_bench(subparsers)
+    add_multitask(subparsers)
     return parser
 
 
