@@ -440,3 +440,64 @@ def test_fetch_census_reports_unreachable_registry(tmp_path, monkeypatch):
     )
     with pytest.raises(RuntimeError, match="registry"):
         census.fetch_census(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmarks' pipelines (tiny sizes)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_summary_counts_failures_wins_and_rise():
+    from moekit.multitask_report import synthetic_summary
+    from moekit.multitask_synthetic import SyntheticResult, SyntheticSettings
+
+    settings = SyntheticSettings(seeds=(0, 1, 2, 3), correlations=(1.0, 0.5), failed_threshold=0.05)
+    loss = {
+        "mmoe": torch.tensor([[0.02, 0.03, 0.04, 0.03], [0.02, 0.03, 0.06, 0.03]]),
+        "omoe": torch.tensor([[0.02, 0.03, 0.04, 0.03], [0.03, 0.04, 0.05, 0.04]]),
+        "shared_bottom": torch.tensor([[0.09, 0.03, 0.07, 0.03], [0.09, 0.08, 0.07, 0.03]]),
+    }
+    zeros = torch.zeros(2, 4)
+    result = SyntheticResult(settings, loss, {}, {"mmoe": zeros + 0.2, "omoe": zeros, "shared_bottom": zeros})
+    summary = synthetic_summary(result)
+    mmoe = summary["models"]["mmoe"]
+    assert [row["failed"] for row in mmoe] == [0, 1]
+    assert [row["failed"] for row in summary["models"]["shared_bottom"]] == [2, 3]
+    assert summary["mmoe_beats_omoe"] == {"1.0": 0.0, "0.5": 0.75}
+    checks = summary["checks"]
+    assert math.isclose(checks["mmoe_rise_1.0_to_0.5"]["value"], 0.14 / 0.12 - 1)
+    assert not checks["mmoe_rise_1.0_to_0.5"]["met"]
+    assert checks["mmoe_beats_omoe_at_0.5"]["met"] and checks["mmoe_ties_omoe_at_1.0"]["met"]
+    assert checks["shared_bottom_worst_mean"]["met"] and checks["shared_bottom_most_failed"]["met"]
+
+
+def test_synthetic_run_is_independent_of_worker_count():
+    from moekit.multitask_synthetic import SyntheticSettings, run_synthetic
+
+    settings = SyntheticSettings(seeds=(5, 1, 3), correlations=(1.0, 0.5), steps=3, batch_size=8, test_size=40)
+    one = run_synthetic(settings, progress=False, workers=1)
+    two = run_synthetic(settings, progress=False, workers=2)
+    for arch in settings.architectures:
+        torch.testing.assert_close(one.test_loss[arch], two.test_loss[arch])
+        torch.testing.assert_close(one.gate_distance[arch], two.gate_distance[arch])
+    assert set(one.gate_stats) == {("mmoe", 1.0), ("mmoe", 0.5)}
+    assert (one.gate_distance["omoe"] == 0).all() and (one.gate_distance["mmoe"] > 0).all()
+
+
+def test_cli_synthetic_and_census_write_reports(tmp_path):
+    from moekit.cli import main
+
+    out = tmp_path / "syn"
+    code = main(["multitask", "synthetic", "--seeds", "2", "--correlations", "1,0.5", "--steps", "4", "--batch-size",
+                 "8", "--test-size", "30", "--workers", "1", "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"results.md", "synthetic_loss_vs_correlation.png", "synthetic_loss_distribution.png",
+            "synthetic_gate_distance.png", "synthetic_gates_mmoe_p0.5.png"} <= names  # fmt: skip
+    train, test = write_census_fixture(tmp_path, num_train=60, num_test=40)
+    code = main(["multitask", "census", "--train", str(train), "--test", str(test), "--seeds", "2", "--epochs", "1",
+                 "--batch-size", "16", "--workers", "1", "--no-progress", "--out", str(tmp_path / "cen")])  # fmt: skip
+    assert code == 0
+    report = (tmp_path / "cen" / "results.md").read_text()
+    assert "| MMoE |" in report and "| single-task |" in report and "0.9359" in report
+    assert main(["multitask", "census", "--out", str(tmp_path / "none")]) == 2  # no data and no --fetch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -110,6 +111,8 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--test-size", type=int, default=None, metavar="N", help="test samples per seed")
     synthetic.add_argument("--failed-threshold", type=float, default=None, metavar="MSE",
                            help="a run whose final test loss is above this failed")  # fmt: skip
+    synthetic.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                           help="processes of one thread each (default: 2, or 1 on one core)")  # fmt: skip
     synthetic.add_argument("--no-progress", action="store_true", help="no progress bar")
     synthetic.add_argument("--json", action="store_true", help="also print the figures as one JSON object last")
     synthetic.set_defaults(func=cmd_synthetic)
@@ -132,6 +135,8 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     census.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over the training set")
     census.add_argument("--batch-size", type=int, default=None, metavar="N", help="samples per step per seed")
     census.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    census.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                           help="processes of one thread each (default: 2, or 1 on one core)")  # fmt: skip
     census.add_argument("--no-progress", action="store_true", help="no progress bar")
     census.add_argument("--json", action="store_true", help="also print the figures as one JSON object last")
     census.set_defaults(func=cmd_census)
@@ -156,7 +161,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"moekit multitask synthetic: error: {err}", file=sys.stderr)
         return 2
-    result = run_synthetic(settings, progress=not args.no_progress)
+    result = run_synthetic(settings, progress=not args.no_progress, workers=args.workers)
     summary = synthetic_summary(result)
     command = "moekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     written = write_synthetic_report(Path(args.out), result, summary, command)
@@ -196,7 +201,7 @@ def cmd_census(args: argparse.Namespace) -> int:
         return 2
     print(f"census: {data.x_train.shape[0]} train, {data.x_val.shape[0]} validation, {data.x_test.shape[0]} test "
           f"rows, {data.num_features} features")  # fmt: skip
-    result = run_census(data, settings, progress=not args.no_progress)
+    result = run_census(data, settings, progress=not args.no_progress, workers=args.workers)
     summary = census_summary(result)
     command = "moekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     written = write_census_report(Path(args.out), result, summary, command)

@@ -12,8 +12,12 @@ validation AUC over the tasks (early stopping on validation, as the paper select
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,7 +63,7 @@ class CensusSettings:
     architectures: tuple[str, ...] = CENSUS_ARCHITECTURES
     epochs: int = 4
     batch_size: int = 1024
-    lr: float = 1e-3  # Adam
+    lr: float = 2e-3  # Adam
     num_experts: int = 8
     expert_hidden: int = 16
     tower_hidden: int = 8
@@ -143,24 +147,20 @@ def _auc_per_seed(arch: str, logits_RNK: Tensor, y_NK: Tensor, num_seeds: int) -
     return auc
 
 
-def run_census(data: CensusData, settings: CensusSettings, progress: bool = True) -> CensusResult:
-    settings.validate()
-    started = time.perf_counter()
+def _train_architectures(
+    data: CensusData, settings: CensusSettings, architectures: list[str], ticks: Any = None, threads: int = 0
+) -> dict:
+    """Train ``architectures`` (each one replica-stacked model over the seeds); AUCs after every epoch."""
+    if threads:
+        torch.set_num_threads(threads)
     num_seeds = len(settings.seeds)
-    stacks = {arch: _build(arch, data, settings) for arch in settings.architectures}
+    stacks = {arch: _build(arch, data, settings) for arch in architectures}
     optimizers = {arch: torch.optim.Adam(stack.parameters(), lr=settings.lr) for arch, stack in stacks.items()}
-    num_parameters = {
-        arch: sum(p.numel() for p in stack.parameters()) // stack.num_replicas for arch, stack in stacks.items()
-    }
     num_train = data.x_train.shape[0]
     steps_per_epoch = math.ceil(num_train / settings.batch_size)
-    val_history = {arch: [] for arch in stacks}
-    test_history = {arch: [] for arch in stacks}
-    bar = tqdm(
-        total=settings.epochs * steps_per_epoch, desc="multitask census", unit="step", disable=not progress,
-        dynamic_ncols=True,
-    )  # fmt: skip
+    history: dict[str, Any] = {"val": {arch: [] for arch in stacks}, "test": {arch: [] for arch in stacks}}
     for epoch in range(settings.epochs):
+        # NOTE: the order depends on seed and epoch alone: every architecture sees the same batches.
         generators = [torch.Generator().manual_seed(1000 * seed + epoch) for seed in settings.seeds]
         order_SN = torch.stack([torch.randperm(num_train, generator=g) for g in generators])
         for step in range(steps_per_epoch):
@@ -178,16 +178,59 @@ def run_census(data: CensusData, settings: CensusSettings, progress: bool = True
                 optimizers[arch].zero_grad(set_to_none=True)
                 loss.backward()
                 optimizers[arch].step()
-            bar.update(1)
+            if ticks is not None and (step + 1) % 10 == 0:
+                ticks.put(10)
         for arch, stack in stacks.items():
-            val_history[arch].append(_auc_per_seed(arch, _scores(stack, data.x_val), data.y_val, num_seeds))
-            test_history[arch].append(_auc_per_seed(arch, _scores(stack, data.x_test), data.y_test, num_seeds))
-        bar.set_postfix({arch: f"{val_history[arch][-1].mean():.4f}" for arch in stacks})
+            history["val"][arch].append(_auc_per_seed(arch, _scores(stack, data.x_val), data.y_val, num_seeds))
+            history["test"][arch].append(_auc_per_seed(arch, _scores(stack, data.x_test), data.y_test, num_seeds))
+    history["num_parameters"] = {
+        arch: sum(p.numel() for p in stack.parameters()) // stack.num_replicas for arch, stack in stacks.items()
+    }
+    history["gate_stats"] = {
+        arch: gate_statistics(stacks[arch].replica(0), data.x_test) for arch in stacks if arch in ("mmoe", "ple")
+    }
+    return history
+
+
+# Relative cost of one step, for splitting the architectures over worker processes.
+_COST = {"mmoe": 1.0, "omoe": 1.0, "shared_bottom": 1.0, "ple": 1.2, "single_task": 2.0}
+
+
+def run_census(data: CensusData, settings: CensusSettings, progress: bool = True, workers: int = 1) -> CensusResult:
+    """Train and test every architecture; ``workers`` processes (one thread each) split the architectures."""
+    settings.validate()
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid: must be an integer >= 1")
+    started = time.perf_counter()
+    architectures = list(settings.architectures)
+    workers = min(workers, len(architectures))
+    groups: list[list[str]] = [[] for _ in range(workers)]
+    for arch in sorted(architectures, key=lambda a: -_COST[a]):  # greedy: the cheapest group takes the next
+        min(groups, key=lambda g: sum(_COST[a] for a in g)).append(arch)
+    steps = settings.epochs * math.ceil(data.x_train.shape[0] / settings.batch_size)
+    bar = tqdm(total=steps * workers, desc="multitask census", unit="step", disable=not progress, dynamic_ncols=True)
+    if workers == 1:
+        parts = [_train_architectures(data, settings, architectures, _BarTicks(bar))]
+    else:
+        context = mp.get_context("spawn")
+        with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+            queue = manager.Queue()
+            futures = [pool.submit(_train_architectures, data, settings, group, queue, 1) for group in groups]
+            while not all(f.done() for f in futures):
+                try:
+                    bar.update(queue.get(timeout=0.5))
+                except Empty:
+                    pass
+            parts = [f.result() for f in futures]
     bar.close()
+    merged: dict[str, Any] = {key: {} for key in ("val", "test", "num_parameters", "gate_stats")}
+    for part in parts:
+        for key in merged:
+            merged[key].update(part[key])
     test_auc, val_auc, best_epoch = {}, {}, {}
-    for arch in stacks:
-        val_ESK = torch.stack(val_history[arch])
-        test_ESK = torch.stack(test_history[arch])
+    for arch in architectures:
+        val_ESK = torch.stack(merged["val"][arch])
+        test_ESK = torch.stack(merged["test"][arch])
         if arch == "single_task":  # each task's model stops at its own best epoch
             best_SK = val_ESK.argmax(dim=0)
         else:
@@ -195,9 +238,20 @@ def run_census(data: CensusData, settings: CensusSettings, progress: bool = True
         val_auc[arch] = val_ESK.gather(0, best_SK.unsqueeze(0)).squeeze(0)
         test_auc[arch] = test_ESK.gather(0, best_SK.unsqueeze(0)).squeeze(0)
         best_epoch[arch] = (best_SK[:, 0] + 1).tolist()
-    gate_stats = {
-        arch: gate_statistics(stacks[arch].replica(0), data.x_test) for arch in stacks if arch in ("mmoe", "ple")
-    }
     return CensusResult(
-        settings, test_auc, val_auc, best_epoch, time.perf_counter() - started, num_parameters, gate_stats
+        settings,
+        test_auc,
+        val_auc,
+        best_epoch,
+        time.perf_counter() - started,
+        merged["num_parameters"],
+        merged["gate_stats"],
     )
+
+
+class _BarTicks:
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def put(self, count: int) -> None:
+        self.bar.update(count)
