@@ -467,7 +467,8 @@ def test_synthetic_summary_counts_failures_wins_and_rise():
     checks = summary["checks"]
     assert math.isclose(checks["mmoe_rise_1.0_to_0.5"]["value"], 0.14 / 0.12 - 1)
     assert not checks["mmoe_rise_1.0_to_0.5"]["met"]
-    assert checks["mmoe_beats_omoe_at_0.5"]["met"] and checks["mmoe_ties_omoe_at_1.0"]["met"]
+    assert checks["mmoe_beats_omoe_at_0.5"]["met"]
+    assert checks["mmoe_ties_omoe_at_1.0"]["value"] == 0.0 and not checks["mmoe_ties_omoe_at_1.0"]["met"]
     assert checks["shared_bottom_worst_mean"]["met"] and checks["shared_bottom_most_failed"]["met"]
 
 

@@ -133,9 +133,9 @@ class SyntheticSettings:
     seeds: tuple[int, ...] = tuple(range(48))
     correlations: tuple[float, ...] = (1.0, 0.9, 0.5)
     architectures: tuple[str, ...] = SYNTHETIC_ARCHITECTURES
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 128
-    lr: float = 3e-3  # Adam; cosine decay to lr_final_fraction · lr over the run
+    lr: float = 5e-3  # Adam; cosine decay to lr_final_fraction · lr over the run
     lr_final_fraction: float = 0.1
     test_size: int = 2000
     data_seed: int = 12345  # the training and test streams (shared by all architectures)
