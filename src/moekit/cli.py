@@ -21,6 +21,7 @@ from typing import Any
 from moekit import __version__
 from moekit.bench_ep import add_bench_ep
 from moekit.cli_interop import add_interop
+from moekit.cli_multitask import add_multitask
 
 EPILOG_MAIN = """\
 examples:
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(subparsers)
     add_bench(subparsers)
     add_interop(subparsers)
+    add_multitask(subparsers)
     return parser
 
 
