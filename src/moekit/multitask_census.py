@@ -12,11 +12,8 @@ validation AUC over the tasks (early stopping on validation, as the paper select
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from queue import Empty
 from typing import Any
 
 import torch
@@ -32,6 +29,7 @@ from moekit.models.multitask import (
     gate_statistics,
     task_losses,
 )
+from moekit.workers import run_parts
 
 CENSUS_ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "ple", "single_task")
 # The paper's Table 2 (group 1, test AUC): MMoE income 0.9359, marital 0.9927; shared-bottom 0.9295 / 0.9921.
@@ -209,19 +207,10 @@ def run_census(data: CensusData, settings: CensusSettings, progress: bool = True
         min(groups, key=lambda g: sum(_COST[a] for a in g)).append(arch)
     steps = settings.epochs * math.ceil(data.x_train.shape[0] / settings.batch_size)
     bar = tqdm(total=steps * workers, desc="multitask census", unit="step", disable=not progress, dynamic_ncols=True)
-    if workers == 1:
-        parts = [_train_architectures(data, settings, architectures, _BarTicks(bar))]
-    else:
-        context = mp.get_context("spawn")
-        with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-            queue = manager.Queue()
-            futures = [pool.submit(_train_architectures, data, settings, group, queue, 1) for group in groups]
-            while not all(f.done() for f in futures):
-                try:
-                    bar.update(queue.get(timeout=0.5))
-                except Empty:
-                    pass
-            parts = [f.result() for f in futures]
+    parts = run_parts(
+        _train_architectures, [(data, settings, architectures)] if workers == 1 else
+        [(data, settings, group) for group in groups], bar,
+    )  # fmt: skip
     bar.close()
     merged: dict[str, Any] = {key: {} for key in ("val", "test", "num_parameters", "gate_stats")}
     for part in parts:
@@ -247,11 +236,3 @@ def run_census(data: CensusData, settings: CensusSettings, progress: bool = True
         merged["num_parameters"],
         merged["gate_stats"],
     )
-
-
-class _BarTicks:
-    def __init__(self, bar: tqdm) -> None:
-        self.bar = bar
-
-    def put(self, count: int) -> None:
-        self.bar.update(count)

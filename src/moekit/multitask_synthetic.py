@@ -20,12 +20,9 @@ A seed fixes u1, u2, α, β (shared across correlations) and each replica's init
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from queue import Empty
 from typing import Any
 
 import torch
@@ -40,6 +37,7 @@ from moekit.models.multitask import (
     gate_statistics,
     task_losses,
 )
+from moekit.workers import run_parts
 
 BAYES_LOSS = 0.01  # the noise variance: no model can beat it in expectation
 SYNTHETIC_ARCHITECTURES = ("mmoe", "omoe", "shared_bottom")
@@ -269,20 +267,7 @@ def run_synthetic(settings: SyntheticSettings, progress: bool = True, workers: i
     chunks = [sorted(chunk, key=seeds.index) for chunk in chunks]
     bar = tqdm(total=settings.steps * workers, desc="multitask synthetic", unit="step", disable=not progress,
                dynamic_ncols=True)  # fmt: skip
-    if workers == 1:
-        ticks = _BarTicks(bar)
-        parts = [_train_part(settings, seeds, ticks)]
-    else:
-        context = mp.get_context("spawn")
-        with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-            queue = manager.Queue()
-            futures = [pool.submit(_train_part, settings, chunk, queue, 1) for chunk in chunks]
-            while not all(f.done() for f in futures):
-                try:
-                    bar.update(queue.get(timeout=0.5))
-                except Empty:
-                    pass
-            parts = [f.result() for f in futures]
+    parts = run_parts(_train_part, [(settings, chunk) for chunk in chunks], bar)
     bar.close()
     # reassemble the seeds in their order: chunk j holds seeds[j::workers]
     order = [seed for chunk in chunks for seed in chunk]
@@ -310,13 +295,3 @@ def run_synthetic(settings: SyntheticSettings, progress: bool = True, workers: i
         parts[0]["num_parameters"],
         gate_stats,
     )
-
-
-class _BarTicks:
-    """The in-process stand-in for a worker's progress queue."""
-
-    def __init__(self, bar: tqdm) -> None:
-        self.bar = bar
-
-    def put(self, count: int) -> None:
-        self.bar.update(count)
