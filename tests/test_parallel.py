@@ -38,6 +38,7 @@ from moekit.parallel import (
     expert_parallel,
     shard_experts,
 )
+from moekit.train import load_state
 from tests.ranks import results_of, run_ranks
 
 D_MODEL = 16
@@ -286,7 +287,7 @@ def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
     for name, param in reference.named_parameters():
         torch.testing.assert_close(single.get_parameter(name), param, atol=1e-5, rtol=1e-5, msg=name)
     optimizer = make_optimizer(single)
-    state = load_training_state(checkpoint_2, single, optimizer)
+    state = load_training_state(checkpoint_2, single, optimizer, load_state)
     optimizer.load_state_dict(state["optimizer"])
     for name, param in reference.named_parameters():
         want, got = reference_optimizer.state[param], optimizer.state[single.get_parameter(name)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,17 +204,12 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
 
 
-def _load_state_file(path: Path) -> dict:
-    if not path.exists():
-        raise ShardedCheckpointError(f"{path}: missing training state file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corruption
-        raise ShardedCheckpointError(f"{path}: corrupt or truncated training state ({error})") from error
-
-
-def load_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, load_file: Callable[[Path], dict]
+) -> dict:
     """This rank's training state from a checkpoint written by any number of ranks.
+
+    ``load_file`` reads one state file (the trainer's ``load_state``, with its errors).
 
     Same number of ranks: the rank's own file, unchanged. Otherwise the optimizer's moments
     of expert parameters are cut from the concatenation of the source ranks' moments, the
@@ -223,8 +219,8 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
     source_ranks, source_experts = read_layout(directory)
     rank, num_ranks = _rank_and_size()
     if source_ranks == num_ranks:
-        return _load_state_file(directory / state_file(rank, num_ranks))
-    sources = [_load_state_file(directory / state_file(r, source_ranks)) for r in range(source_ranks)]
+        return load_file(directory / state_file(rank, num_ranks))
+    sources = [load_file(directory / state_file(r, source_ranks)) for r in range(source_ranks)]
     state = dict(sources[rank % source_ranks])
     names = optimizer_param_names(model, optimizer)
     target_shards = sharded_parameters(model)

@@ -120,7 +120,7 @@ class DistributedRun:
     ) -> dict:
         if not self.distributed and not self.is_sharded_checkpoint(checkpoint):
             return load_single(checkpoint / distributed_checkpoint.SINGLE_STATE_FILE)
-        return distributed_checkpoint.load_training_state(checkpoint, model, optimizer)
+        return distributed_checkpoint.load_training_state(checkpoint, model, optimizer, load_single)
 
     def close(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
