@@ -30,9 +30,8 @@ import torch
 from tqdm import tqdm
 
 from moekit.data import ByteTokenizer, TextDataset, random_batch
-from moekit.layer import aux_loss, update_expert_bias
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.train import TrainConfig, build_optimizer, default_configs, train
+from moekit.train import TrainConfig, build_optimizer, default_configs, optimizer_step, train
 
 EXPERIMENTS = ("a", "b", "c", "d", "e")
 COMPARE_SEQ_LEN = 64
@@ -210,16 +209,12 @@ def measure_throughput(
     def timed_steps(model: MoETransformerLM, optimizer: torch.optim.Optimizer, count: int) -> float:
         started = time.perf_counter()
         for _ in range(count):
-            inputs, targets = random_batch(dataset.train_tokens, train_config.batch_size, seq_len, sampler)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_config.bf16):
-                _, loss = model(inputs, targets)
-                auxiliary = aux_loss(model)
-            (loss + auxiliary).backward()
-            if train_config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_expert_bias(model)
+            optimizer_step(
+                model,
+                optimizer,
+                lambda: random_batch(dataset.train_tokens, train_config.batch_size, seq_len, sampler),
+                train_config,
+            )
         return time.perf_counter() - started
 
     for model, optimizer in trainers.values():

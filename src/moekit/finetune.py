@@ -33,7 +33,7 @@ from tqdm import tqdm
 from moekit.config import MoEConfig
 from moekit.data import ByteTokenizer, TextDataset, eval_batches, random_batch, tokenizer_from_dict
 from moekit.experts import DenseFFN
-from moekit.layer import MoE, aux_loss, update_expert_bias
+from moekit.layer import MoE
 from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.train import (
     CONFIG_FILE,
@@ -43,6 +43,7 @@ from moekit.train import (
     evaluate,
     load_model_from_run,
     lr_at,
+    optimizer_step,
     read_run_config,
     save_checkpoint,
     write_json_atomic,
@@ -188,18 +189,18 @@ def finetune(
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, train_config)
-        inputs, targets = random_batch(dataset.train_tokens, batch_size, config.seq_len, sampler)
-        _, loss = model(inputs, targets)
-        (loss + aux_loss(model)).backward()  # the auxiliary losses stay on while fine-tuning
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], train_config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(model)
+        # The auxiliary losses stay on while fine-tuning; frozen parameters have no gradient.
+        train_loss, _ = optimizer_step(
+            model,
+            optimizer,
+            lambda: random_batch(dataset.train_tokens, batch_size, config.seq_len, sampler),
+            train_config,
+        )
         seconds += time.perf_counter() - started
         bar.update(1)
         if step % eval_interval == 0 or step == steps:
             val_loss = evaluate(model, val, bf16=False)
-            shown = {"loss": loss.item(), "val": val_loss, "best": min(best, val_loss)}
+            shown = {"loss": train_loss, "val": val_loss, "best": min(best, val_loss)}
             bar.set_postfix({key: f"{value:.3f}" for key, value in shown.items()})
             if val_loss < best:
                 best, best_step, bad_evals = val_loss, step, 0

@@ -142,6 +142,36 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2), fused=False)
 
 
+def optimizer_step(
+    model: MoETransformerLM,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    ranks: DistributedRun | None = None,
+) -> tuple[float, float]:
+    """One optimizer step: ``grad_accum`` micro-batches (forward, aux losses, backward), the
+    gradient mean over ranks, clipping, AdamW, then the aux-free bias update. Returns the
+    step's mean LM loss and aux loss."""
+    ranks = ranks or DistributedRun.single()
+    step_loss, step_aux = 0.0, 0.0
+    for _ in range(config.grad_accum):
+        inputs, targets = next_batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            _, loss = model(inputs, targets)
+            auxiliary = aux_loss(model)
+        ((loss + auxiliary) / config.grad_accum).backward()
+        step_loss += loss.item() / config.grad_accum
+        step_aux += float(auxiliary.detach()) / config.grad_accum
+    ranks.reduce_gradients(model)
+    if config.grad_clip > 0:
+        ranks.clip_grad_norm_(model, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ranks.pool_router_load(model)
+    update_expert_bias(model)
+    return step_loss, step_aux
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """Print from rank 0 only (every process is rank 0 outside torch.distributed)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -475,24 +505,13 @@ def _train(
             lr = lr_at(step, train_config, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, step_aux = 0.0, 0.0
-            for _ in range(train_config.grad_accum):
-                inputs, targets = random_batch(
-                    dataset.train_tokens, train_config.batch_size, model_config.seq_len, sampler
-                )
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_config.bf16):
-                    _, loss = model(inputs, targets)
-                    auxiliary = aux_loss(model)
-                ((loss + auxiliary) / train_config.grad_accum).backward()
-                step_loss += loss.item() / train_config.grad_accum
-                step_aux += float(auxiliary.detach()) / train_config.grad_accum
-            ranks.reduce_gradients(model)
-            if train_config.grad_clip > 0:
-                ranks.clip_grad_norm_(model, train_config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ranks.pool_router_load(model)
-            update_expert_bias(model)
+            step_loss, step_aux = optimizer_step(
+                model,
+                optimizer,
+                lambda: random_batch(dataset.train_tokens, train_config.batch_size, model_config.seq_len, sampler),
+                train_config,
+                ranks,
+            )
             elapsed = time.perf_counter() - started
             # Means over the ranks: every rank then makes the same time-budget decisions.
             step_loss, step_aux, elapsed = ranks.mean([step_loss, step_aux, elapsed])
