@@ -89,12 +89,30 @@ def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
     assert main(args) == 0
     summary = last_json(capsys)
     assert {"moe", "dense", "dense-equal-time", "moe-top2", "switch-top1", "capacity-1.0", "no-balance-loss",
-            "expert-choice", "aux-free"} <= set(summary)  # fmt: skip
+            "expert-choice", "aux-free", "dense-ffn-2x", "dense-ffn-4x"} <= set(summary)  # fmt: skip
     assert summary["moe"]["steps"] == 4 and summary["moe-top2"]["steps"] == 6
+    assert summary["dense-ffn-4x"]["steps"] == 4
+    # (f)'s dense models are 2x and 4x the matched FFN width: their active parameters grow.
+    assert summary["dense"]["active_params"] < summary["dense-ffn-2x"]["active_params"] < summary["dense-ffn-4x"][
+        "active_params"
+    ]
     throughput = summary["throughput"]
     assert throughput["ratio_to_baseline"]["dense"] == 1.0 and throughput["ratio_to_baseline"]["moe"] > 0
     text = (out / "results.md").read_text()
-    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"):
         assert heading in text
-    for png in ("a_moe_vs_dense.png", "c_capacity.png", "d_balance.png", "e_routers.png"):
+    for png in ("a_moe_vs_dense.png", "c_capacity.png", "d_balance.png", "e_routers.png", "f_ffn_width.png"):
         assert (out / png).exists()
+
+
+def test_compare_plan_f_is_the_dense_baseline_at_wider_ffns():
+    from moekit.compare import plan_runs
+
+    runs = plan_runs(["f"], seeds=3, steps=10, quick=False, headline_steps=600)
+    assert {(run.name, run.seed) for run in runs} == {
+        (name, seed) for name in ("moe", "dense", "dense-ffn-2x", "dense-ffn-4x") for seed in range(3)
+    }
+    widths = {run.name: run.model.ffn_width(0) for run in runs if run.model.arch == "dense"}
+    # Matched width k·d_ff + E/3 (SwiGLU router share) = 2·256 + 16/3 -> 517; d_ff doubled -> 1029, 2053.
+    assert widths == {"dense": 517, "dense-ffn-2x": 1029, "dense-ffn-4x": 2053}
+    assert all(run.train.steps == 600 and run.train.seed == 1000 + run.seed for run in runs)

@@ -431,6 +431,7 @@ experiments:
   c  capacity factor 1.0 / 1.25 / 2.0 / dropless: dropped fraction and validation loss
   d  balance loss on vs off: load imbalance over training
   e  the routers side by side
+  f  control for (a): the dense baseline at 2x and 4x its FFN width, same steps
 
 examples:
   moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
@@ -450,12 +451,14 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds of experiment a (b-e use at most 2)")
+    parser.add_argument(
+        "--seeds", type=_positive_int, default=3, help="seeds of experiments a and f (b-e use at most 2)"
+    )
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help="steps per run of (b)-(e) (default 400; 30 --quick)"
     )
     parser.add_argument(
-        "--steps-a", type=_positive_int, default=None, help="steps per run of (a) (default 600; 30 --quick)"
+        "--steps-a", type=_positive_int, default=None, help="steps per run of (a) and (f) (default 600; 30 --quick)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     _add_json_flag(parser)

@@ -14,6 +14,10 @@ runs fits in about half an hour; runs differ only in the setting under study.
   c  capacity factor 1.0 / 1.25 / 2.0 / dropless: dropped fraction and validation loss
   d  balance loss on vs off: load imbalance (max/mean tokens per expert) over training
   e  the routers side by side
+  f  a control for (a): does FFN capacity limit this model at all? The dense baseline at 2x and
+     4x its FFN width (so 2x and 4x the FFN compute), same recipe and steps as (a). An MoE adds
+     FFN parameters at constant compute; where wider dense FFNs do not lower the validation
+     loss either, the MoE has nothing to gain from them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from moekit.data import ByteTokenizer, TextDataset, random_batch
 from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.train import TrainConfig, build_optimizer, default_configs, optimizer_step, train
 
-EXPERIMENTS = ("a", "b", "c", "d", "e")
+EXPERIMENTS = ("a", "b", "c", "d", "e", "f")
+FFN_WIDTH_FACTORS = (2, 4)  # experiment (f): dense FFN widths, in multiples of the matched width
 COMPARE_SEQ_LEN = 64
 COMPARE_BATCH_SIZE = 8
 SEEDS_PER_SIDE_EXPERIMENT = 2  # seeds for experiments b-e (a uses all --seeds)
@@ -99,10 +104,16 @@ def plan_runs(
 ) -> list[RunSpec]:
     """The settings each experiment needs; a setting shared by experiments runs once."""
     settings: dict[str, tuple[LMConfig, TrainConfig]] = {}
-    if "a" in experiments:
+    if "a" in experiments or "f" in experiments:
         model, train_config = headline_configs(headline_steps or steps, quick)
         settings["moe"] = (model, train_config)
         settings["dense"] = (model.as_dense(), train_config)
+    if "f" in experiments:
+        for factor in FFN_WIDTH_FACTORS:
+            # The dense baseline's FFN width is derived from the MoE config (k · d_ff + router
+            # share); scaling d_ff scales that width by about the same factor.
+            wider = _with_moe(model, d_ff=factor * model.moe.d_ff).as_dense()
+            settings[f"dense-ffn-{factor}x"] = (wider, train_config)
     model, train_config = side_configs(steps, quick)
     if any(name in experiments for name in "bcde"):
         settings["moe-top2"] = (model, train_config)
@@ -118,9 +129,9 @@ def plan_runs(
         settings["noisy-topk"] = (_with_moe(model, router="noisy_topk"), train_config)
         settings["expert-choice"] = (_with_moe(model, router="expert_choice", capacity_factor=1.0), train_config)
         settings["aux-free"] = (_with_moe(model, router="aux_free", balance_loss_coef=0.0), train_config)
-    # (a) is the claim that needs the seed spread: it gets every seed; the other settings get
-    # up to two, which is enough to see the differences they show.
-    headline = {"moe", "dense"}
+    # (a) is the claim that needs the seed spread, and (f) its control: they get every seed; the
+    # other settings get up to two, which is enough to see the differences they show.
+    headline = {"moe", "dense", *(f"dense-ffn-{factor}x" for factor in FFN_WIDTH_FACTORS)}
     runs = []
     for seed in range(seeds):
         for name, (config, run_train) in settings.items():
@@ -154,7 +165,7 @@ def run_compare(
         torch.manual_seed(spec.train.seed)
         result = _run_one(out / "runs" / spec.key, spec)
         results.setdefault(spec.name, []).append(result)
-        if spec.name == "moe":
+        if spec.name == "moe" and "a" in experiments:
             # Equal wall time: the dense baseline trains for as long as this MoE run took, right
             # after it, so that both see the same machine.
             timed = RunSpec(

@@ -51,7 +51,8 @@ def write_report(
         "",
         f"Made by `{command}` in {seconds / 60:.1f} minutes on {_machine()}. Experiment (a) trains "
         f"the default `moekit train` model and recipe (context 128, batch 16) for {headline_steps} steps "
-        f"with {seeds} seed(s); (b)-(e) train the same model at context 64 and batch 8 for {steps} steps "
+        f"with {seeds} seed(s), and so does (f); (b)-(e) train the same model at context 64 and batch 8 "
+        f"for {steps} steps "
         "with up to 2 seeds. Validation loss is cross-entropy in nats per token (bytes) on the fixed "
         "10% split, mean ± sd over seeds.",
         "",
@@ -110,6 +111,10 @@ def write_report(
         fig.suptitle("MoE vs dense at equal active compute")
         figures.append(_save(fig, out / "a_moe_vs_dense.png"))
         lines += ["![MoE vs dense](a_moe_vs_dense.png)", ""]
+    if "f" in experiments:
+        lines += _ffn_width_section(summary, results)
+        figures.append(_ffn_width_figure(summary, out / "f_ffn_width.png"))
+        lines += ["![FFN width](f_ffn_width.png)", ""]
     if "b" in experiments:
         lines += [
             "## (b) top-1 (Switch) vs top-2",
@@ -200,6 +205,60 @@ def write_report(
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+FFN_WIDTH_ROWS = (("dense", "dense, matched width (1x)"), ("dense-ffn-2x", "dense, 2x FFN width"),
+                  ("dense-ffn-4x", "dense, 4x FFN width"), ("moe", "MoE top-2 (for reference)"))  # fmt: skip
+
+
+def _ffn_width_section(summary: dict[str, Any], results: dict[str, list[dict]]) -> list[str]:
+    """Experiment (f): the dense baseline with wider FFNs, as a control for (a)."""
+    lines = [
+        "## (f) control: does FFN capacity limit this model?",
+        "",
+        "The dense baseline with 2x and 4x its FFN width (more parameters *and* more compute), same "
+        "recipe and steps as (a). An MoE adds FFN parameters without adding compute, so it can only "
+        "gain where extra FFN parameters help.",
+        "",
+        "| model | total params | active params | val loss | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in FFN_WIDTH_ROWS:
+        row = summary[name]
+        per_seed = " / ".join(f"{v:.3f}" for v in row["val_losses"])
+        lines.append(
+            f"| {label} | {row['total_params']:,} | {row['active_params']:,} | {_loss(summary, name)} | {per_seed} |"
+        )
+    base = summary["dense"]
+    lines.append("")
+    for name in ("dense-ffn-2x", "dense-ffn-4x"):
+        wide = summary[name]
+        gain = base["val_loss_mean"] - wide["val_loss_mean"]
+        spread = max(base["val_loss_range"], wide["val_loss_range"])
+        verdict = "more than" if gain > spread else "not more than"
+        lines.append(
+            f"- {name.removeprefix('dense-ffn-')} width: validation loss {'lower' if gain > 0 else 'higher'} "
+            f"than the matched dense model's by {abs(gain):.4f} nats, {verdict} the seed spread "
+            f"({spread:.4f}), with {wide['active_params'] / base['active_params']:.2f}x the active parameters."
+        )
+    lines.append("")
+    return lines
+
+
+def _ffn_width_figure(summary: dict[str, Any], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in FFN_WIDTH_ROWS:
+        row = summary[name]
+        marker = "s" if name == "moe" else "o"
+        ax.errorbar(row["active_params"], row["val_loss_mean"], yerr=row["val_loss_sd"], fmt=marker,
+                    capsize=4, label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("active parameters per token")
+    ax.set_ylabel("validation loss (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle("Wider dense FFNs vs the MoE, equal steps")
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
