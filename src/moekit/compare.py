@@ -41,7 +41,7 @@ EXPERIMENTS = ("a", "b", "c", "d", "e", "f")
 FFN_WIDTH_FACTORS = (2, 4)  # experiment (f): dense FFN widths, in multiples of the matched width
 COMPARE_SEQ_LEN = 64
 COMPARE_BATCH_SIZE = 8
-SEEDS_PER_SIDE_EXPERIMENT = 2  # seeds for experiments b-e (a uses all --seeds)
+SEEDS_PER_SIDE_EXPERIMENT = 2  # seeds for experiments b-e (a and f use all --seeds)
 THROUGHPUT_ROUNDS = 7
 THROUGHPUT_STEPS_PER_ROUND = 4
 
