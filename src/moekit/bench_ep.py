@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.capacity import apply_capacity, expert_capacity
+from moekit.cli_common import help_formatter
 from moekit.config import MoEConfig
 from moekit.layer import MoE
 from moekit.parallel import AllToAllMeter, expert_parallel, meter_all_to_all
@@ -267,7 +268,7 @@ def add_bench_ep(subparsers: argparse._SubParsersAction) -> None:
         description="One MoE layer's experts sharded over R local gloo ranks (started by this command): "
         "all-to-all bytes per rank and step, and the time in routing, all-to-all, experts and combine.",
         epilog=EPILOG,
-        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+        formatter_class=help_formatter,
     )
     defaults = EPCase()
     parser.add_argument("--ranks", type=_rank_list, default=[1, 2, 4], metavar="LIST", help="default 1,2,4")

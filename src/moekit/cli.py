@@ -12,14 +12,13 @@ also printed as one JSON object on the last line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from moekit import __version__
 from moekit.bench_ep import add_bench_ep
+from moekit.cli_common import help_formatter, print_json
 from moekit.cli_interop import add_interop
 from moekit.cli_multitask import add_multitask
 
@@ -60,18 +59,10 @@ examples:
 """
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
 def _add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="also print the figures as one JSON object on the last line"
     )
-
-
-def _print_json(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload, separators=(",", ":")), flush=True)
 
 
 def _case_list(text: str) -> list[str]:
@@ -99,7 +90,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
         help="benchmarks: MoE cost as a ratio to the dense equivalent",
         description="Benchmarks. Every figure is a ratio to the dense equivalent.",
         epilog=EPILOG_BENCH,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     bench.set_defaults(func=lambda args: _print_help(bench))
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
@@ -114,7 +105,7 @@ def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
         description="Time (fwd+bwd) and peak activation memory of the MoE layer, as ratios to "
         "its dense equivalent, next to transformers' MoE blocks.",
         epilog=EPILOG_BENCH_LAYER,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument(
         "--cases", type=_case_list, default=None, metavar="LIST", help="cases to run, e.g. 1,4 (default: all)"
@@ -161,7 +152,7 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     )
     print(report.table())
     if args.json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     return 1 if args.strict and not report.passed else 0
 
 
@@ -231,7 +222,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         description="Train a language model whose FFN blocks are MoE layers. Without flags: a "
         "small MoE on the built-in tiny Shakespeare corpus.",
         epilog=EPILOG_TRAIN,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("--data", default=None, metavar="FILE", help="UTF-8 text file (default: tiny Shakespeare)")
     parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<arch>-<time>)")
@@ -332,7 +323,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     _print_train_summary(result)
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     return 130 if result.interrupted else 0
 
 
@@ -376,7 +367,7 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
         help="generate text from a trained run (KV cache)",
         description="Generate text from the latest checkpoint of a run directory.",
         epilog=EPILOG_SAMPLE,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -420,7 +411,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1}")
         print(text)
     if args.json:
-        _print_json({"samples": texts})
+        print_json({"samples": texts})
     return 0
 
 
@@ -447,7 +438,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         description="Run a grid of short trainings (several seeds each) and write results.md and PNG "
         "figures. Finished runs are reused, so an interrupted grid continues where it stopped.",
         epilog=EPILOG_COMPARE,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
@@ -485,7 +476,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
               f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     return 0
 
 
@@ -504,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moekit",
         description="Sparse Mixture-of-Experts layers and models for PyTorch.",
         epilog=EPILOG_MAIN,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.set_defaults(func=lambda args: _print_help(parser))

@@ -11,20 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any
 
 from moekit.accounting import COMPONENTS, ModelCost
+from moekit.cli_common import help_formatter, print_json
 from moekit.presets import PRESETS
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def _print_json(payload: dict[str, Any]) -> None:
-    print(json.dumps(payload, separators=(",", ":")), flush=True)
 
 
 def _fail(command: str, err: Exception) -> int:
@@ -63,7 +54,7 @@ def add_params(subparsers: argparse._SubParsersAction) -> None:
         "or allocated): a preset, a Hugging Face config.json (mixtral, qwen2_moe, qwen3_moe, olmoe, "
         "deepseek_v3, switch_transformers) or a moekit run directory.",
         epilog=EPILOG_PARAMS,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("model", metavar="PRESET|CONFIG|RUN_DIR")
     parser.add_argument(
@@ -118,7 +109,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     if args.json:
         payload = cost.to_dict(context)
         payload["explanation"] = cost.explanation()
-        _print_json(payload)
+        print_json(payload)
     return 0
 
 
@@ -135,7 +126,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
         "folder (config.json + model.safetensors). Only runs whose model Mixtral can express convert: "
         "topk router, SwiGLU experts, an MoE FFN in every layer, dropless, no shared experts.",
         epilog="examples:\n  moekit export runs/my --hf hf/my\n",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--hf", required=True, metavar="OUT_DIR", help="folder to write")
@@ -161,7 +152,7 @@ def add_import(subparsers: argparse._SubParsersAction) -> None:
         "tokenizer.json unless the vocabulary is 256 bytes) into a moekit run directory that "
         "`moekit sample` and `moekit finetune` use. Nothing is downloaded.",
         epilog="examples:\n  moekit import ~/models/tiny-mixtral --out runs/tiny-mixtral\n",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("hf_dir", metavar="HF_DIR")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
@@ -205,7 +196,7 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
         "groups, evaluating every --eval-interval steps and stopping after --patience evaluations "
         "without improvement; the best weights are kept.",
         epilog=EPILOG_FINETUNE,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("--from", dest="source", required=True, metavar="RUN_DIR|HF_DIR")
     parser.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (90%% train, 10%% validation)")
@@ -240,7 +231,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
           f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")  # fmt: skip
     print(f"  parameters       {result.trainable_params:,} trained, {result.frozen_params:,} frozen")
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     return 0
 
 
@@ -253,7 +244,7 @@ def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
         "new model computes exactly what the dense one did until it is trained.",
         epilog="examples:\n  moekit upcycle runs/dense --out runs/upcycled --experts 8 --top-k 2\n"
         "  moekit finetune --from runs/upcycled --data corpus.txt --out runs/upcycled-ft\n",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.add_argument("dense_run", metavar="DENSE_RUN_DIR")
     parser.add_argument("--out", required=True, metavar="RUN_DIR")

