@@ -68,19 +68,20 @@ def apply_capacity(
     capacity: int,
     priority: str,
     group_idx_T: Tensor | None = None,
+    num_groups: int = 1,
 ) -> tuple[Assignments, int]:
     """Drop what exceeds ``capacity`` per expert; returns the kept assignments and the count
     dropped. Token-major order is preserved.
 
-    With ``group_idx_T`` (the routing group of each token), each (group, expert) pair has its
-    own ``capacity``: the groups are counted as G·E separate experts.
+    With ``group_idx_T`` (the routing group, in [0, num_groups), of each token), each (group,
+    expert) pair has its own ``capacity``: the groups are counted as G·E separate experts.
     """
     order_N = priority_order(assignments.rank_N, assignments.score_N, num_tokens, priority)
     expert_idx_N = assignments.expert_idx_N
     slots = num_experts
     if group_idx_T is not None:
         expert_idx_N = group_idx_T[assignments.token_idx_N] * num_experts + expert_idx_N
-        slots = num_experts * (int(group_idx_T.max()) + 1 if group_idx_T.numel() else 1)
+        slots = num_experts * num_groups
     keep_N = capacity_keep_mask(expert_idx_N, order_N, capacity, slots)
     kept = assignments.select(keep_N)
     return kept, len(assignments) - len(kept)

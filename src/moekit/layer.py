@@ -13,6 +13,7 @@ by ``moekit.aux_loss(model)`` and ``moekit.routing_stats(model)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -135,9 +136,10 @@ class MoE(nn.Module):
         capacity = routing.capacity
         if routing.capacity is None and (capacity_factor is not None or config.expert_capacity is not None):
             group_idx_T = None
-            group_tokens = num_tokens
+            group_tokens, num_groups = num_tokens, 1
             if config.routing_group == "sequence" and x.dim() >= 3:
                 group_tokens = x.shape[-2]
+                num_groups = math.prod(x.shape[:-2])
                 token_idx_T = valid_idx if valid_idx is not None else torch.arange(num_tokens, device=x.device)
                 group_idx_T = token_idx_T // group_tokens
             if config.expert_capacity is not None:
@@ -147,7 +149,7 @@ class MoE(nn.Module):
                     group_tokens, config.num_experts, config.top_k, capacity_factor, config.min_capacity
                 )
             assignments, _ = apply_capacity(
-                assignments, num_tokens, config.num_experts, capacity, config.drop_priority, group_idx_T
+                assignments, num_tokens, config.num_experts, capacity, config.drop_priority, group_idx_T, num_groups
             )
         plan = self.dispatcher.plan(assignments, num_tokens)
 
