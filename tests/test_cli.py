@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from moekit.bench import peak_activation_bytes
-from moekit.cli import main
+from moekit.cli.main import main
+from moekit.experiments.bench.layer import peak_activation_bytes
 
 MIB = 2**20
 

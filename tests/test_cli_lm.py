@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from moekit.cli import main
+from moekit.cli.main import main
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--d-ff", "32",
         "--experts", "4", "--batch-size", "4", "--eval-interval", "5", "--no-progress"]  # fmt: skip
@@ -106,7 +106,7 @@ def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
 
 
 def test_compare_plan_f_is_the_dense_baseline_at_wider_ffns():
-    from moekit.compare import plan_runs
+    from moekit.experiments.compare.run import plan_runs
 
     runs = plan_runs(["f"], seeds=3, steps=10, quick=False, headline_steps=600)
     assert {(run.name, run.seed) for run in runs} == {

@@ -1,4 +1,4 @@
-"""Fine-tuning and sparse upcycling (moekit.finetune, moekit finetune / upcycle).
+"""Fine-tuning and sparse upcycling (moekit.training.finetune, moekit finetune / upcycle).
 
 Verifies: each freeze mode trains exactly its parameter group and leaves the rest bit-for-bit
 unchanged; fine-tuning lowers the validation loss and writes a run that ``moekit sample``
@@ -17,11 +17,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from moekit.cli import main
+from moekit.cli.main import main
 from moekit.config import MoEConfig
-from moekit.finetune import finetune, freeze, is_expert_param, is_router_param, upcycle_model
+from moekit.interop.hf import load_run_or_hf_folder
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.train import TrainConfig, load_model_from_run, save_checkpoint, write_json_atomic
+from moekit.training.checkpoint import load_model_from_run, save_checkpoint, write_json_atomic
+from moekit.training.config import TrainConfig
+from moekit.training.finetune import finetune, freeze, is_expert_param, is_router_param, upcycle_model
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +134,7 @@ def test_finetune_from_a_hugging_face_folder(tmp_path, text_file):
     )  # fmt: skip
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "hf")
     result = finetune(tmp_path / "hf", text_file, tmp_path / "ft", "router", steps=4, eval_interval=2, seq_len=16,
-                      batch_size=4, progress=False)  # fmt: skip
+                      batch_size=4, progress=False, loader=load_run_or_hf_folder)  # fmt: skip
     assert result.val_loss_after <= result.val_loss_before
     _, payload = load_model_from_run(tmp_path / "ft")
     assert payload["model"]["seq_len"] == 16 and payload["model"]["n_kv_head"] == 1

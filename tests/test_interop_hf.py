@@ -377,7 +377,8 @@ def test_non_mixtral_folder_is_rejected_naming_the_model_type(tmp_path):
 def write_run(path, config: LMConfig, tokenizer: dict | None = None) -> MoETransformerLM:
     from dataclasses import asdict
 
-    from moekit.train import TrainConfig, save_checkpoint, write_json_atomic
+    from moekit.training.checkpoint import save_checkpoint, write_json_atomic
+    from moekit.training.config import TrainConfig
 
     torch.manual_seed(0)
     model = MoETransformerLM(config)
@@ -391,8 +392,8 @@ def write_run(path, config: LMConfig, tokenizer: dict | None = None) -> MoETrans
 def test_export_loads_in_transformers_with_identical_logits_and_imports_back(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from moekit.cli import main
-    from moekit.train import load_model_from_run
+    from moekit.cli.main import main
+    from moekit.training.checkpoint import load_model_from_run
 
     config = LMConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32, tie_embeddings=True,
                       moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))  # fmt: skip
@@ -415,7 +416,7 @@ def test_export_loads_in_transformers_with_identical_logits_and_imports_back(tmp
 
 
 def test_export_of_a_run_mixtral_cannot_express_fails_naming_why(tmp_path, capsys):
-    from moekit.cli import main
+    from moekit.cli.main import main
 
     config = LMConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=16, moe_every=2,
                       moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=1, router="switch"))  # fmt: skip
@@ -428,9 +429,9 @@ def test_export_of_a_run_mixtral_cannot_express_fails_naming_why(tmp_path, capsy
 
 def test_import_carries_a_bpe_tokenizer_both_ways(tmp_path):
     pytest.importorskip("tokenizers")
-    from moekit.data import BPETokenizer
     from moekit.interop.hf import export_run, import_hf_folder
-    from moekit.train import load_model_from_run
+    from moekit.training.checkpoint import load_model_from_run
+    from moekit.training.data import BPETokenizer
 
     tokenizer = BPETokenizer.train("hello world, hello moe. " * 50, 300)
     config = LMConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_head=2, d_model=16,

@@ -16,10 +16,12 @@ import torch
 
 import moekit
 from moekit.config import MoEConfig
-from moekit.data import ByteTokenizer, DataError, TextDataset
 from moekit.experts import DenseFFN
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
-from moekit.train import CheckpointError, TrainConfig, load_model_from_run, save_checkpoint, train
+from moekit.training.checkpoint import CheckpointError, load_model_from_run, save_checkpoint
+from moekit.training.config import TrainConfig
+from moekit.training.data import ByteTokenizer, DataError, TextDataset
+from moekit.training.trainer import train
 
 
 def tiny_config(**overrides) -> LMConfig:
@@ -72,8 +74,8 @@ def test_dense_baseline_matches_active_flops():
     dense_flops = 3 * 32 * ffn.w_out.shape[0]
     assert abs(dense_flops - moe_flops) <= 3 * 32  # within one hidden unit
     moe_model = MoETransformerLM(config)
-    counts = moekit.accounting.count_parameters(moe_model)
-    dense_counts = moekit.accounting.count_parameters(dense)
+    counts = moekit.models.cost.count_parameters(moe_model)
+    dense_counts = moekit.models.cost.count_parameters(dense)
     assert abs(counts.active - dense_counts.total) / dense_counts.total < 0.02
 
 
@@ -166,7 +168,7 @@ def test_checkpoint_write_is_atomic(tmp_path, corpus, monkeypatch):
     before = (run / "checkpoint" / "model.safetensors").read_bytes()
     model, _ = load_model_from_run(run)
 
-    import moekit.train as train_module
+    import moekit.training.trainer as train_module
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -268,7 +270,7 @@ def test_grad_accum_and_bf16_train(tmp_path, corpus):
 
 def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     pytest.importorskip("tokenizers")
-    from moekit.data import default_corpus_path
+    from moekit.training.data import default_corpus_path
 
     corpus = tmp_path / "shakespeare.txt"
     corpus.write_text(default_corpus_path().read_text()[:60000])
@@ -279,7 +281,7 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     model, payload = load_model_from_run(tmp_path / "bpe")
     assert payload["tokenizer"]["kind"] == "bpe"
     assert model.config.vocab_size <= 300 and result.bits_per_byte > 0
-    from moekit.data import tokenizer_from_dict
+    from moekit.training.data import tokenizer_from_dict
 
     tokenizer = tokenizer_from_dict(payload["tokenizer"])
     assert tokenizer.decode(tokenizer.encode("To be, or not")) == "To be, or not"

@@ -22,11 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.datasets import census
+from moekit.experiments.multitask import census_data as census
+from moekit.experiments.multitask.census import roc_auc
+from moekit.experiments.multitask.synthetic import BAYES_LOSS, make_tasks, orthonormal_pair, task_vectors
 from moekit.models import CGC, PLE, MMoE, MultiTaskConfig, OMoE, ReplicaStack, SharedBottom
 from moekit.models.multitask import gate_statistics, plot_gate_statistics, task_losses
-from moekit.multitask_census import roc_auc
-from moekit.multitask_synthetic import BAYES_LOSS, make_tasks, orthonormal_pair, task_vectors
 
 SMALL = dict(d_in=6, num_experts=4, expert_hidden=3, tower_hidden=2, bottom_hidden=5)
 
@@ -448,8 +448,8 @@ def test_fetch_census_reports_unreachable_registry(tmp_path, monkeypatch):
 
 
 def test_synthetic_summary_counts_failures_wins_and_rise():
-    from moekit.multitask_report import synthetic_summary
-    from moekit.multitask_synthetic import SyntheticResult, SyntheticSettings
+    from moekit.experiments.multitask.report import synthetic_summary
+    from moekit.experiments.multitask.synthetic import SyntheticResult, SyntheticSettings
 
     settings = SyntheticSettings(seeds=(0, 1, 2, 3), correlations=(1.0, 0.5), failed_threshold=0.05)
     loss = {
@@ -473,7 +473,7 @@ def test_synthetic_summary_counts_failures_wins_and_rise():
 
 
 def test_synthetic_run_is_independent_of_worker_count():
-    from moekit.multitask_synthetic import SyntheticSettings, run_synthetic
+    from moekit.experiments.multitask.synthetic import SyntheticSettings, run_synthetic
 
     settings = SyntheticSettings(seeds=(5, 1, 3), correlations=(1.0, 0.5), steps=3, batch_size=8, test_size=40)
     one = run_synthetic(settings, progress=False, workers=1)
@@ -486,7 +486,7 @@ def test_synthetic_run_is_independent_of_worker_count():
 
 
 def test_cli_synthetic_and_census_write_reports(tmp_path):
-    from moekit.cli import main
+    from moekit.cli.main import main
 
     out = tmp_path / "syn"
     code = main(["multitask", "synthetic", "--seeds", "2", "--correlations", "1,0.5", "--steps", "4", "--batch-size",

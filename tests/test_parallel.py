@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 
 from moekit import MoE, MoEConfig, update_expert_bias
-from moekit.distributed_checkpoint import load_training_state, load_weights, save_sharded_checkpoint
-from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.parallel import (
+from moekit.distributed.checkpoint import load_training_state, load_weights, save_sharded_checkpoint
+from moekit.distributed.expert_parallel import (
     all_reduce_router_load,
     average_gradients,
     clip_grad_norm_,
@@ -38,7 +37,8 @@ from moekit.parallel import (
     expert_parallel,
     shard_experts,
 )
-from moekit.train import load_state
+from moekit.models.lm import LMConfig, MoETransformerLM
+from moekit.training.checkpoint import load_state
 from tests.ranks import results_of, run_ranks
 
 D_MODEL = 16
@@ -300,7 +300,7 @@ def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
         torch.testing.assert_close(logits, logits_1, atol=1e-5, rtol=1e-5)
 
     # 1 process → 4 ranks (the single-process format of moekit train), and 2 → 4 directly.
-    from moekit.train import save_checkpoint
+    from moekit.training.checkpoint import save_checkpoint
 
     checkpoint_1 = save_checkpoint(tmp_path / "one", single, {"step": 1})
     for logits_1_to_4, logits_2_to_4 in results_of(
@@ -313,7 +313,8 @@ def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
 def _train_worker(rank: int, num_ranks: int, out: Path) -> float:
     import os
 
-    from moekit.train import TrainConfig, train
+    from moekit.training.config import TrainConfig
+    from moekit.training.trainer import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(num_ranks))
     config = TrainConfig(
@@ -327,7 +328,9 @@ def _train_worker(rank: int, num_ranks: int, out: Path) -> float:
 
 
 def test_train_expert_parallel_then_resume_in_one_process(tmp_path: Path) -> None:
-    from moekit.train import TrainConfig, load_model_from_run, train
+    from moekit.training.checkpoint import load_model_from_run
+    from moekit.training.config import TrainConfig
+    from moekit.training.trainer import train
 
     out = tmp_path / "run"
     val_losses = results_of(run_ranks(_train_worker, 2, tmp_path / "job", out))

@@ -1,4 +1,4 @@
-"""Parameter arithmetic of MoE models (moekit.accounting, moekit params).
+"""Parameter arithmetic of MoE models (moekit.models.cost, moekit params).
 
 Verifies: the golden Mixtral 8x7B figures; every preset's formula against transformers' own
 parameter count of the full-size architecture (built on the meta device: nothing allocated)
@@ -16,11 +16,11 @@ import json
 import pytest
 import torch
 
-from moekit.accounting import cost_from_hf_config, cost_from_lm_config, count_parameters, load_cost
-from moekit.cli import main
+from moekit.cli.main import main
 from moekit.config import MoEConfig
+from moekit.models.cost import cost_from_hf_config, cost_from_lm_config, count_parameters, load_cost
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.presets import PRESETS
+from moekit.models.presets import PRESETS
 
 
 def test_mixtral_8x7b_golden_figures():

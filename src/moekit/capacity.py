@@ -32,6 +32,16 @@ def expert_capacity(
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def expert_choice_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int
+) -> int:
+    """Tokens each expert takes under expert choice (Zhou et al. 2022, §3.1): C from the
+    formula above, at most T. ``capacity_factor=None`` means 1.0: expert choice has no
+    dropless form."""
+    factor = 1.0 if capacity_factor is None else capacity_factor
+    return min(num_tokens, expert_capacity(num_tokens, num_experts, top_k, factor, min_capacity))
+
+
 def priority_order(rank_N: Tensor, score_N: Tensor, num_tokens: int, priority: str) -> Tensor:
     """Permutation of the (token-major) assignments from most to least important."""
     if priority == "position":

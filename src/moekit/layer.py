@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from moekit.capacity import apply_capacity, expert_capacity
+from moekit.capacity import apply_capacity, expert_capacity, expert_choice_capacity
 from moekit.config import MoEConfig
 from moekit.dispatch import LocalDispatcher
 from moekit.experts import GroupedExperts, ModuleExperts, SharedExperts
 from moekit.fused import fused_experts
 from moekit.losses import balance_loss, z_loss
-from moekit.routing import AuxFreeRouter, RoutingResult, build_router
+from moekit.routing import AuxFreeRouter, ExpertChoiceRouter, RoutingResult, build_router
 from moekit.stats import RawRoutingStats, RoutingStats
 
 
@@ -89,6 +89,14 @@ class MoE(nn.Module):
             f"capacity_factor={c.capacity_factor}"
         )
 
+    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+        """The router's assignments; expert choice gets its capacity C from the layer."""
+        if isinstance(self.router, ExpertChoiceRouter):
+            c = self.config
+            capacity = expert_choice_capacity(x_TD.shape[0], c.num_experts, c.top_k, capacity_factor, c.min_capacity)
+            return self.router.route(x_TD, capacity)
+        return self.router.route(x_TD)
+
     @property
     def active_capacity_factor(self) -> float | None:
         return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
@@ -125,7 +133,7 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
 
         capacity_factor = self.active_capacity_factor
-        routing = self.router.route(x_TD, capacity_factor)
+        routing = self.route(x_TD, capacity_factor)
         if config.check_finite and not bool(torch.isfinite(routing.logits_TE).all()):
             raise NonFiniteRouterLogitsError(
                 "router logits contain NaN or inf: check the layer input and router weights "

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.capacity import expert_capacity
 from moekit.config import MoEConfig
 from moekit.losses import cv_squared
 
@@ -103,14 +102,14 @@ class Router(nn.Module):
         # NOTE: the gate runs in float32 even for bf16 activations (selective precision).
         return F.linear(x_TD.float(), self.weight.float())
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         raise NotImplementedError
 
 
 class TopKRouter(Router):
     """Mixtral / Qwen-MoE: softmax over all experts, keep the top k, optionally renormalize."""
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         weights_TK, topk_ids_TK = scores_TE.topk(self.top_k, dim=-1)
@@ -133,7 +132,7 @@ class SwitchRouter(Router):
     (Switch §2.4, "jitter").
     """
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         router_in_TD = x_TD.float()
         jitter = self.config.router_jitter
         if self.training and jitter > 0:
@@ -164,7 +163,7 @@ class GShardRouter(Router):
     policy is "all": no randomness at inference.
     """
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         policy = self.config.second_expert_policy if self.training else "all"
@@ -212,7 +211,7 @@ class NoisyTopKRouter(Router):
         # The paper initializes the noise projection to zero: noise std starts at softplus(0).
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model))
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         clean_logits_TE = self.compute_logits(x_TD)
         noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
         noise_std_TE = noise_std_TE + self.NOISE_EPSILON
@@ -253,24 +252,17 @@ class ExpertChoiceRouter(Router):
     Scores are a softmax over experts; expert e takes the C tokens with the highest
     score for e, C = max(min_capacity, ceil(capacity_factor · T · k / E)) (at most T), so
     every expert gets exactly C tokens and a token may get 0 to E experts; top_k is the
-    average number of experts per token. ``capacity_factor=None`` means 1.0 here: expert
-    choice has no dropless form.
+    average number of experts per token. The layer computes C (``expert_choice_capacity``)
+    and passes it in: capacity is its stage, not the router's.
 
     NOTE: not causal. Whether a token is chosen depends on every other token in the
     batch, future positions included, so autoregressive decoding differs from training.
     """
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor, capacity: int) -> RoutingResult:  # type: ignore[override]
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         num_tokens = x_TD.shape[0]
-        capacity = expert_capacity(
-            num_tokens,
-            self.num_experts,
-            self.top_k,
-            1.0 if capacity_factor is None else capacity_factor,
-            self.config.min_capacity,
-        )
         capacity = min(capacity, num_tokens)
         weights_CE, token_ids_CE = scores_TE.topk(capacity, dim=0)
         device = x_TD.device
@@ -310,7 +302,7 @@ class AuxFreeRouter(Router):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.register_buffer("load_since_update", torch.zeros(config.num_experts), persistent=False)
 
-    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+    def route(self, x_TD: Tensor) -> RoutingResult:
         config = self.config
         logits_TE = self.compute_logits(x_TD)
         scores_TE = logits_TE.sigmoid()

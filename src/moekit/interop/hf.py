@@ -457,11 +457,35 @@ def hf_tokenizer_payload(folder: str | Path, vocab_size: int) -> dict:
     )
 
 
+def load_run_or_hf_folder(source: str | Path) -> tuple[MoETransformerLM, dict]:
+    """A model and its run payload (model, train, tokenizer) from a moekit run directory or a
+    local Hugging Face Mixtral folder."""
+    from dataclasses import asdict
+
+    from moekit.training.checkpoint import CONFIG_FILE, CheckpointError, load_model_from_run
+    from moekit.training.config import TrainConfig
+
+    source = Path(source)
+    config_path = source / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing; --from needs a moekit run directory or a Hugging Face folder")
+    payload = json.loads(config_path.read_text())
+    if "model" in payload and "train" in payload:
+        return load_model_from_run(source)
+    model, _ = load_hf_checkpoint(source)
+    return model, {
+        "model": model.config.to_dict(),
+        "train": asdict(TrainConfig()),
+        "tokenizer": hf_tokenizer_payload(source, model.config.vocab_size),
+    }
+
+
 def import_hf_folder(folder: str | Path, out: str | Path) -> Path:
     """Write a moekit run directory (config.json + checkpoint/) for a local HF Mixtral folder."""
     from dataclasses import asdict
 
-    from moekit.train import CONFIG_FILE, CheckpointError, TrainConfig, save_checkpoint, write_json_atomic
+    from moekit.training.checkpoint import CONFIG_FILE, CheckpointError, save_checkpoint, write_json_atomic
+    from moekit.training.config import TrainConfig
 
     out = Path(out)
     if (out / CONFIG_FILE).exists():
@@ -480,7 +504,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write a run's latest checkpoint as a folder that
     ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads (a BPE tokenizer goes
     along as tokenizer.json; the byte tokenizer needs none: token id = byte value)."""
-    from moekit.train import load_model_from_run
+    from moekit.training.checkpoint import load_model_from_run
 
     lm, payload = load_model_from_run(run_dir)
     reasons = mixtral_incompatibility(lm.config)

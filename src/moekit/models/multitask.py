@@ -159,7 +159,7 @@ class Gate(nn.Module):
     def forward(self, x_TD: Tensor) -> Tensor:
         if self.top_k is None:
             return self.router.compute_logits(x_TD).softmax(dim=-1).to(x_TD.dtype)
-        assignments = self.router.route(x_TD, None).assignments
+        assignments = self.router.route(x_TD).assignments
         weights_TE = x_TD.new_zeros(x_TD.shape[0], self.router.num_experts)
         return weights_TE.index_put(
             (assignments.token_idx_N, assignments.expert_idx_N), assignments.weight_N.to(x_TD.dtype)

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from moekit.cli_common import help_formatter, print_json
+from moekit.cli.common import help_formatter, print_json
 
 EPILOG_MULTITASK = """\
 examples:
@@ -140,8 +140,8 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
-    from moekit.multitask_report import synthetic_summary, write_synthetic_report
-    from moekit.multitask_synthetic import SyntheticSettings, run_synthetic
+    from moekit.experiments.multitask.report import synthetic_summary, write_synthetic_report
+    from moekit.experiments.multitask.synthetic import SyntheticSettings, run_synthetic
 
     try:
         settings = SyntheticSettings(
@@ -166,9 +166,9 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_census(args: argparse.Namespace) -> int:
-    from moekit.datasets.census import fetch_census, load_census
-    from moekit.multitask_census import CensusSettings, run_census
-    from moekit.multitask_report import census_summary, write_census_report
+    from moekit.experiments.multitask.census import CensusSettings, run_census
+    from moekit.experiments.multitask.census_data import fetch_census, load_census
+    from moekit.experiments.multitask.report import census_summary, write_census_report
 
     if (args.train is None) != (args.test is None):
         print("moekit multitask census: error: give both --train and --test, or --fetch", file=sys.stderr)

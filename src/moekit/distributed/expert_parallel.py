@@ -268,7 +268,7 @@ def expert_parallel(moe: MoE, group: dist.ProcessGroup | None = None) -> MoE:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "expert_parallel needs an initialized torch.distributed process group "
-            "(torchrun + moekit.parallel.init_distributed, or torch.distributed.init_process_group)"
+            "(torchrun + moekit.distributed.expert_parallel.init_distributed, or torch.distributed.init_process_group)"
         )
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel expects a moekit.MoE layer, got {type(moe).__name__}")

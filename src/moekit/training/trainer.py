@@ -6,7 +6,7 @@
     moekit train --resume runs/my --steps 4000     # continue exactly where it stopped
     python -m moekit train --json                  # last line: one JSON object of results
     torchrun --nproc_per_node 4 -m moekit train --expert-parallel 4 --out runs/ep4
-                                                   # experts sharded over 4 ranks (moekit.distributed_train)
+                                                   # experts sharded over 4 ranks (moekit.distributed.run)
 
 The run directory holds config.json, checkpoint/ (model.safetensors and state.pt with the
 optimizer, schedule position, data sampler and RNG states), metrics.csv, TensorBoard events
@@ -20,11 +20,7 @@ renamed into place, so a crash never leaves a half-written checkpoint; Ctrl-C sa
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,13 +28,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
-from moekit.accounting import count_parameters
-from moekit.config import reject_unknown_fields
-from moekit.data import (
+from moekit.distributed.run import DistributedRun
+from moekit.layer import aux_loss, moe_layers, routing_stats, update_expert_bias
+from moekit.models.cost import count_parameters
+from moekit.models.lm import LMConfig, MoETransformerLM
+from moekit.training.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    STATE_FILE,
+    CheckpointError,
+    find_checkpoint,
+    load_state,
+    load_weights,
+    read_run_config,
+    save_checkpoint,
+    write_json_atomic,
+    write_metrics_csv,
+)
+from moekit.training.config import TrainConfig
+from moekit.training.data import (
     BPETokenizer,
     ByteTokenizer,
     TextDataset,
@@ -46,67 +56,6 @@ from moekit.data import (
     random_batch,
     tokenizer_from_dict,
 )
-from moekit.distributed_train import DistributedRun
-from moekit.layer import aux_loss, moe_layers, routing_stats, update_expert_bias
-from moekit.models.lm import LMConfig, MoETransformerLM
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoint"
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.csv"
-
-
-class CheckpointError(ValueError):
-    """A run directory or checkpoint that cannot be used; the message names the file."""
-
-
-@dataclass
-class TrainConfig:
-    data: str | None = None  # text file; None = the built-in tiny Shakespeare
-    tokenizer: str = "bytes"  # "bytes" (vocab 256) or "bpe" (trained on the corpus)
-    bpe_vocab_size: int = 1024
-    steps: int = 1500  # optimizer steps (or max_minutes, whichever ends first)
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 4e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # on matrices only (not norms, not biases of the router)
-    beta2: float = 0.99  # small-batch runs like a shorter second-moment memory
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    eval_interval: int = 250
-    eval_batches: int = 16
-    checkpoint_interval: int = 1000
-    log_interval: int = 10
-    seed: int = 1337
-    bf16: bool = False  # bf16 autocast for the forward
-    max_minutes: float | None = 5.0  # stop (and checkpoint) after this much training time; None = off
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r} is invalid: must be an integer >= 1")
-        if self.tokenizer not in ("bytes", "bpe"):
-            raise ValueError(f"TrainConfig.tokenizer={self.tokenizer!r} is invalid: use bytes or bpe")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr={self.lr} is invalid: must be > 0")
-        if self.warmup_steps < 0 or self.checkpoint_interval < 1:
-            raise ValueError("TrainConfig.warmup_steps must be >= 0 and checkpoint_interval >= 1")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} is invalid: must be > 0")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        reject_unknown_fields(cls, values)
-        return cls(**values)
-
-
-def default_configs() -> tuple[LMConfig, TrainConfig]:
-    """What ``moekit train`` trains without flags: a small MoE on tiny Shakespeare."""
-    return LMConfig(), TrainConfig()
-
 
 CALIBRATION_STEPS = (10, 50)  # steps timed to fit a max_minutes run's schedule to the machine
 
@@ -180,116 +129,6 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
     elif torch.distributed.get_rank() == 0:
         print(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------
-# Run directory: config, checkpoints (atomic), metrics
-# ---------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, model: MoETransformerLM, state: dict) -> Path:
-    """Write checkpoint/ atomically: into a temporary directory, then renamed into place.
-
-    The previous checkpoint stays intact until the new one is complete; a crash at any point
-    leaves either the old or the new checkpoint, never a mix.
-    """
-    final = run_dir / CHECKPOINT_DIR
-    tmp = run_dir / f"{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / WEIGHTS_FILE))  # save_model keeps one copy of tied weights
-    torch.save(state, tmp / STATE_FILE)
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(run_dir: Path) -> Path:
-    final = run_dir / CHECKPOINT_DIR
-    if final.exists():
-        return final
-    old = run_dir / f"{CHECKPOINT_DIR}.old"
-    if old.exists():  # a crash between the two renames of save_checkpoint
-        return old
-    raise CheckpointError(f"{final}: no checkpoint in run directory {run_dir}")
-
-
-def read_run_config(run_dir: Path) -> dict:
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing; {run_dir} is not a moekit run directory")
-    try:
-        payload = json.loads(path.read_text())
-        LMConfig.from_dict(payload["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable run config ({error})") from error
-    return payload
-
-
-def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, dict]:
-    """The model of a run directory, with its latest checkpoint's weights, and the run config."""
-    run_dir = Path(run_dir)
-    payload = read_run_config(run_dir)
-    model = MoETransformerLM(LMConfig.from_dict(payload["model"]))
-    load_weights(model, find_checkpoint(run_dir) / WEIGHTS_FILE)
-    return model.to(device), payload
-
-
-def load_weights(model: MoETransformerLM, path: Path) -> None:
-    from moekit import distributed_checkpoint
-
-    if distributed_checkpoint.read_layout(path.parent)[0] > 1:  # written by several ranks
-        try:
-            distributed_checkpoint.load_weights(model, path.parent)
-        except distributed_checkpoint.ShardedCheckpointError as error:
-            raise CheckpointError(str(error)) from error
-        return
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing weights file")
-    try:
-        missing, unexpected = load_model(model, str(path), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{path}: corrupt or mismatched weights ({error})") from error
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the run's model config "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
-
-
-def load_state(path: Path) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing training state file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corruption
-        raise CheckpointError(f"{path}: corrupt or truncated training state ({error})") from error
-
-
-def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
-    path = run_dir / METRICS_FILE
-    columns: list[str] = []
-    for row in history:
-        columns += [key for key in row if key not in columns and not isinstance(row[key], list)]
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,7 +210,7 @@ def train(
     """Train (or, with ``resume``, continue) the run in ``out``; returns its figures.
 
     ``expert_parallel`` > 1: launched by torchrun on that many ranks, experts sharded over
-    them, the rest data-parallel (see ``moekit.distributed_train``); a checkpoint written by
+    them, the rest data-parallel (see ``moekit.distributed.run``); a checkpoint written by
     any number of ranks resumes on any other.
     """
     train_config.validate()
@@ -413,7 +252,7 @@ def _train(
         ranks.barrier()  # every rank has checked the directory before rank 0 writes into it
 
     if train_config.tokenizer == "bpe" and not resume:
-        from moekit.data import read_text
+        from moekit.training.data import read_text
 
         text, _ = read_text(train_config.data)
         tokenizer = BPETokenizer.train(text, train_config.bpe_vocab_size)
@@ -587,7 +426,7 @@ def _train(
     plots: list[str] = []
     if ranks.is_main:
         write_metrics_csv(run_dir, history)
-        from moekit.plots import plot_run
+        from moekit.training.plots import plot_run
 
         plots = [str(p) for p in plot_run(run_dir, history, [name for name, _ in moe_layers(model)])]
     val_rows = [row for row in history if "val_loss" in row]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,23 +32,20 @@ import torch
 from tqdm import tqdm
 
 from moekit.config import MoEConfig
-from moekit.data import ByteTokenizer, TextDataset, eval_batches, random_batch, tokenizer_from_dict
 from moekit.experts import DenseFFN
 from moekit.layer import MoE
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.train import (
+from moekit.training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
-    TrainConfig,
-    build_optimizer,
-    evaluate,
     load_model_from_run,
-    lr_at,
-    optimizer_step,
     read_run_config,
     save_checkpoint,
     write_json_atomic,
 )
+from moekit.training.config import TrainConfig
+from moekit.training.data import ByteTokenizer, TextDataset, eval_batches, random_batch, tokenizer_from_dict
+from moekit.training.trainer import build_optimizer, evaluate, lr_at, optimizer_step
 
 FREEZE_MODES = ("none", "router", "experts", "non-experts")
 
@@ -92,29 +90,6 @@ def freeze(model: torch.nn.Module, mode: str) -> tuple[int, int]:
     return trainable, frozen
 
 
-def load_source(source: str | Path) -> tuple[MoETransformerLM, dict]:
-    """A model and its run payload (model, train, tokenizer) from a moekit run directory or a
-    local Hugging Face Mixtral folder."""
-    import json
-
-    source = Path(source)
-    config_path = source / CONFIG_FILE
-    if not config_path.exists():
-        raise CheckpointError(f"{config_path}: missing; --from needs a moekit run directory or a Hugging Face folder")
-    payload = json.loads(config_path.read_text())
-    if "model" in payload and "train" in payload:
-        model, payload = load_model_from_run(source)
-        return model, payload
-    from moekit.interop.hf import hf_tokenizer_payload, load_hf_checkpoint
-
-    model, _ = load_hf_checkpoint(source)
-    return model, {
-        "model": model.config.to_dict(),
-        "train": asdict(TrainConfig()),
-        "tokenizer": hf_tokenizer_payload(source, model.config.vocab_size),
-    }
-
-
 @dataclass
 class FinetuneResult:
     run_dir: str
@@ -149,14 +124,19 @@ def finetune(
     patience: int = 3,
     seed: int = 0,
     progress: bool = True,
+    loader: Callable[[Path], tuple[MoETransformerLM, dict]] = load_model_from_run,
 ) -> FinetuneResult:
-    """Fine-tune the model of ``source`` on the text file ``data``; writes the run to ``out``."""
+    """Fine-tune the model of ``source`` on the text file ``data``; writes the run to ``out``.
+
+    ``loader`` reads the source: a moekit run directory by default;
+    ``moekit.interop.hf.load_run_or_hf_folder`` also reads local Hugging Face folders.
+    """
     out = Path(out)
     if (out / CONFIG_FILE).exists():
         raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
     if patience < 1:
         raise ValueError(f"patience={patience} is invalid: must be >= 1")
-    source_model, payload = load_source(source)
+    source_model, payload = loader(Path(source))
     config = source_model.config
     moe = replace(config.moe, expert_dropout=expert_dropout)  # validates the value
     config = LMConfig.from_dict({**config.to_dict(), "moe": moe.to_dict(), "seq_len": seq_len or config.seq_len})

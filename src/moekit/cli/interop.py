@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.accounting import COMPONENTS, ModelCost
-from moekit.cli_common import help_formatter, print_json
-from moekit.presets import PRESETS
+from moekit.cli.common import help_formatter, print_json
+from moekit.models.cost import COMPONENTS, ModelCost
+from moekit.models.presets import PRESETS
 
 
 def _fail(command: str, err: Exception) -> int:
@@ -96,7 +96,7 @@ def print_cost(cost: ModelCost, context: int) -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from moekit.accounting import load_cost
+    from moekit.models.cost import load_cost
 
     try:
         cost = load_cost(args.model)
@@ -216,13 +216,14 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from moekit.finetune import finetune
+    from moekit.interop.hf import load_run_or_hf_folder
+    from moekit.training.finetune import finetune
 
     try:
         result = finetune(
             args.source, args.data, args.out, args.freeze, args.expert_dropout, args.steps, args.lr,
             args.batch_size, args.seq_len, args.eval_interval, patience=args.patience, seed=args.seed,
-            progress=not args.no_progress,
+            progress=not args.no_progress, loader=load_run_or_hf_folder,
         )  # fmt: skip
     except (ValueError, OSError) as err:
         return _fail("finetune", err)
@@ -257,8 +258,8 @@ def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
-    from moekit.accounting import count_parameters
-    from moekit.finetune import upcycle
+    from moekit.models.cost import count_parameters
+    from moekit.training.finetune import upcycle
 
     try:
         model = upcycle(args.dense_run, args.out, args.experts, args.top_k, args.moe_every, args.router_std, args.seed)

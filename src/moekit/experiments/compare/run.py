@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moekit.data import ByteTokenizer, TextDataset, random_batch
 from moekit.models.lm import LMConfig, MoETransformerLM
-from moekit.train import TrainConfig, build_optimizer, default_configs, optimizer_step, train
+from moekit.training.config import TrainConfig, default_configs
+from moekit.training.data import ByteTokenizer, TextDataset, random_batch
+from moekit.training.trainer import build_optimizer, optimizer_step, train
 
 EXPERIMENTS = ("a", "b", "c", "d", "e", "f")
 FFN_WIDTH_FACTORS = (2, 4)  # experiment (f): dense FFN widths, in multiples of the matched width
@@ -185,7 +186,7 @@ def run_compare(
     summary = summarize(results)
     if throughput is not None:
         summary["throughput"] = throughput
-    from moekit.compare_report import write_report
+    from moekit.experiments.compare.report import write_report
 
     write_report(out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps)
     return summary

@@ -1,160 +1,12 @@
-"""The ``moekit`` command.
-
-    moekit bench layer                 MoE layer vs its dense equivalent: time and peak memory
-    moekit bench layer --quick --json  smoke test; the last line printed is one JSON object
-
-Each subcommand is one ``cmd_*`` function taking the parsed arguments and returning the exit
-status, registered by one ``add_*`` function that builds its parser (with example commands in
-the ``--help`` epilog). Subcommands that print figures take ``--json``: the figures are then
-also printed as one JSON object on the last line.
-"""
+"""``moekit train`` and ``moekit sample``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
 
-from moekit import __version__
-from moekit.bench_ep import add_bench_ep
-from moekit.cli_common import help_formatter, print_json
-from moekit.cli_interop import add_interop
-from moekit.cli_multitask import add_multitask
-
-EPILOG_MAIN = """\
-examples:
-  moekit bench layer                      time and memory of the MoE layer vs a dense FFN
-  moekit bench layer --cases 1,4 --rounds 9
-  moekit bench layer --quick --json       a smoke test, figures as JSON on the last line
-"""
-
-EPILOG_BENCH = """\
-examples:
-  moekit bench layer
-  moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
-  moekit bench layer --quick --no-hf
-"""
-
-EPILOG_BENCH_LAYER = """\
-cases (the moekit layer must stay at or under the target ratio):
-  1  dropless top-2 SwiGLU, E=8 d=512 f=1024 T=4096         time <= 1.05x dense
-  2  fine-grained top-8 SwiGLU, E=64 d=512 f=256 T=4096     time <= 1.20x, faster than hf grouped_mm
-  3  fine-grained top-6 SwiGLU, E=64 d=256 f=128 T=8192     time <= 1.20x, faster than hf grouped_mm
-  4  Switch top-1 ReLU, capacity 1.25, E=64 d=512 f=1024    time <= 1.15x dense
-  5  top-8 SwiGLU, E=64 d=512 f=256 T=16384                 peak memory <= 1.30x dense
-
-The dense equivalent is one expert-sized FFN (same activation, no bias) applied to T*k rows.
-Each implementation alternates with it for --rounds rounds of one training step (gradients
-reset, forward, backward); the figure is the median of the per-round ratios. Peak memory
-counts activations only (no parameters or parameter gradients); the dense equivalent's T*k
-input rows and their gradient count. transformers blocks (Mixtral eager / grouped_mm, Switch)
-run with the same weights when transformers is installed.
-
-examples:
-  moekit bench layer                      all cases, 7 rounds
-  moekit bench layer --cases 2,3 --rounds 11
-  moekit bench layer --no-hf --json > bench.txt && tail -n 1 bench.txt
-  moekit bench layer --quick              tiny sizes, 2 rounds: a smoke test
-"""
-
-
-def _add_json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="also print the figures as one JSON object on the last line"
-    )
-
-
-def _case_list(text: str) -> list[str]:
-    keys = [key.strip() for key in text.replace(" ", ",").split(",") if key.strip()]
-    if not keys:
-        raise argparse.ArgumentTypeError("expected case numbers such as 1,3")
-    return keys
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# moekit bench ...
-# --------------------------------------------------------------------------------------------
-
-
-def add_bench(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser(
-        "bench",
-        help="benchmarks: MoE cost as a ratio to the dense equivalent",
-        description="Benchmarks. Every figure is a ratio to the dense equivalent.",
-        epilog=EPILOG_BENCH,
-        formatter_class=help_formatter,
-    )
-    bench.set_defaults(func=lambda args: _print_help(bench))
-    bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
-    add_bench_layer(bench_sub)
-    add_bench_ep(bench_sub)
-
-
-def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "layer",
-        help="one MoE layer's fwd+bwd time and peak memory vs the dense equivalent",
-        description="Time (fwd+bwd) and peak activation memory of the MoE layer, as ratios to "
-        "its dense equivalent, next to transformers' MoE blocks.",
-        epilog=EPILOG_BENCH_LAYER,
-        formatter_class=help_formatter,
-    )
-    parser.add_argument(
-        "--cases", type=_case_list, default=None, metavar="LIST", help="cases to run, e.g. 1,4 (default: all)"
-    )
-    parser.add_argument(
-        "--rounds", type=_positive_int, default=None, metavar="N", help="timed rounds per implementation "
-        "(default 7; 2 with --quick)",
-    )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test")
-    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparisons")
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and inputs")
-    parser.add_argument(
-        "--no-malloc-reuse",
-        action="store_true",
-        help="leave glibc malloc at its defaults (large buffers get fresh pages on every "
-        "allocation); by default freed memory is kept for reuse, for every implementation alike",
-    )
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
-    _add_json_flag(parser)
-    parser.set_defaults(func=cmd_bench_layer)
-
-
-def cmd_bench_layer(args: argparse.Namespace) -> int:
-    from moekit.bench import bench_layer
-
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
-    try:
-        report = bench_layer(
-            case_keys=args.cases,
-            rounds=rounds,
-            quick=args.quick,
-            use_hf=not args.no_hf,
-            seed=args.seed,
-            malloc_reuse=not args.no_malloc_reuse,
-        )
-    except ValueError as err:
-        print(f"moekit bench layer: error: {err}", file=sys.stderr)
-        return 2
-    import torch
-
-    print(
-        f"moekit bench layer: float32, cpu, {torch.get_num_threads()} threads, {rounds} rounds, "
-        f"median of per-round ratios to the dense equivalent" + (" (--quick: toy sizes)" if args.quick else "")
-    )
-    print(report.table())
-    if args.json:
-        print_json(report.to_dict())
-    return 1 if args.strict and not report.passed else 0
-
+from moekit.cli.common import add_json_flag, help_formatter, positive_int, print_json
 
 # --------------------------------------------------------------------------------------------
 # moekit train / sample
@@ -236,11 +88,11 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--expert-parallel", type=_positive_int, default=1, metavar="N",
+        "--expert-parallel", type=positive_int, default=1, metavar="N",
         help="shard every MoE layer's experts over N ranks (launch with torchrun --nproc_per_node N); "
         "other weights are data-parallel",
     )  # fmt: skip
-    _add_json_flag(parser)
+    add_json_flag(parser)
     parser.set_defaults(func=cmd_train)
 
 
@@ -248,7 +100,7 @@ def _configs_from_args(args: argparse.Namespace):  # noqa: ANN202
     from dataclasses import replace
 
     from moekit.models.lm import LMConfig
-    from moekit.train import default_configs
+    from moekit.training.config import default_configs
 
     model_config, train_config = default_configs()
     model_values = model_config.to_dict()
@@ -284,9 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from moekit.data import DataError
-    from moekit.parallel import ExpertParallelError
-    from moekit.train import CheckpointError, read_run_config, train
+    from moekit.distributed.expert_parallel import ExpertParallelError
+    from moekit.training.checkpoint import CheckpointError, read_run_config
+    from moekit.training.data import DataError
+    from moekit.training.trainer import train
 
     try:
         model_config, train_config, given = _configs_from_args(args)
@@ -374,18 +227,18 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
-    parser.add_argument("--samples", type=_positive_int, default=1, help="independent samples")
+    parser.add_argument("--samples", type=positive_int, default=1, help="independent samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every token")
-    _add_json_flag(parser)
+    add_json_flag(parser)
     parser.set_defaults(func=cmd_sample)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from moekit.data import tokenizer_from_dict
-    from moekit.train import load_model_from_run
+    from moekit.training.checkpoint import load_model_from_run
+    from moekit.training.data import tokenizer_from_dict
 
     try:
         if args.tokens < 0:
@@ -414,106 +267,3 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print_json({"samples": texts})
     return 0
 
-
-EPILOG_COMPARE = """\
-experiments:
-  a  MoE vs the dense baseline of equal active compute, at equal steps and equal wall time
-  b  top-1 (Switch) vs top-2
-  c  capacity factor 1.0 / 1.25 / 2.0 / dropless: dropped fraction and validation loss
-  d  balance loss on vs off: load imbalance over training
-  e  the routers side by side
-  f  control for (a): the dense baseline at 2x and 4x its FFN width, same steps
-
-examples:
-  moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
-  moekit compare --experiments a --seeds 3 --steps-a 1000
-  moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
-"""
-
-
-def add_compare(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="short trainings that reproduce the MoE literature's claims: results.md + PNGs",
-        description="Run a grid of short trainings (several seeds each) and write results.md and PNG "
-        "figures. Finished runs are reused, so an interrupted grid continues where it stopped.",
-        epilog=EPILOG_COMPARE,
-        formatter_class=help_formatter,
-    )
-    parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
-    parser.add_argument("--experiments", type=_case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
-    parser.add_argument(
-        "--seeds", type=_positive_int, default=3, help="seeds of experiments a and f (b-e use at most 2)"
-    )
-    parser.add_argument(
-        "--steps", type=_positive_int, default=None, help="steps per run of (b)-(e) (default 400; 30 --quick)"
-    )
-    parser.add_argument(
-        "--steps-a", type=_positive_int, default=None, help="steps per run of (a) and (f) (default 600; 30 --quick)"
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
-    _add_json_flag(parser)
-    parser.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.compare import run_compare
-
-    steps = args.steps if args.steps is not None else (30 if args.quick else 400)
-    headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
-    command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
-    try:
-        summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command, headline_steps)
-    except (ValueError, OSError) as err:
-        print(f"moekit compare: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}/results.md")
-    for name, row in summary.items():
-        if name == "throughput":
-            ratio = row["ratio_to_baseline"]["moe"]
-            print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
-            continue
-        print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
-              f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
-    if args.json:
-        print_json(summary)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moekit",
-        description="Sparse Mixture-of-Experts layers and models for PyTorch.",
-        epilog=EPILOG_MAIN,
-        formatter_class=help_formatter,
-    )
-    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
-    parser.set_defaults(func=lambda args: _print_help(parser))
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    add_train(subparsers)
-    add_sample(subparsers)
-    add_compare(subparsers)
-    add_bench(subparsers)
-    add_interop(subparsers)
-    add_multitask(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 4 -m moekit train --expert-parallel 4 --out runs/ep4
 
-Every MoE layer's experts are sharded over the ranks (``moekit.parallel``); every other
+Every MoE layer's experts are sharded over the ranks (``moekit.distributed.expert_parallel``); every other
 weight is data-parallel: each rank draws its own batches (data seed + rank), gradients are
 averaged after each backward (``average_gradients``), clipping uses the norm over all
 shards, and aux-loss-free routers pool their load counts so the replicated biases stay
@@ -10,7 +10,7 @@ equal. The losses and step times that drive logging, the time budget and the sch
 means over the ranks, so every rank takes the same decisions (same number of steps, same
 evaluation points): a rank that stopped alone would leave the others waiting in an
 all-to-all. Only rank 0 writes the run directory (config, metrics, plots, results) and
-shows the progress bar; checkpoints are sharded (``moekit.distributed_checkpoint``). The
+shows the progress bar; checkpoints are sharded (``moekit.distributed.checkpoint``). The
 expert-load statistics in the logs and plots are rank 0's routing of its own batches.
 Evaluation runs the same validation batches on every rank (the all-to-alls need every rank
 in every forward), so every rank reports the same validation loss.
@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit import distributed_checkpoint, parallel
+from moekit.distributed import checkpoint as distributed_checkpoint
+from moekit.distributed import expert_parallel as parallel
 
 
 @dataclass

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from moekit.datasets.census import TASK_NAMES, CensusData
+from moekit.experiments.multitask.census_data import TASK_NAMES, CensusData
+from moekit.experiments.multitask.workers import run_parts
 from moekit.models.multitask import (
     GateStatistics,
     MultiTaskConfig,
@@ -29,7 +30,6 @@ from moekit.models.multitask import (
     gate_statistics,
     task_losses,
 )
-from moekit.workers import run_parts
 
 CENSUS_ARCHITECTURES = ("mmoe", "omoe", "shared_bottom", "ple", "single_task")
 # The paper's Table 2 (group 1, test AUC): MMoE income 0.9359, marital 0.9927; shared-bottom 0.9295 / 0.9921.

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from moekit.experiments.multitask.workers import run_parts
 from moekit.models.multitask import (
     GateStatistics,
     MultiTaskConfig,
@@ -37,7 +38,6 @@ from moekit.models.multitask import (
     gate_statistics,
     task_losses,
 )
-from moekit.workers import run_parts
 
 BAYES_LOSS = 0.01  # the noise variance: no model can beat it in expectation
 SYNTHETIC_ARCHITECTURES = ("mmoe", "omoe", "shared_bottom")

@@ -278,6 +278,6 @@ def _machine() -> str:
 
 
 def _balance_coef() -> float:
-    from moekit.train import default_configs
+    from moekit.training.config import default_configs
 
     return default_configs()[0].moe.balance_loss_coef

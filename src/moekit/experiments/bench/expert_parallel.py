@@ -20,7 +20,6 @@ ratio is to the 1-process step measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -29,32 +28,18 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from moekit.capacity import apply_capacity, expert_capacity
-from moekit.cli_common import help_formatter
 from moekit.config import MoEConfig
+from moekit.distributed.expert_parallel import AllToAllMeter, expert_parallel, meter_all_to_all
 from moekit.layer import MoE
-from moekit.parallel import AllToAllMeter, expert_parallel, meter_all_to_all
 
 STAGES = ("routing", "all_to_all", "experts", "combine")
-
-EPILOG = """\
-columns (per rank, per layer, per training step = forward + backward):
-  sent MB      bytes this rank sent to other ranks through all-to-all (measured)
-  formula MB   4·T·k·D·b·(R−1)/R + 8·(E/R)·(R−1): uniform routing (docs/scaling.md)
-  routing / all-to-all / experts / combine   milliseconds in each stage
-  step ms      the whole step; x1 = the 1-process step of this run
-
-examples:
-  moekit bench ep                        1, 2 and 4 ranks, 2048 tokens per rank
-  moekit bench ep --ranks 1,2 --tokens 4096 --experts 16
-  moekit bench ep --quick --json         tiny sizes: a smoke test; last line one JSON object
-"""
 
 
 @dataclass
@@ -123,7 +108,7 @@ def timed_step(layer: MoE, x_TD: torch.Tensor, upstream_TD: torch.Tensor, meter:
     t0, c0 = time.perf_counter(), meter.seconds
     x_in = _Stamp.apply(x_TD, stamps, "input", meter)
     capacity_factor = layer.active_capacity_factor
-    routing = layer.router.route(x_in, capacity_factor)
+    routing = layer.route(x_in, capacity_factor)
     assignments = routing.assignments
     if capacity_factor is not None and routing.capacity is None:
         capacity = expert_capacity(num_tokens, config.num_experts, config.top_k, capacity_factor, config.min_capacity)
@@ -249,75 +234,3 @@ def table(rows: list[EPRow]) -> str:
 # ---------------------------------------------------------------------------------------
 # moekit bench ep
 # ---------------------------------------------------------------------------------------
-
-
-def _rank_list(text: str) -> list[int]:
-    try:
-        ranks = [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected rank counts such as 1,2,4, got {text!r}") from error
-    if not ranks or any(rank < 1 for rank in ranks):
-        raise argparse.ArgumentTypeError(f"expected rank counts >= 1 such as 1,2,4, got {text!r}")
-    return ranks
-
-
-def add_bench_ep(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ep",
-        help="expert parallelism on 1, 2, 4 local ranks: all-to-all bytes and time per stage",
-        description="One MoE layer's experts sharded over R local gloo ranks (started by this command): "
-        "all-to-all bytes per rank and step, and the time in routing, all-to-all, experts and combine.",
-        epilog=EPILOG,
-        formatter_class=help_formatter,
-    )
-    defaults = EPCase()
-    parser.add_argument("--ranks", type=_rank_list, default=[1, 2, 4], metavar="LIST", help="default 1,2,4")
-    parser.add_argument("--tokens", type=int, default=None, help=f"tokens per rank (default {defaults.tokens})")
-    parser.add_argument("--experts", type=int, default=defaults.num_experts, help="routed experts E")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token")
-    parser.add_argument("--d-model", type=int, default=None, help=f"model width (default {defaults.d_model})")
-    parser.add_argument("--d-ff", type=int, default=None, help=f"expert hidden size (default {defaults.d_ff})")
-    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {defaults.steps})")
-    parser.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps: a smoke test")
-    parser.add_argument(
-        "--start-method", choices=("spawn", "fork"), default="spawn", help="how ranks start (default spawn)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="also print the figures as one JSON object on the last line"
-    )
-    parser.set_defaults(func=cmd_bench_ep)
-
-
-def cmd_bench_ep(args: argparse.Namespace) -> int:
-    quick = EPCase(d_model=32, d_ff=32, tokens=64, steps=2) if args.quick else EPCase()
-    case = EPCase(
-        d_model=args.d_model or quick.d_model,
-        d_ff=args.d_ff or quick.d_ff,
-        num_experts=args.experts,
-        top_k=args.top_k,
-        tokens=args.tokens or quick.tokens,
-        steps=args.steps or quick.steps,
-        capacity_factor=args.capacity_factor,
-    )
-    try:
-        MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts, top_k=case.top_k,
-                  capacity_factor=case.capacity_factor)  # fmt: skip
-        for name in ("tokens", "steps"):
-            if getattr(case, name) < 1:
-                raise ValueError(f"--{name} {getattr(case, name)} is invalid: must be >= 1")
-        rows = bench_ep(case, args.ranks, args.start_method)
-    except ValueError as error:
-        print(f"moekit bench ep: error: {error}", file=sys.stderr)
-        return 2
-    print(
-        f"moekit bench ep: one MoE layer, E={case.num_experts} top-{case.top_k} d={case.d_model} f={case.d_ff} "
-        f"{'dropless' if case.capacity_factor is None else f'capacity {case.capacity_factor}'}, float32, gloo on "
-        f"{os.cpu_count()} CPU cores, 1 thread per rank; per rank, per layer and training step (fwd+bwd), "
-        f"median of {case.steps} steps"
-    )
-    print(table(rows))
-    if args.json:
-        payload = {"case": asdict(case), "rows": [asdict(row) for row in rows]}
-        print(json.dumps(payload, separators=(",", ":")), flush=True)
-    return 0

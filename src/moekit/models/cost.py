@@ -307,7 +307,7 @@ def load_cost(spec: str) -> ModelCost:
     import json
     from pathlib import Path
 
-    from moekit.presets import PRESETS
+    from moekit.models.presets import PRESETS
 
     if spec in PRESETS:
         return cost_from_hf_config(PRESETS[spec], spec)

@@ -27,7 +27,7 @@ class DataError(ValueError):
 
 
 def default_corpus_path() -> Path:
-    return Path(str(resources.files("moekit") / "corpus" / DEFAULT_CORPUS))
+    return Path(str(resources.files("moekit") / "training" / "corpus" / DEFAULT_CORPUS))
 
 
 def read_text(path: str | Path | None) -> tuple[str, Path]:

@@ -1,0 +1,210 @@
+"""``moekit bench layer`` and ``moekit bench ep``: the parsers; the benchmarks live in moekit.experiments.bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_help, print_json
+
+EPILOG_BENCH = """\
+examples:
+  moekit bench layer
+  moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
+  moekit bench layer --quick --no-hf
+"""
+
+EPILOG_BENCH_LAYER = """\
+cases (the moekit layer must stay at or under the target ratio):
+  1  dropless top-2 SwiGLU, E=8 d=512 f=1024 T=4096         time <= 1.05x dense
+  2  fine-grained top-8 SwiGLU, E=64 d=512 f=256 T=4096     time <= 1.20x, faster than hf grouped_mm
+  3  fine-grained top-6 SwiGLU, E=64 d=256 f=128 T=8192     time <= 1.20x, faster than hf grouped_mm
+  4  Switch top-1 ReLU, capacity 1.25, E=64 d=512 f=1024    time <= 1.15x dense
+  5  top-8 SwiGLU, E=64 d=512 f=256 T=16384                 peak memory <= 1.30x dense
+
+The dense equivalent is one expert-sized FFN (same activation, no bias) applied to T*k rows.
+Each implementation alternates with it for --rounds rounds of one training step (gradients
+reset, forward, backward); the figure is the median of the per-round ratios. Peak memory
+counts activations only (no parameters or parameter gradients); the dense equivalent's T*k
+input rows and their gradient count. transformers blocks (Mixtral eager / grouped_mm, Switch)
+run with the same weights when transformers is installed.
+
+examples:
+  moekit bench layer                      all cases, 7 rounds
+  moekit bench layer --cases 2,3 --rounds 11
+  moekit bench layer --no-hf --json > bench.txt && tail -n 1 bench.txt
+  moekit bench layer --quick              tiny sizes, 2 rounds: a smoke test
+"""
+
+
+
+# --------------------------------------------------------------------------------------------
+# moekit bench ...
+# --------------------------------------------------------------------------------------------
+
+
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmarks: MoE cost as a ratio to the dense equivalent",
+        description="Benchmarks. Every figure is a ratio to the dense equivalent.",
+        epilog=EPILOG_BENCH,
+        formatter_class=help_formatter,
+    )
+    bench.set_defaults(func=lambda args: print_help(bench))
+    bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
+    add_bench_layer(bench_sub)
+    add_bench_ep(bench_sub)
+
+
+def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "layer",
+        help="one MoE layer's fwd+bwd time and peak memory vs the dense equivalent",
+        description="Time (fwd+bwd) and peak activation memory of the MoE layer, as ratios to "
+        "its dense equivalent, next to transformers' MoE blocks.",
+        epilog=EPILOG_BENCH_LAYER,
+        formatter_class=help_formatter,
+    )
+    parser.add_argument(
+        "--cases", type=case_list, default=None, metavar="LIST", help="cases to run, e.g. 1,4 (default: all)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=None, metavar="N", help="timed rounds per implementation "
+        "(default 7; 2 with --quick)",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparisons")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and inputs")
+    parser.add_argument(
+        "--no-malloc-reuse",
+        action="store_true",
+        help="leave glibc malloc at its defaults (large buffers get fresh pages on every "
+        "allocation); by default freed memory is kept for reuse, for every implementation alike",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    add_json_flag(parser)
+    parser.set_defaults(func=cmd_bench_layer)
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    from moekit.experiments.bench.layer import bench_layer
+
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
+    try:
+        report = bench_layer(
+            case_keys=args.cases,
+            rounds=rounds,
+            quick=args.quick,
+            use_hf=not args.no_hf,
+            seed=args.seed,
+            malloc_reuse=not args.no_malloc_reuse,
+        )
+    except ValueError as err:
+        print(f"moekit bench layer: error: {err}", file=sys.stderr)
+        return 2
+    import torch
+
+    print(
+        f"moekit bench layer: float32, cpu, {torch.get_num_threads()} threads, {rounds} rounds, "
+        f"median of per-round ratios to the dense equivalent" + (" (--quick: toy sizes)" if args.quick else "")
+    )
+    print(report.table())
+    if args.json:
+        print_json(report.to_dict())
+    return 1 if args.strict and not report.passed else 0
+
+
+
+
+EPILOG_EP = """\
+columns (per rank, per layer, per training step = forward + backward):
+  sent MB      bytes this rank sent to other ranks through all-to-all (measured)
+  formula MB   4·T·k·D·b·(R−1)/R + 8·(E/R)·(R−1): uniform routing (docs/scaling.md)
+  routing / all-to-all / experts / combine   milliseconds in each stage
+  step ms      the whole step; x1 = the 1-process step of this run
+
+examples:
+  moekit bench ep                        1, 2 and 4 ranks, 2048 tokens per rank
+  moekit bench ep --ranks 1,2 --tokens 4096 --experts 16
+  moekit bench ep --quick --json         tiny sizes: a smoke test; last line one JSON object
+"""
+
+
+def _rank_list(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected rank counts such as 1,2,4, got {text!r}") from error
+    if not ranks or any(rank < 1 for rank in ranks):
+        raise argparse.ArgumentTypeError(f"expected rank counts >= 1 such as 1,2,4, got {text!r}")
+    return ranks
+
+
+def add_bench_ep(subparsers: argparse._SubParsersAction) -> None:
+    from moekit.experiments.bench.expert_parallel import EPCase
+
+    parser = subparsers.add_parser(
+        "ep",
+        help="expert parallelism on 1, 2, 4 local ranks: all-to-all bytes and time per stage",
+        description="One MoE layer's experts sharded over R local gloo ranks (started by this command): "
+        "all-to-all bytes per rank and step, and the time in routing, all-to-all, experts and combine.",
+        epilog=EPILOG_EP,
+        formatter_class=help_formatter,
+    )
+    defaults = EPCase()
+    parser.add_argument("--ranks", type=_rank_list, default=[1, 2, 4], metavar="LIST", help="default 1,2,4")
+    parser.add_argument("--tokens", type=int, default=None, help=f"tokens per rank (default {defaults.tokens})")
+    parser.add_argument("--experts", type=int, default=defaults.num_experts, help="routed experts E")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="experts per token")
+    parser.add_argument("--d-model", type=int, default=None, help=f"model width (default {defaults.d_model})")
+    parser.add_argument("--d-ff", type=int, default=None, help=f"expert hidden size (default {defaults.d_ff})")
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {defaults.steps})")
+    parser.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 steps: a smoke test")
+    parser.add_argument(
+        "--start-method", choices=("spawn", "fork"), default="spawn", help="how ranks start (default spawn)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="also print the figures as one JSON object on the last line"
+    )
+    parser.set_defaults(func=cmd_bench_ep)
+
+
+def cmd_bench_ep(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from moekit.config import MoEConfig
+    from moekit.experiments.bench.expert_parallel import EPCase, bench_ep, table
+
+    quick = EPCase(d_model=32, d_ff=32, tokens=64, steps=2) if args.quick else EPCase()
+    case = EPCase(
+        d_model=args.d_model or quick.d_model,
+        d_ff=args.d_ff or quick.d_ff,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        tokens=args.tokens or quick.tokens,
+        steps=args.steps or quick.steps,
+        capacity_factor=args.capacity_factor,
+    )
+    try:
+        MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts, top_k=case.top_k,
+                  capacity_factor=case.capacity_factor)  # fmt: skip
+        for name in ("tokens", "steps"):
+            if getattr(case, name) < 1:
+                raise ValueError(f"--{name} {getattr(case, name)} is invalid: must be >= 1")
+        rows = bench_ep(case, args.ranks, args.start_method)
+    except ValueError as error:
+        print(f"moekit bench ep: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"moekit bench ep: one MoE layer, E={case.num_experts} top-{case.top_k} d={case.d_model} f={case.d_ff} "
+        f"{'dropless' if case.capacity_factor is None else f'capacity {case.capacity_factor}'}, float32, gloo on "
+        f"{os.cpu_count()} CPU cores, 1 thread per rank; per rank, per layer and training step (fwd+bwd), "
+        f"median of {case.steps} steps"
+    )
+    print(table(rows))
+    if args.json:
+        print_json({"case": asdict(case), "rows": [asdict(row) for row in rows]})
+    return 0

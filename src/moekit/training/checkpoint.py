@@ -1,0 +1,134 @@
+"""Run directories: config.json, atomic checkpoints, metrics; the one implementation.
+
+A run directory holds config.json (model, train and tokenizer sections), checkpoint/
+(model.safetensors and state.pt, written into a temporary directory and renamed into place,
+so a crash leaves the old or the new checkpoint, never a mix), metrics.csv and results.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from moekit.distributed import checkpoint as distributed_checkpoint
+from moekit.models.lm import LMConfig, MoETransformerLM
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoint"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.csv"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message names the file."""
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, model: MoETransformerLM, state: dict) -> Path:
+    """Write checkpoint/ atomically: into a temporary directory, then renamed into place.
+
+    The previous checkpoint stays intact until the new one is complete; a crash at any point
+    leaves either the old or the new checkpoint, never a mix.
+    """
+    final = run_dir / CHECKPOINT_DIR
+    tmp = run_dir / f"{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / WEIGHTS_FILE))  # save_model keeps one copy of tied weights
+    torch.save(state, tmp / STATE_FILE)
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    final = run_dir / CHECKPOINT_DIR
+    if final.exists():
+        return final
+    old = run_dir / f"{CHECKPOINT_DIR}.old"
+    if old.exists():  # a crash between the two renames of save_checkpoint
+        return old
+    raise CheckpointError(f"{final}: no checkpoint in run directory {run_dir}")
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; {run_dir} is not a moekit run directory")
+    try:
+        payload = json.loads(path.read_text())
+        LMConfig.from_dict(payload["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable run config ({error})") from error
+    return payload
+
+
+def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[MoETransformerLM, dict]:
+    """The model of a run directory, with its latest checkpoint's weights, and the run config."""
+    run_dir = Path(run_dir)
+    payload = read_run_config(run_dir)
+    model = MoETransformerLM(LMConfig.from_dict(payload["model"]))
+    load_weights(model, find_checkpoint(run_dir) / WEIGHTS_FILE)
+    return model.to(device), payload
+
+
+def load_weights(model: MoETransformerLM, path: Path) -> None:
+    if distributed_checkpoint.read_layout(path.parent)[0] > 1:  # written by several ranks
+        try:
+            distributed_checkpoint.load_weights(model, path.parent)
+        except distributed_checkpoint.ShardedCheckpointError as error:
+            raise CheckpointError(str(error)) from error
+        return
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing weights file")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path}: corrupt or mismatched weights ({error})") from error
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match the run's model config "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def load_state(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing training state file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corruption
+        raise CheckpointError(f"{path}: corrupt or truncated training state ({error})") from error
+
+
+def write_metrics_csv(run_dir: Path, history: list[dict]) -> None:
+    path = run_dir / METRICS_FILE
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns and not isinstance(row[key], list)]
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
