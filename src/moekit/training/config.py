@@ -30,6 +30,8 @@ class TrainConfig:
     seed: int = 1337
     bf16: bool = False  # bf16 autocast for the forward
     max_minutes: float | None = 5.0  # stop (and checkpoint) after this much training time; None = off
+    device: str = "auto"  # auto (cuda when available, else mps, else cpu), cpu, cuda, cuda:N, mps
+    compile: bool = False  # torch.compile the model before training
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
