@@ -44,8 +44,11 @@ class DistributedRun:
         return cls()
 
     @classmethod
-    def setup(cls, expert_parallel: int, timeout_s: float = parallel.DEFAULT_TIMEOUT_S) -> DistributedRun:
-        """Join torchrun's process group when ``expert_parallel`` > 1 (it must equal WORLD_SIZE)."""
+    def setup(
+        cls, expert_parallel: int, timeout_s: float = parallel.DEFAULT_TIMEOUT_S, backend: str = "gloo"
+    ) -> DistributedRun:
+        """Join torchrun's process group when ``expert_parallel`` > 1 (it must equal WORLD_SIZE):
+        ``backend`` nccl when the model trains on CUDA, gloo on the CPU."""
         if not isinstance(expert_parallel, int) or expert_parallel < 1:
             raise ValueError(f"expert_parallel={expert_parallel!r} is invalid: must be an integer >= 1")
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,10 +61,13 @@ class DistributedRun:
         if expert_parallel == 1:
             return cls.single()
         owns_group = not torch.distributed.is_initialized()
-        # NOTE: gloo, because the trainer keeps the model on the CPU; the layer itself runs on
-        # NCCL with CUDA tensors (docs/scaling.md).
-        rank, num_ranks = parallel.init_distributed(timeout_s, backend="gloo")
+        rank, num_ranks = parallel.init_distributed(timeout_s, backend=backend)
         return cls(rank, num_ranks, owns_group)
+
+    @property
+    def local_rank(self) -> int:
+        """This process's index on its machine (torchrun's LOCAL_RANK): its CUDA device."""
+        return int(os.environ.get("LOCAL_RANK", self.rank))
 
     @property
     def is_main(self) -> bool:

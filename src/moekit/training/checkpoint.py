@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +24,7 @@ from moekit.models.lm import LMConfig, MoETransformerLM
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
+LOCK_FILE = ".lock"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
@@ -29,6 +32,89 @@ METRICS_FILE = "metrics.csv"
 
 class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be used; the message names the file."""
+
+
+class RunLock:
+    """Exclusive use of a run directory by one process, for as long as it trains.
+
+    An advisory ``flock`` on ``run_dir/.lock``: the kernel releases it when the process
+    ends, however it ends (kill -9 included), so a stale lock never blocks a resume. Two
+    processes started into the same directory a moment apart cannot both hold it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._handle: Any = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: the atomic config.json claim still holds
+            self._handle = handle
+            return self
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise CheckpointError(
+                f"{self.path.parent}: in use by another moekit process (pid {owner}); wait for it to end, "
+                "or choose another --out"
+            ) from error
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor releases the flock
+            self._handle = None
+
+    def __enter__(self) -> RunLock:
+        return self if self._handle is not None else self.acquire()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def claim_new_run(run_dir: Path) -> RunLock:
+    """Lock ``run_dir`` for a new run, refusing a directory that already holds one.
+
+    Returns the held lock; the caller writes config.json while holding it. Of two runs
+    started into one directory a moment apart, exactly one gets the lock and the other a
+    CheckpointError, so nothing of the first is overwritten.
+    """
+    lock = RunLock(run_dir).acquire()
+    config = run_dir / CONFIG_FILE
+    if config.exists() or (run_dir / CHECKPOINT_DIR).exists():
+        lock.release()
+        raise CheckpointError(
+            f"{config}: {run_dir} already holds a run; pass --resume {run_dir} "
+            "to continue it, or choose another --out (nothing was overwritten)"
+        )
+    return lock
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files and directories (``*.tmp-<pid>``) that a killed process left behind.
+
+    Only called by the process that holds the run's lock, so no other writer is active.
+    """
+    for path in run_dir.glob("*.tmp-*"):
+        if path.name.endswith(f".tmp-{os.getpid()}"):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

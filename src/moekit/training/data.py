@@ -60,6 +60,11 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_tensor(self, text: str) -> Tensor:
+        """The tokens as one uint8 tensor: 1 byte per token, never a Python list of ints
+        (which costs ~36 bytes per token: a 1 GB corpus would need ~36 GB)."""
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
     def decode(self, tokens: list[int]) -> str:
         return bytes(tokens).decode("utf-8", errors="replace")
 
@@ -98,6 +103,19 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
+    def encode_tensor(self, text: str, chunk_chars: int = 1 << 20) -> Tensor:
+        """The tokens as one int32 tensor, encoded a line-aligned chunk at a time so that no
+        Python list of the whole corpus's ids is ever built."""
+        parts, start = [], 0
+        while start < len(text):
+            stop = min(len(text), start + chunk_chars)
+            if stop < len(text):  # cut after a newline, so no merge spans two chunks mid-line
+                newline = text.rfind("\n", start, stop)
+                stop = newline + 1 if newline >= start else stop
+            parts.append(torch.tensor(self.tokenizer.encode(text[start:stop]).ids, dtype=torch.int32))
+            start = stop
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
@@ -117,8 +135,8 @@ def tokenizer_from_dict(values: dict) -> ByteTokenizer | BPETokenizer:
 class TextDataset:
     """A tokenized corpus split 90/10 into train and validation token tensors."""
 
-    train_tokens: Tensor  # long [N_train]
-    val_tokens: Tensor  # long [N_val]
+    train_tokens: Tensor  # [N_train], uint8 (bytes) or int32 (BPE): batches are widened to long
+    val_tokens: Tensor  # [N_val]
     source: Path
     num_bytes: int
 
@@ -127,7 +145,8 @@ class TextDataset:
         cls, path: str | Path | None, seq_len: int, tokenizer: ByteTokenizer | BPETokenizer
     ) -> TextDataset:
         text, file = read_text(path)
-        tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        tokens = tokenizer.encode_tensor(text)
+        del text
         split = int(TRAIN_FRACTION * tokens.numel())
         train, val = tokens[:split], tokens[split:]
         needed = MIN_SEQUENCES * seq_len + 1
@@ -137,7 +156,7 @@ class TextDataset:
                 f"needs at least {needed} tokens ({MIN_SEQUENCES} sequences of {seq_len} + 1), "
                 f"so the file needs about {needed * 10} tokens"
             )
-        return cls(train, val, file, len(text.encode("utf-8")))
+        return cls(train, val, file, file.stat().st_size)  # the UTF-8 bytes read_text decoded
 
     @property
     def bytes_per_token(self) -> float:
@@ -151,7 +170,7 @@ def random_batch(
     """Random windows: inputs [B, S] and next-token targets [B, S]."""
     starts_B = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
     offsets_S = torch.arange(seq_len + 1)
-    windows_BS1 = tokens[starts_B[:, None] + offsets_S[None, :]]
+    windows_BS1 = tokens[starts_B[:, None] + offsets_S[None, :]].long()
     return windows_BS1[:, :-1], windows_BS1[:, 1:]
 
 
@@ -163,7 +182,7 @@ def eval_batches(
     count = min(max_batches * batch_size, max(1, available // seq_len))
     starts = torch.linspace(0, available, count).long()
     offsets_S = torch.arange(seq_len + 1)
-    windows = tokens[starts[:, None] + offsets_S[None, :]]
+    windows = tokens[starts[:, None] + offsets_S[None, :]].long()
     return [
         (windows[i : i + batch_size, :-1], windows[i : i + batch_size, 1:])
         for i in range(0, count, batch_size)

@@ -22,14 +22,12 @@ equals the dense model's at initialization, whatever the router says.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from moekit.config import MoEConfig
 from moekit.experts import DenseFFN
@@ -38,14 +36,16 @@ from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.training.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
+    claim_new_run,
     load_model_from_run,
     read_run_config,
     save_checkpoint,
     write_json_atomic,
+    write_metrics_csv,
 )
 from moekit.training.config import TrainConfig
-from moekit.training.data import ByteTokenizer, TextDataset, eval_batches, random_batch, tokenizer_from_dict
-from moekit.training.trainer import build_optimizer, evaluate, lr_at, optimizer_step
+from moekit.training.data import ByteTokenizer, TextDataset, tokenizer_from_dict
+from moekit.training.trainer import StopSignals, Trainer, TrainState
 
 FREEZE_MODES = ("none", "router", "experts", "non-experts")
 
@@ -104,9 +104,28 @@ class FinetuneResult:
     trainable_params: int
     frozen_params: int
     train_seconds: float
+    interrupted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class KeepBest:
+    """Early stopping (the trainer's ``on_eval`` hook): keeps the weights of the lowest
+    validation loss, and asks to stop after ``patience`` evaluations without improvement."""
+
+    def __init__(self, model: torch.nn.Module, val_loss: float, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.val_loss, self.step, self.bad_evals = val_loss, 0, 0
+        self.state = copy.deepcopy(model.state_dict())
+
+    def __call__(self, step: int, val_loss: float) -> bool:
+        if val_loss < self.val_loss:
+            self.val_loss, self.step, self.bad_evals = val_loss, step, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.patience
 
 
 def finetune(
@@ -128,83 +147,55 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune the model of ``source`` on the text file ``data``; writes the run to ``out``.
 
-    ``loader`` reads the source: a moekit run directory by default;
-    ``moekit.interop.hf.load_run_or_hf_folder`` also reads local Hugging Face folders.
+    The trainer's loop with a freeze plan and an early-stopping hook: the run keeps the best
+    weights, also when it is interrupted (Ctrl-C, SIGTERM). ``loader`` reads the source: a
+    moekit run directory by default; ``moekit.interop.hf.load_run_or_hf_folder`` also reads
+    local Hugging Face folders.
     """
     out = Path(out)
-    if (out / CONFIG_FILE).exists():
-        raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
     if patience < 1:
         raise ValueError(f"patience={patience} is invalid: must be >= 1")
-    source_model, payload = loader(Path(source))
-    config = source_model.config
-    moe = replace(config.moe, expert_dropout=expert_dropout)  # validates the value
-    config = LMConfig.from_dict({**config.to_dict(), "moe": moe.to_dict(), "seq_len": seq_len or config.seq_len})
-    torch.manual_seed(seed)
-    model = MoETransformerLM(config)  # NOTE: rebuilt so its expert dropout modules use the new rate
-    model.load_state_dict(source_model.state_dict())
-    del source_model
-    trainable, frozen = freeze(model, freeze_mode)
-
     train_config = TrainConfig(
-        data=str(data), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
-        eval_interval=eval_interval, eval_batches=eval_batches_count, seed=seed, max_minutes=None,
+        data=str(Path(data).resolve()), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
+        eval_interval=eval_interval, eval_batches=eval_batches_count, seed=seed, max_minutes=None, device="cpu",
     )  # fmt: skip
     train_config.validate()
-    tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
-    dataset = TextDataset.load(data, config.seq_len, tokenizer)
-    val = eval_batches(dataset.val_tokens, batch_size, config.seq_len, eval_batches_count)
-    optimizer = build_optimizer(model, train_config)
-    sampler = torch.Generator().manual_seed(seed)
-
-    before = best = evaluate(model, val, bf16=False)
-    best_state = copy.deepcopy(model.state_dict())
-    best_step, bad_evals, step, seconds = 0, 0, 0, 0.0
-    stopped_early = False
-    model.train()
-    bar = tqdm(total=steps, disable=not progress, dynamic_ncols=True, desc=f"finetune ({freeze_mode})")
-    for step in range(1, steps + 1):
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, train_config)
-        # The auxiliary losses stay on while fine-tuning; frozen parameters have no gradient.
-        train_loss, _ = optimizer_step(
-            model,
-            optimizer,
-            lambda: random_batch(dataset.train_tokens, batch_size, config.seq_len, sampler),
-            train_config,
+    with claim_new_run(out), StopSignals() as stop:
+        source_model, payload = loader(Path(source))
+        config = source_model.config
+        moe = replace(config.moe, expert_dropout=expert_dropout)  # validates the value
+        config = LMConfig.from_dict({**config.to_dict(), "moe": moe.to_dict(), "seq_len": seq_len or config.seq_len})
+        torch.manual_seed(seed)
+        model = MoETransformerLM(config)  # NOTE: rebuilt so its expert dropout modules use the new rate
+        model.load_state_dict(source_model.state_dict())
+        del source_model
+        trainable, frozen = freeze(model, freeze_mode)
+        tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
+        dataset = TextDataset.load(data, config.seq_len, tokenizer)
+        write_json_atomic(
+            out / CONFIG_FILE,
+            {"model": config.to_dict(), "train": asdict(train_config), "tokenizer": tokenizer.to_dict()},
         )
-        seconds += time.perf_counter() - started
-        bar.update(1)
-        if step % eval_interval == 0 or step == steps:
-            val_loss = evaluate(model, val, bf16=False)
-            shown = {"loss": train_loss, "val": val_loss, "best": min(best, val_loss)}
-            bar.set_postfix({key: f"{value:.3f}" for key, value in shown.items()})
-            if val_loss < best:
-                best, best_step, bad_evals = val_loss, step, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_evals += 1
-                if bad_evals >= patience:
-                    stopped_early = True
-                    break
-    bar.close()
-    model.load_state_dict(best_state)  # early stopping keeps the best weights
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / CONFIG_FILE,
-        {"model": config.to_dict(), "train": asdict(train_config), "tokenizer": tokenizer.to_dict()},
-    )
-    result = FinetuneResult(
-        run_dir=str(out), source=str(source), freeze=freeze_mode, expert_dropout=expert_dropout,
-        val_loss_before=before, val_loss_after=best, best_step=best_step, steps=step, stopped_early=stopped_early,
-        trainable_params=trainable, frozen_params=frozen, train_seconds=seconds,
-    )  # fmt: skip
-    save_checkpoint(out, model, {"finetune": result.to_dict()})
-    write_json_atomic(out / "results.json", result.to_dict())
+        state = TrainState(sampler=torch.Generator().manual_seed(seed), total_steps=steps)
+        trainer = Trainer(model, train_config, dataset, out, state, stop, progress=progress,
+                          desc=f"finetune ({freeze_mode})", save_periodically=False)  # fmt: skip
+        best = KeepBest(model, trainer.evaluate(), patience)
+        before = best.val_loss
+        trainer.on_eval = best
+        stopped_by = trainer.fit()
+        model.load_state_dict(best.state)  # early stopping keeps the best weights
+        result = FinetuneResult(
+            run_dir=str(out), source=str(source), freeze=freeze_mode, expert_dropout=expert_dropout,
+            val_loss_before=before, val_loss_after=best.val_loss, best_step=best.step, steps=state.step,
+            stopped_early=stopped_by == "early_stop", trainable_params=trainable, frozen_params=frozen,
+            train_seconds=state.train_seconds, interrupted=stopped_by == "interrupt",
+        )  # fmt: skip
+        with stop.deferred():
+            save_checkpoint(out, model, {"finetune": result.to_dict()})
+            write_metrics_csv(out, state.history)
+            write_json_atomic(out / "results.json", result.to_dict())
     return result
 
 
