@@ -54,6 +54,7 @@ _TRAIN_FLAGS = [
     ("--seed", "seed", int, "seed of weights, data order and routing noise"),
     ("--tokenizer", "tokenizer", str, "bytes (vocab 256) or bpe (trained on the corpus)"),
     ("--max-minutes", "max_minutes", float, "stop after this much training time"),
+    ("--device", "device", str, "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
 ]
 
 
@@ -127,6 +128,9 @@ def _configs_from_args(args: argparse.Namespace):  # noqa: ANN202
             train_values[field] = value
     if args.data is not None:
         train_values["data"] = args.data
+    if args.steps is not None and args.max_minutes is None:
+        # The default time budget belongs to the default recipe: an explicit step count is the budget.
+        train_values["max_minutes"] = None
     if args.bf16:
         train_values["bf16"] = True
     return LMConfig.from_dict(model_values), replace(train_config, **train_values), given

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from moekit.distributed.run import DistributedRun
-from moekit.layer import aux_loss, moe_layers, routing_stats, update_expert_bias
+from moekit.layer import NonFiniteRouterLogitsError, aux_loss, moe_layers, routing_stats, update_expert_bias
 from moekit.models.cost import count_parameters
 from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.training.checkpoint import (
@@ -450,14 +450,14 @@ class Trainer:
         # last step's losses (``_stop_agreed``); a single process reads its own flag.
         return self._stop_agreed if self.ranks.distributed else self.stop.requested
 
-    def diverged(self, what: str) -> TrainingDiverged:
+    def diverged(self, step: int, what: str) -> TrainingDiverged:
         state = self.state
         if state.checkpoint_step is None:
             kept = f"no checkpoint was written (the first was due at step {self.config.checkpoint_interval})"
         else:
             kept = f"last good checkpoint at step {state.checkpoint_step} in {self.run_dir / CHECKPOINT_DIR}"
         return TrainingDiverged(
-            f"diverged at step {state.step} ({what}); {kept}. Nothing was saved from the diverged steps; "
+            f"diverged at step {step} ({what}); {kept}. Nothing was saved from the diverged steps; "
             f"try a lower --lr (this run: {self.config.lr:g}) or --grad-clip"
         )
 
@@ -468,14 +468,17 @@ class Trainer:
         lr = lr_at(state.step, config, state.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, aux = optimizer_step(self.model, self.optimizer, self.next_batch, config, self.ranks, self.forward)
+        try:
+            loss, aux = optimizer_step(self.model, self.optimizer, self.next_batch, config, self.ranks, self.forward)
+        except NonFiniteRouterLogitsError as error:  # the MoE layers' own check saw the divergence first
+            raise self.diverged(state.step + 1, "router logits NaN or inf") from error
         elapsed = time.perf_counter() - started
         # Means over the ranks: every rank then makes the same time-budget and stop decisions.
         loss, aux, elapsed, stop_votes = self.ranks.mean([loss, aux, elapsed, float(self.stop.requested)])
         self._stop_agreed = stop_votes > 0
         state.advance(loss, elapsed, self.tokens_per_step)
         if not (math.isfinite(loss) and math.isfinite(aux)):
-            raise self.diverged(f"training loss {loss}, aux loss {aux}")
+            raise self.diverged(state.step, f"training loss {loss}, aux loss {aux}")
         self._calibrate()
         self._log(lr, aux)
         return loss
@@ -515,7 +518,7 @@ class Trainer:
         if is_eval:
             row["val_loss"] = self.evaluate()
             if not math.isfinite(row["val_loss"]):
-                raise self.diverged(f"validation loss {row['val_loss']}")
+                raise self.diverged(step, f"validation loss {row['val_loss']}")
         state.history.append(row)
         state.reset_window()
         for key in ("train_loss", "val_loss", "aux_loss", "tokens_per_s", "load_imbalance", "lr"):
