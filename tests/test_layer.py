@@ -10,11 +10,14 @@ against the per-expert loop; the fused path against plain autograd; and the edge
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import moekit
 from moekit import MoE, MoEConfig
+from moekit.layer import NonFiniteRouterLogitsError
 from tests import naive
 
 ROUTERS = ["topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free"]
@@ -303,6 +306,60 @@ def test_non_finite_logits_raise():
         layer(x)
     unchecked = MoE(make_config("topk", check_finite=False))
     unchecked(x)  # the check can be turned off
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "gshard", "expert_choice"])
+def test_nan_input_raises_the_layers_error_in_training(router):
+    # noisy_topk draws noise and evaluates a normal CDF on the logits in training; gshard's
+    # "sample" policy draws Gumbel noise: the NaN must be reported before either happens.
+    overrides = {"second_expert_policy": "sample"} if router == "gshard" else {}
+    layer = MoE(make_config(router, **overrides)).train()
+    x = torch.randn(6, 16)
+    x[1, 0] = float("nan")
+    with pytest.raises(NonFiniteRouterLogitsError, match="router logits contain NaN"):
+        layer(x)
+    unchecked = MoE(make_config(router, check_finite=False, **overrides)).train()
+    y = unchecked(x)  # with the check off, the NaN propagates instead of raising
+    assert torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "aux_free"])
+def test_deepcopy_after_training_forward(router):
+    torch.manual_seed(21)
+    layer = MoE(make_config(router, capacity_factor=1.0, num_shared_experts=1)).train()
+    x = torch.randn(10, 16)
+    layer(x)
+    copied = copy.deepcopy(layer)  # the cached aux losses are graph tensors
+    # The original's aux loss still backprops into its router; the copy has none of its own.
+    assert moekit.aux_loss(layer).grad_fn is not None
+    moekit.aux_loss(layer).backward()
+    assert torch.count_nonzero(layer.router.weight.grad) > 0
+    assert float(moekit.aux_loss(copied)) == 0.0
+    assert moekit.routing_stats(copied) == moekit.routing_stats(layer)
+    # Same weights and buffers, independent storage.
+    assert copied.router.weight.data_ptr() != layer.router.weight.data_ptr()
+    layer.eval(), copied.eval()
+    torch.testing.assert_close(copied(x), layer(x), atol=0, rtol=0)
+    # A training forward of the copy makes an aux loss that reaches the copy's router only.
+    layer.router.weight.grad = None
+    copied.train()(x)
+    moekit.aux_loss(copied).backward()
+    assert copied.router.weight.grad is not None and layer.router.weight.grad is None
+
+
+def test_deepcopy_of_language_model_after_training_forward():
+    from moekit.models.lm import LMConfig, MoETransformerLM
+
+    torch.manual_seed(22)
+    moe = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, router="noisy_topk", capacity_factor=1.25)
+    model = MoETransformerLM(LMConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, d_model=16, moe=moe)).train()
+    idx = torch.randint(0, 32, (2, 8))
+    _, loss = model(idx, idx)
+    snapshot = copy.deepcopy(model)  # e.g. a best-model snapshot or an EMA copy
+    assert moekit.aux_loss(model).grad_fn is not None
+    (loss + moekit.aux_loss(model)).backward()
+    model.eval(), snapshot.eval()
+    torch.testing.assert_close(snapshot(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
 def test_hierarchical_moe_trains_and_collects_inner_losses():
