@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from moekit.distributed import checkpoint as distributed_checkpoint
+from moekit.distributed import env, grads
 from moekit.distributed import expert_parallel as parallel
 
 
@@ -44,7 +45,7 @@ class DistributedRun:
         return cls()
 
     @classmethod
-    def setup(cls, expert_parallel: int, timeout_s: float = parallel.DEFAULT_TIMEOUT_S) -> DistributedRun:
+    def setup(cls, expert_parallel: int, timeout_s: float = env.DEFAULT_TIMEOUT_S) -> DistributedRun:
         """Join torchrun's process group when ``expert_parallel`` > 1 (it must equal WORLD_SIZE)."""
         if not isinstance(expert_parallel, int) or expert_parallel < 1:
             raise ValueError(f"expert_parallel={expert_parallel!r} is invalid: must be an integer >= 1")
@@ -60,7 +61,7 @@ class DistributedRun:
         owns_group = not torch.distributed.is_initialized()
         # NOTE: gloo, because the trainer keeps the model on the CPU; the layer itself runs on
         # NCCL with CUDA tensors (docs/scaling.md).
-        rank, num_ranks = parallel.init_distributed(timeout_s, backend="gloo")
+        rank, num_ranks = env.init_distributed(timeout_s, backend="gloo")
         return cls(rank, num_ranks, owns_group)
 
     @property
@@ -73,7 +74,7 @@ class DistributedRun:
 
     def barrier(self) -> None:
         if self.distributed:
-            parallel.barrier("barrier of the training ranks")
+            env.barrier("barrier of the training ranks")
 
     def shard(self, model: nn.Module) -> nn.Module:
         if self.distributed:
@@ -85,20 +86,20 @@ class DistributedRun:
 
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.distributed:
-            parallel.average_gradients(model)
+            grads.average_gradients(model)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
         if self.distributed:
-            parallel.clip_grad_norm_(model, max_norm)
+            grads.clip_grad_norm_(model, max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def pool_router_load(self, model: nn.Module) -> None:
         if self.distributed:
-            parallel.all_reduce_router_load(model)
+            grads.all_reduce_router_load(model)
 
     def mean(self, values: list[float]) -> list[float]:
-        return parallel.all_reduce_mean(values) if self.distributed else values
+        return grads.all_reduce_mean(values) if self.distributed else values
 
     def save_checkpoint(
         self, run_dir: Path, model: nn.Module, state: dict, save_single: Callable[[Path, nn.Module, dict], Path]
