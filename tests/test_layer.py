@@ -362,6 +362,7 @@ def test_deepcopy_of_language_model_after_training_forward():
     torch.testing.assert_close(snapshot(idx)[0], model(idx)[0], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_hierarchical_moe_trains_and_collects_inner_losses():
     torch.manual_seed(15)
     inner = [MoE(make_config("topk", num_experts=3, top_k=1, d_ff=8)) for _ in range(2)]
@@ -420,6 +421,7 @@ def test_expert_dropout_only_in_training():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(18)
     layer = MoE(make_config("topk"))

@@ -493,6 +493,7 @@ def test_synthetic_summary_counts_failures_wins_and_rise():
     assert checks["shared_bottom_worst_mean"]["met"] and checks["shared_bottom_most_failed"]["met"]
 
 
+@pytest.mark.slow
 def test_synthetic_run_is_independent_of_worker_count():
     from moekit.experiments.multitask.synthetic import SyntheticSettings, run_synthetic
 
@@ -506,6 +507,7 @@ def test_synthetic_run_is_independent_of_worker_count():
     assert (one.gate_distance["omoe"] == 0).all() and (one.gate_distance["mmoe"] > 0).all()
 
 
+@pytest.mark.slow
 def test_cli_synthetic_and_census_write_reports(tmp_path):
     from moekit.cli.main import main
 

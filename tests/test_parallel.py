@@ -136,11 +136,13 @@ def check_against_single_process(scenario: str, num_ranks: int, tmp_path: Path) 
             )
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_dropless_outputs_and_grads_match_single_process(num_ranks: int, tmp_path: Path) -> None:
     check_against_single_process("dropless", num_ranks, tmp_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_empty_experts_and_rank_without_tokens_match_single_process(num_ranks: int, tmp_path: Path) -> None:
     layer = make_layer("zero", seed=0)
@@ -150,6 +152,7 @@ def test_empty_experts_and_rank_without_tokens_match_single_process(num_ranks: i
     check_against_single_process("zero", num_ranks, tmp_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_capacity_is_counted_per_rank(num_ranks: int, tmp_path: Path) -> None:
     check_against_single_process("capacity", num_ranks, tmp_path)
@@ -170,6 +173,7 @@ def _aux_free_worker(rank: int, num_ranks: int) -> torch.Tensor:
     return layer.router.expert_bias
 
 
+@pytest.mark.distributed
 def test_aux_free_bias_sees_every_rank_load_and_stays_replicated(tmp_path: Path) -> None:
     biases = results_of(run_ranks(_aux_free_worker, 2, tmp_path))
     torch.manual_seed(0)
@@ -202,6 +206,7 @@ def _not_divisible_worker(rank: int, num_ranks: int) -> str:
     return "no error"
 
 
+@pytest.mark.distributed
 def test_experts_not_divisible_by_ranks_raises(tmp_path: Path) -> None:
     messages = results_of(run_ranks(_not_divisible_worker, 4, tmp_path))
     for message in messages:
@@ -258,6 +263,7 @@ def _load_worker(rank: int, num_ranks: int, directories: list[Path]) -> list[tor
     return logits
 
 
+@pytest.mark.distributed
 def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
     # One AdamW step of mean_r loss_r in one process must be the step the two ranks take.
     # (Built first: the forked ranks then inherit what the optimizer imports on first use.)
@@ -324,6 +330,8 @@ def _train_worker(rank: int, num_ranks: int, out: Path) -> float:
     return train(lm, config, out, progress=False, expert_parallel=num_ranks).val_loss
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_train_expert_parallel_then_resume_in_one_process(tmp_path: Path) -> None:
     from moekit.training.checkpoint import load_model_from_run
     from moekit.training.config import TrainConfig
@@ -359,6 +367,7 @@ def _failure_worker(rank: int, num_ranks: int, mode: str) -> None:
     layer(rank_inputs("dropless", rank)[0])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["raise", "kill", "hang"])
 def test_failed_peer_makes_other_rank_exit_with_clear_error(mode: str, tmp_path: Path) -> None:
     started = time.monotonic()
