@@ -66,8 +66,9 @@ def set_all_to_all_observer(observer: AllToAllObserver | None) -> AllToAllObserv
     this process (None: stop); returns the observer it replaces.
 
     bytes_sent: what this rank sent to the other ranks (rows it keeps for itself are not sent);
-    seconds: wall time inside the collective, waiting for slower ranks included (on CUDA the
-    device is synchronized before the clock stops, so only while an observer is set).
+    seconds: wall time inside the collective, waiting for slower ranks included.
+    NOTE: on CUDA an observer costs one device synchronization per all-to-all (the clock stops
+    when the collective has finished, not when it was queued); without one, nothing is timed.
     """
     global _observer
     previous, _observer = _observer, observer
