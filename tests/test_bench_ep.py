@@ -27,6 +27,7 @@ def test_formula_at_hand_computed_value():
     assert formula_bytes(1000, 2, 128, 16, 1) == 0
 
 
+@pytest.mark.distributed
 def test_quick_run_measures_the_bytes_its_routing_sends(capsys):
     args = ["bench", "ep", "--quick", "--ranks", "1,2", "--start-method", "fork", "--json"]
     assert main(args) == 0

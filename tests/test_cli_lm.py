@@ -83,6 +83,7 @@ def test_dense_arch_trains(tmp_path, corpus, capsys):
     assert result["total_params"] == result["active_params"]
 
 
+@pytest.mark.slow
 def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--seeds", "1", "--steps", "6", "--steps-a", "4", "--out", str(out), "--json"]

@@ -76,6 +76,7 @@ def test_each_freeze_mode_trains_exactly_its_group(tmp_path, text_file, mode):
     assert result.trainable_params + result.frozen_params == sum(p.numel() for p in before.values())
 
 
+@pytest.mark.slow
 def test_finetune_lowers_validation_loss_and_the_run_samples(tmp_path, text_file, capsys):
     make_run(tmp_path / "src", tiny_config())
     result = finetune(tmp_path / "src", text_file, tmp_path / "ft", "none", steps=30, eval_interval=10, batch_size=8,
@@ -126,6 +127,7 @@ def test_freeze_modes_that_do_nothing_on_a_dense_model_are_rejected(mode, messag
         freeze(model, mode)
 
 
+@pytest.mark.slow
 def test_finetune_from_a_hugging_face_folder(tmp_path, text_file):
     transformers = pytest.importorskip("transformers")
     config = transformers.MixtralConfig(
@@ -168,6 +170,7 @@ def test_upcycle_command_writes_a_run_that_matches_the_dense_run(tmp_path):
     assert main(["upcycle", str(tmp_path / "up"), "--out", str(tmp_path / "up2")]) == 2  # not dense
 
 
+@pytest.mark.slow
 def test_finetune_cli_json(tmp_path, text_file, capsys):
     make_run(tmp_path / "src", tiny_config())
     args = ["finetune", "--from", str(tmp_path / "src"), "--data", str(text_file), "--out", str(tmp_path / "ft"),

@@ -10,11 +10,14 @@ against the per-expert loop; the fused path against plain autograd; and the edge
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import moekit
 from moekit import MoE, MoEConfig
+from moekit.layer import NonFiniteRouterLogitsError
 from tests import naive
 
 ROUTERS = ["topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free"]
@@ -39,16 +42,29 @@ def make_config(router: str, activation: str = "swiglu", **overrides) -> MoEConf
     return MoEConfig(**values)
 
 
-def grads_of(layer: MoE, x: torch.Tensor, y: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
-    params = [x, layer.router.weight]
-    if hasattr(layer.experts, "w_in"):
-        params += [layer.experts.w_in, layer.experts.w_out]
-    if layer.shared_experts is not None:
-        params += list(layer.shared_experts.parameters())
-    return list(torch.autograd.grad((y * upstream).sum(), params, allow_unused=True))
+def grads_of(layer: MoE, x: torch.Tensor, y: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The gradient of <y, upstream> for x and every parameter of the layer, by name."""
+    inputs = {"x": x, **dict(layer.named_parameters())}
+    grads = torch.autograd.grad((y * upstream).sum(), list(inputs.values()), allow_unused=True)
+    return dict(zip(inputs, grads, strict=True))
 
 
-def assert_matches_reference(layer: MoE, x: torch.Tensor, token_mask=None) -> None:
+def assert_grads_equal(
+    got: dict[str, torch.Tensor | None], want: dict[str, torch.Tensor | None], atol: float = 1e-5
+) -> None:
+    """Every name in both, compared one to one; a gradient missing on one side must be zero
+    on the other (an expert that got no token)."""
+    assert sorted(got) == sorted(want)
+    for name in sorted(want):
+        g, w = got[name], want[name]
+        if w is None or g is None:
+            present = w if g is None else g
+            assert present is None or torch.count_nonzero(present) == 0, f"{name}: only one side has a gradient"
+            continue
+        torch.testing.assert_close(g, w, atol=atol, rtol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_matches_reference(layer: MoE, x: torch.Tensor, token_mask=None) -> dict[str, torch.Tensor | None]:
     x = x.clone().requires_grad_(True)
     y = layer(x, token_mask=token_mask)
     upstream = torch.randn_like(y)
@@ -57,11 +73,8 @@ def assert_matches_reference(layer: MoE, x: torch.Tensor, token_mask=None) -> No
     y_ref = naive.moe_forward(layer, x_ref, token_mask)
     ref_grads = grads_of(layer, x_ref, y_ref, upstream)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for name, got, want in zip(["x", "router", "w_in", "w_out", "shared"], grads, ref_grads, strict=False):
-        if want is None:
-            assert got is None or torch.count_nonzero(got) == 0, name
-            continue
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert_grads_equal(grads, ref_grads)
+    return grads
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -115,13 +128,14 @@ def test_grouped_matches_loop(activation, fused):
     loop.load_state_dict(grouped.state_dict())
     grouped.fused = loop.fused = fused
     x = torch.randn(30, 16)
-    results = []
+    outputs, grads = [], []
     for layer in (grouped, loop):
         xg = x.clone().requires_grad_(True)
         y = layer(xg)
-        results.append([y, *grads_of(layer, xg, y, torch.ones_like(y))])
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        outputs.append(y)
+        grads.append(grads_of(layer, xg, y, torch.ones_like(y)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert_grads_equal(grads[0], grads[1])
 
 
 def test_fused_matches_unfused_with_an_empty_expert():
@@ -132,16 +146,17 @@ def test_fused_matches_unfused_with_an_empty_expert():
         layer.router.weight[3, 0] = -100.0
     x = torch.randn(12, 16)
     x[:, 0] = 1.0  # expert 3's logit is -100 for every token: it gets none
-    results = []
+    outputs, grads = [], []
     for fused in (True, False):
         layer.fused = fused
         xg = x.clone().requires_grad_(True)
         y = layer(xg)
-        results.append([y, *grads_of(layer, xg, y, torch.ones_like(y))])
+        outputs.append(y)
+        grads.append(grads_of(layer, xg, y, torch.ones_like(y)))
     assert moekit.routing_stats(layer)[""].tokens_per_expert[3] == 0
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert torch.count_nonzero(results[0][4][3]) == 0  # the empty expert gets zero gradient
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
+    assert_grads_equal(grads[0], grads[1], atol=1e-6)
+    assert torch.count_nonzero(grads[0]["experts.w_out"][3]) == 0  # the empty expert gets zero gradient
 
 
 def test_empty_input_forward_and_backward():
@@ -293,6 +308,61 @@ def test_non_finite_logits_raise():
     unchecked(x)  # the check can be turned off
 
 
+@pytest.mark.parametrize("router", ["noisy_topk", "gshard", "expert_choice"])
+def test_nan_input_raises_the_layers_error_in_training(router):
+    # noisy_topk draws noise and evaluates a normal CDF on the logits in training; gshard's
+    # "sample" policy draws Gumbel noise: the NaN must be reported before either happens.
+    overrides = {"second_expert_policy": "sample"} if router == "gshard" else {}
+    layer = MoE(make_config(router, **overrides)).train()
+    x = torch.randn(6, 16)
+    x[1, 0] = float("nan")
+    with pytest.raises(NonFiniteRouterLogitsError, match="router logits contain NaN"):
+        layer(x)
+    unchecked = MoE(make_config(router, check_finite=False, **overrides)).train()
+    y = unchecked(x)  # with the check off, the NaN propagates instead of raising
+    assert torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "aux_free"])
+def test_deepcopy_after_training_forward(router):
+    torch.manual_seed(21)
+    layer = MoE(make_config(router, capacity_factor=1.0, num_shared_experts=1)).train()
+    x = torch.randn(10, 16)
+    layer(x)
+    copied = copy.deepcopy(layer)  # the cached aux losses are graph tensors
+    # The original's aux loss still backprops into its router; the copy has none of its own.
+    assert moekit.aux_loss(layer).grad_fn is not None
+    moekit.aux_loss(layer).backward()
+    assert torch.count_nonzero(layer.router.weight.grad) > 0
+    assert float(moekit.aux_loss(copied)) == 0.0
+    assert moekit.routing_stats(copied) == moekit.routing_stats(layer)
+    # Same weights and buffers, independent storage.
+    assert copied.router.weight.data_ptr() != layer.router.weight.data_ptr()
+    layer.eval(), copied.eval()
+    torch.testing.assert_close(copied(x), layer(x), atol=0, rtol=0)
+    # A training forward of the copy makes an aux loss that reaches the copy's router only.
+    layer.router.weight.grad = None
+    copied.train()(x)
+    moekit.aux_loss(copied).backward()
+    assert copied.router.weight.grad is not None and layer.router.weight.grad is None
+
+
+def test_deepcopy_of_language_model_after_training_forward():
+    from moekit.models.lm import LMConfig, MoETransformerLM
+
+    torch.manual_seed(22)
+    moe = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, router="noisy_topk", capacity_factor=1.25)
+    model = MoETransformerLM(LMConfig(vocab_size=32, seq_len=8, n_layer=2, n_head=2, d_model=16, moe=moe)).train()
+    idx = torch.randint(0, 32, (2, 8))
+    _, loss = model(idx, idx)
+    snapshot = copy.deepcopy(model)  # e.g. a best-model snapshot or an EMA copy
+    assert moekit.aux_loss(model).grad_fn is not None
+    (loss + moekit.aux_loss(model)).backward()
+    model.eval(), snapshot.eval()
+    torch.testing.assert_close(snapshot(idx)[0], model(idx)[0], atol=0, rtol=0)
+
+
+@pytest.mark.slow
 def test_hierarchical_moe_trains_and_collects_inner_losses():
     torch.manual_seed(15)
     inner = [MoE(make_config("topk", num_experts=3, top_k=1, d_ff=8)) for _ in range(2)]
@@ -324,9 +394,20 @@ def test_module_experts_match_reference():
         torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 16)) for _ in range(4)
     ]
     layer = MoE(make_config("topk", capacity_factor=1.0), experts=experts).train()
-    x = torch.randn(14, 16, requires_grad=True)
-    y = layer(x)
-    torch.testing.assert_close(y, naive.moe_forward(layer, x), atol=1e-5, rtol=1e-5)
+    grads = assert_matches_reference(layer, torch.randn(14, 16))
+    # Gradients reached every expert module's weights (compared by name above).
+    assert {name for name, grad in grads.items() if grad is not None} >= {
+        f"experts.experts.{e}.{layer_idx}.weight" for e in range(4) for layer_idx in (0, 2)
+    }
+
+
+def test_hierarchical_moe_matches_reference():
+    # Module experts that are MoE layers themselves: the naive reference calls each inner
+    # layer's forward, whose own routing is checked against the reference elsewhere.
+    torch.manual_seed(20)
+    inner = [MoE(make_config("topk", num_experts=3, top_k=1, num_shared_experts=1)) for _ in range(2)]
+    outer = MoE(make_config("topk", num_experts=2, top_k=1), experts=inner).eval()
+    assert_matches_reference(outer, torch.randn(12, 16))
 
 
 def test_expert_dropout_only_in_training():
@@ -340,6 +421,7 @@ def test_expert_dropout_only_in_training():
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(18)
     layer = MoE(make_config("topk"))

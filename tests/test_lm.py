@@ -86,6 +86,7 @@ def test_tied_embeddings_share_storage():
     assert untied.lm_head.weight is not untied.embed.weight
 
 
+@pytest.mark.slow
 def test_kv_cache_gives_same_logits_and_tokens():
     torch.manual_seed(1)
     model = MoETransformerLM(tiny_config()).eval()
@@ -102,6 +103,7 @@ def test_kv_cache_gives_same_logits_and_tokens():
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_the_run(tmp_path, corpus):
     result = train(
         tiny_config(),
@@ -130,6 +132,7 @@ def _losses(run_dir):
     return train_losses, val_losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", ["topk", "aux_free", "gshard"])
 def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path, corpus, router):
     moe = {"router": router, "capacity_factor": 1.25} if router != "aux_free" else {"router": router}
@@ -150,6 +153,7 @@ def test_resume_gives_the_same_losses_as_an_unbroken_run(tmp_path, corpus, route
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.slow
 def test_interrupt_saves_a_checkpoint_that_resumes(tmp_path, corpus):
     def interrupt(step, row):
         if step == 4:
@@ -191,6 +195,7 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     assert (run / "config.json").read_text() == config_before
 
 
+@pytest.mark.slow
 def test_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path, corpus):
     run = tmp_path / "run"
     train(tiny_config(), tiny_train_config(data=str(corpus), steps=2), run, progress=False)
@@ -240,6 +245,7 @@ def test_default_corpus_ships_with_the_package():
     assert dataset.val_tokens.numel() > 100_000
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     # Two micro-batches of 2 accumulate to the same gradient as one batch of 4 (dense model:
     # the MoE balance loss is per micro-batch by design, so it would differ).
@@ -258,6 +264,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_accum_and_bf16_train(tmp_path, corpus):
     result = train(
         tiny_config(),
@@ -268,6 +275,7 @@ def test_grad_accum_and_bf16_train(tmp_path, corpus):
     assert result.steps == 4 and math.isfinite(result.val_loss)
 
 
+@pytest.mark.slow
 def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     pytest.importorskip("tokenizers")
     from moekit.training.data import default_corpus_path
@@ -287,6 +295,7 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     assert tokenizer.decode(tokenizer.encode("To be, or not")) == "To be, or not"
 
 
+@pytest.mark.slow
 def test_generation_beyond_the_context_matches_with_and_without_cache():
     torch.manual_seed(4)
     model = MoETransformerLM(tiny_config()).eval()  # seq_len 32

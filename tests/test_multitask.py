@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from moekit.experiments.multitask import census_data as census
 from moekit.experiments.multitask.census import roc_auc
+from moekit.experiments.multitask.plots import plot_gate_statistics
 from moekit.experiments.multitask.synthetic import BAYES_LOSS, make_tasks, orthonormal_pair, task_vectors
 from moekit.models import CGC, PLE, MMoE, MultiTaskConfig, OMoE, ReplicaStack, SharedBottom
-from moekit.models.multitask import gate_statistics, plot_gate_statistics, task_losses
+from moekit.models.multitask import gate_statistics, task_losses
 
 SMALL = dict(d_in=6, num_experts=4, expert_hidden=3, tower_hidden=2, bottom_hidden=5)
 
@@ -209,6 +210,26 @@ def test_gate_statistics_and_plot(tmp_path):
     assert plot_gate_statistics(stats, tmp_path / "gates.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="no gates"):
         gate_statistics(SharedBottom(_config()), torch.randn(4, 6))
+
+
+def test_library_modules_never_import_matplotlib():
+    # Plotting is research code (experiments/): the layer, the models and expert parallelism
+    # must import without matplotlib, lazily or not.
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "src" / "moekit"
+    library = [*root.glob("*.py"), *(root / "models").rglob("*.py"), *(root / "distributed").rglob("*.py")]
+    assert any(path.name == "multitask.py" for path in library)
+    offenders = []
+    for path in library:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            offenders += [f"{path.relative_to(root)}: {name}" for name in names if name.split(".")[0] == "matplotlib"]
+    assert offenders == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,6 +493,7 @@ def test_synthetic_summary_counts_failures_wins_and_rise():
     assert checks["shared_bottom_worst_mean"]["met"] and checks["shared_bottom_most_failed"]["met"]
 
 
+@pytest.mark.slow
 def test_synthetic_run_is_independent_of_worker_count():
     from moekit.experiments.multitask.synthetic import SyntheticSettings, run_synthetic
 
@@ -485,6 +507,7 @@ def test_synthetic_run_is_independent_of_worker_count():
     assert (one.gate_distance["omoe"] == 0).all() and (one.gate_distance["mmoe"] > 0).all()
 
 
+@pytest.mark.slow
 def test_cli_synthetic_and_census_write_reports(tmp_path):
     from moekit.cli.main import main
 

@@ -140,6 +140,7 @@ def test_noisy_topk_noise_only_in_training():
     assert not torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_aux_free_bias_moves_load_toward_balance():
     torch.manual_seed(5)
     config = MoEConfig(

@@ -83,9 +83,11 @@ class LocalDispatcher:
     def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
         """y[token] = Σ weight · expert_out over the token's assignments: [T, D].
 
-        The weights are applied in float32 (router precision) and y returned in float32.
+        The weights are applied in float32 (router precision) and y returned in float32;
+        float64 expert outputs stay float64.
         """
-        out_by_assignment_ND = out_ND.float().index_select(0, plan.row_of_assignment_N)
-        weighted_ND = out_by_assignment_ND * weight_N.float()[:, None]
+        dtype = torch.promote_types(out_ND.dtype, torch.float32)
+        out_by_assignment_ND = out_ND.to(dtype).index_select(0, plan.row_of_assignment_N)
+        weighted_ND = out_by_assignment_ND * weight_N.to(dtype)[:, None]
         y_TD = weighted_ND.new_zeros(plan.num_tokens, out_ND.shape[1])
         return y_TD.index_add(0, plan.token_idx_N, weighted_ND)

@@ -86,8 +86,15 @@ def grouped_weight_grad(
     return grad_EKM
 
 
-class _GroupedMatmul(torch.autograd.Function):
-    """grouped_matmul with its backward as two grouped GEMMs (used by the unfused path)."""
+class GroupedMatmul(torch.autograd.Function):
+    """Differentiable ``grouped_matmul``: out[rows of expert e] = rows[rows of expert e] @ weight[e].
+
+    ``GroupedMatmul.apply(rows_NK, weight_EKM, group_ends_E, counts, impl)``: rows grouped by
+    expert (``counts[e]`` rows for expert e, in order; ``group_ends_E`` their int32 cumulative
+    sums), ``impl`` "auto" (grouped GEMM where available and aligned) or "loop". Its backward
+    is two grouped GEMMs (g_rows = g_out @ weight[e]^T, g_weight[e] = rows^T @ g_out), zeros
+    for an empty expert. Used by the unfused expert path and by the multi-task experts.
+    """
 
     @staticmethod
     def forward(ctx, rows_NK, weight_EKM, group_ends_E, counts, impl):  # noqa: ANN001
@@ -142,9 +149,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""
-        h_NH = _GroupedMatmul.apply(x_ND, self.w_in, group_ends_E, counts, self.impl)
+        h_NH = GroupedMatmul.apply(x_ND, self.w_in, group_ends_E, counts, self.impl)
         act_NF = self.dropout(activate(h_NH, self.activation))
-        return _GroupedMatmul.apply(act_NF, self.w_out, group_ends_E, counts, self.impl)
+        return GroupedMatmul.apply(act_NF, self.w_out, group_ends_E, counts, self.impl)
 
 
 class ModuleExperts(nn.Module):

@@ -61,22 +61,29 @@ def _activation_backward(g_act_NF: Tensor, h_NH: Tensor, activation: str) -> Ten
 _ROWDOT_CHUNK = 1 << 20  # elements per chunk of _rowwise_dot: a 4 MB float32 buffer
 
 
+def combine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the combine weights are applied in: float32 (router precision) for float32,
+    bf16 and fp16 experts; float64 for float64 experts, which float32 would round."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _rowwise_dot(a_NF: Tensor, b_NF: Tensor) -> Tensor:
-    """out[n] = <a[n], b[n]> in float32: [N].
+    """out[n] = <a[n], b[n]> in float32 (float64 for float64 rows): [N].
 
     NOTE: computed a few thousand rows at a time through one small product buffer, not as
     one [N, F] temporary: no peak-memory cost, and the buffer stays in cache (faster on CPU
     than both the full product and a batched [1, F] x [F, 1] matmul).
     """
     num_rows, width = a_NF.shape
-    out_N = torch.empty(num_rows, dtype=torch.float32, device=a_NF.device)
+    dtype = combine_dtype(a_NF.dtype)
+    out_N = torch.empty(num_rows, dtype=dtype, device=a_NF.device)
     rows = max(1, _ROWDOT_CHUNK // max(width, 1))
-    buffer = torch.empty(min(rows, num_rows), width, dtype=torch.float32, device=a_NF.device)
+    buffer = torch.empty(min(rows, num_rows), width, dtype=dtype, device=a_NF.device)
     for start in range(0, num_rows, rows):
         end = min(num_rows, start + rows)
         product = buffer[: end - start]
-        # .float() is free for float32 rows; bf16 rows are upcast a chunk at a time.
-        torch.mul(a_NF[start:end].float(), b_NF[start:end].float(), out=product)
+        # .to() is free for float32 rows; bf16 rows are upcast a chunk at a time.
+        torch.mul(a_NF[start:end].to(dtype), b_NF[start:end].to(dtype), out=product)
         torch.sum(product, dim=-1, out=out_N[start:end])
     return out_N
 
@@ -121,7 +128,7 @@ class _ExpertsUp(torch.autograd.Function):
 
 
 class _ExpertsDownCombine(torch.autograd.Function):
-    """y[t] = Σ over t's rows of weight · (act @ w_out[expert of row]): float32 [T, D]."""
+    """y[t] = Σ over t's rows of weight · (act @ w_out[expert of row]): [T, D] in combine_dtype."""
 
     @staticmethod
     def forward(  # noqa: ANN205
@@ -140,12 +147,13 @@ class _ExpertsDownCombine(torch.autograd.Function):
         out_ND = grouped_matmul(act_NF, w_out_EFD, group_ends_E, counts, impl)
         # NOTE: combine weights are applied in float32 (router precision); for bf16 experts
         # the rows are upcast first and y is cast back by the caller.
+        dtype = combine_dtype(act_NF.dtype)
         y_TD = F.embedding_bag(
             row_of_assignment_N,
-            out_ND.float(),
+            out_ND.to(dtype),
             bag_offsets_T,
             mode="sum",
-            per_sample_weights=weight_N.float(),
+            per_sample_weights=weight_N.to(dtype),
         )
         ctx.save_for_backward(act_NF, weight_N, w_out_EFD, token_of_row_N, row_of_assignment_N, order_N, group_ends_E)
         ctx.counts, ctx.impl = counts, impl
@@ -159,7 +167,7 @@ class _ExpertsDownCombine(torch.autograd.Function):
         # NOTE: contiguous() because an upstream y.sum() hands us a zero-stride expanded
         # tensor, which CPU grouped_mm rejects.
         g_rows_ND = g_y_TD.contiguous().index_select(0, token_of_row_N).to(act_NF.dtype)
-        weight_by_row_N1 = weight_N.float().index_select(0, order_N)[:, None]
+        weight_by_row_N1 = weight_N.to(combine_dtype(act_NF.dtype)).index_select(0, order_N)[:, None]
         g_act_NF = g_weight_N = g_w_out = None
         if needs_act or needs_weight:
             # u = g_rows @ w_out^T, so <u, act> = <g_rows, act @ w_out> = <g_rows, out>: the
@@ -184,7 +192,7 @@ def fused_experts(
     activation: str,
     impl: str,
 ) -> Tensor:
-    """y[t] = Σ_{assignments (t, e, w)} w · FFN_e(x[t]), float32 [T, D]."""
+    """y[t] = Σ_{assignments (t, e, w)} w · FFN_e(x[t]): [T, D], float32 (float64 for float64 experts)."""
     act_NF = _ExpertsUp.apply(
         x_TD,
         w_in_EDH,

@@ -25,12 +25,16 @@ from moekit.dispatch import LocalDispatcher
 from moekit.experts import GroupedExperts, ModuleExperts, SharedExperts
 from moekit.fused import fused_experts
 from moekit.losses import balance_loss, z_loss
-from moekit.routing import AuxFreeRouter, ExpertChoiceRouter, RoutingResult, build_router
+from moekit.routing import (
+    AuxFreeRouter,
+    ExpertChoiceRouter,
+    NonFiniteRouterLogitsError,
+    RoutingResult,
+    build_router,
+)
+
+__all__ = ["MoE", "NonFiniteRouterLogitsError", "aux_loss", "moe_layers", "routing_stats", "update_expert_bias"]
 from moekit.stats import RawRoutingStats, RoutingStats
-
-
-class NonFiniteRouterLogitsError(FloatingPointError):
-    """Raised when router logits hold NaN or inf (turn off with ``check_finite=False``)."""
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -81,6 +85,18 @@ class MoE(nn.Module):
         self.last_aux_loss: Tensor | None = None
         self.last_aux_losses: dict[str, Tensor] = {}
         self.last_stats: RawRoutingStats | None = None
+
+    def __getstate__(self) -> dict:
+        # NOTE: the weighted aux losses of the last forward are nodes of that forward's autograd
+        # graph, which deepcopy refuses ("Only Tensors created explicitly by the user (graph
+        # leaves) support the deepcopy protocol"). A copy (EMA / SWA weights, a best-model
+        # snapshot, pickling) starts without them, as a layer that has not run a training
+        # forward; the original keeps them, so aux_loss(model) still backprops into its router.
+        # The routing statistics are detached tensors and are copied.
+        state = super().__getstate__()
+        state["last_aux_loss"] = None
+        state["last_aux_losses"] = {}
+        return state
 
     def extra_repr(self) -> str:
         c = self.config
@@ -133,12 +149,8 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
 
         capacity_factor = self.active_capacity_factor
+        # Raises NonFiniteRouterLogitsError on NaN/inf logits (Router.checked_logits).
         routing = self.route(x_TD, capacity_factor)
-        if config.check_finite and not bool(torch.isfinite(routing.logits_TE).all()):
-            raise NonFiniteRouterLogitsError(
-                "router logits contain NaN or inf: check the layer input and router weights "
-                "(MoEConfig.check_finite=False skips this check)"
-            )
         assignments = routing.assignments
         num_routed = len(assignments)
         capacity = routing.capacity

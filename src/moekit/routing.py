@@ -27,6 +27,10 @@ from moekit.config import MoEConfig
 from moekit.losses import cv_squared
 
 
+class NonFiniteRouterLogitsError(FloatingPointError):
+    """Raised when router logits hold NaN or inf (turn off with ``MoEConfig.check_finite=False``)."""
+
+
 @dataclass
 class Assignments:
     """The flat assignment list, in token-major order (token_idx_N is non-decreasing).
@@ -102,6 +106,22 @@ class Router(nn.Module):
         # NOTE: the gate runs in float32 even for bf16 activations (selective precision).
         return F.linear(x_TD.float(), self.weight.float())
 
+    def checked_logits(self, x_TD: Tensor) -> Tensor:
+        """``compute_logits``, checked for NaN and inf when ``MoEConfig.check_finite``.
+
+        NOTE: checked here, before any noise is drawn or any distribution sees the logits, so
+        that a NaN input raises NonFiniteRouterLogitsError whatever the router (not, say, the
+        normal CDF's argument validation of noisy top-k). It is the layer's one host sync for
+        the check.
+        """
+        logits_TE = self.compute_logits(x_TD)
+        if self.config.check_finite and not bool(torch.isfinite(logits_TE).all()):
+            raise NonFiniteRouterLogitsError(
+                "router logits contain NaN or inf: check the layer input and router weights "
+                "(MoEConfig.check_finite=False skips this check)"
+            )
+        return logits_TE
+
     def route(self, x_TD: Tensor) -> RoutingResult:
         raise NotImplementedError
 
@@ -110,7 +130,7 @@ class TopKRouter(Router):
     """Mixtral / Qwen-MoE: softmax over all experts, keep the top k, optionally renormalize."""
 
     def route(self, x_TD: Tensor) -> RoutingResult:
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.checked_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         weights_TK, topk_ids_TK = scores_TE.topk(self.top_k, dim=-1)
         if self.config.normalize_weights:
@@ -138,7 +158,7 @@ class SwitchRouter(Router):
         if self.training and jitter > 0:
             noise_TD = torch.empty_like(router_in_TD).uniform_(1.0 - jitter, 1.0 + jitter)
             router_in_TD = router_in_TD * noise_TD
-        logits_TE = self.compute_logits(router_in_TD)
+        logits_TE = self.checked_logits(router_in_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         weights_TK, topk_ids_TK = scores_TE.topk(1, dim=-1)
         return RoutingResult(
@@ -164,7 +184,7 @@ class GShardRouter(Router):
     """
 
     def route(self, x_TD: Tensor) -> RoutingResult:
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.checked_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         policy = self.config.second_expert_policy if self.training else "all"
         if policy == "sample":
@@ -212,7 +232,7 @@ class NoisyTopKRouter(Router):
         self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.d_model))
 
     def route(self, x_TD: Tensor) -> RoutingResult:
-        clean_logits_TE = self.compute_logits(x_TD)
+        clean_logits_TE = self.checked_logits(x_TD)
         noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
         noise_std_TE = noise_std_TE + self.NOISE_EPSILON
         if self.training:
@@ -232,7 +252,9 @@ class NoisyTopKRouter(Router):
             threshold_if_in_T1 = top_values_TK1[:, k : k + 1]
             threshold_if_out_T1 = top_values_TK1[:, k - 1 : k]
             is_in_TE = noisy_logits_TE > threshold_if_in_T1
-            normal = torch.distributions.Normal(0.0, 1.0)
+            # validate_args=False: with check_finite off, a NaN propagates like in every other
+            # router instead of failing the distribution's argument check.
+            normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)
             prob_if_in_TE = normal.cdf((clean_logits_TE - threshold_if_in_T1) / noise_std_TE)
             prob_if_out_TE = normal.cdf((clean_logits_TE - threshold_if_out_T1) / noise_std_TE)
             load_E = torch.where(is_in_TE, prob_if_in_TE, prob_if_out_TE).sum(dim=0)
@@ -260,7 +282,7 @@ class ExpertChoiceRouter(Router):
     """
 
     def route(self, x_TD: Tensor, capacity: int) -> RoutingResult:  # type: ignore[override]
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.checked_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
         num_tokens = x_TD.shape[0]
         capacity = min(capacity, num_tokens)
@@ -304,7 +326,7 @@ class AuxFreeRouter(Router):
 
     def route(self, x_TD: Tensor) -> RoutingResult:
         config = self.config
-        logits_TE = self.compute_logits(x_TD)
+        logits_TE = self.checked_logits(x_TD)
         scores_TE = logits_TE.sigmoid()
         selection_TE = scores_TE.detach() + self.expert_bias.float()
         if config.n_group > 1:

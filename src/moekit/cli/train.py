@@ -140,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from moekit.distributed.expert_parallel import ExpertParallelError
+    from moekit.distributed.env import ExpertParallelError
     from moekit.training.checkpoint import CheckpointError, read_run_config
     from moekit.training.data import DataError
     from moekit.training.trainer import train

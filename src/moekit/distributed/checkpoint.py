@@ -35,7 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from moekit.distributed.expert_parallel import ExpertShard, barrier, sharded_parameters
+from moekit.distributed.env import barrier
+from moekit.distributed.expert_parallel import ExpertShard, sharded_parameters
 
 WEIGHTS_FILE = "model.safetensors"
 SHARDS_FILE = "shards.json"

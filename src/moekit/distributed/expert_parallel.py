@@ -5,9 +5,11 @@ N this rank's assignments (rows it sends), M rows this rank's experts receive, R
 
     expert_parallel(moe, group)     one MoE layer: rank r keeps experts [r·E/R, (r+1)·E/R)
     shard_experts(model, group)     every MoE layer of a model, replicated weights made equal
-    average_gradients(model, group) after backward: the gradient of the mean of the ranks' losses
-    clip_grad_norm_(model, ...)     gradient clipping by the norm over all ranks' shards
-    all_reduce_router_load(model)   aux-loss-free routers count the load of every rank
+    sharded_parameters(model)       which parameters are expert shards, and where their rows sit
+    set_all_to_all_observer(fn)     fn(bytes_sent, seconds) after every all-to-all (benchmarks)
+
+Gradient averaging and clipping across ranks are in ``moekit.distributed.grads``; joining
+the process group and collective errors in ``moekit.distributed.env``.
 
 Data flow of one layer on each rank (the torchtitan / Megatron-Core all-to-all dispatcher):
 
@@ -22,7 +24,7 @@ Semantics:
   The all-to-all is an autograd Function whose backward is the reverse all-to-all, so an
   expert shard's gradient after ``backward()`` sums the contributions of every rank's loss:
   it is the single-process gradient of Σ_r loss_r over the global batch.
-- Routers and shared experts are replicated. ``average_gradients`` all-reduces their
+- Routers and shared experts are replicated. ``grads.average_gradients`` all-reduces their
   gradients to the mean over ranks (as DistributedDataParallel does) and divides the expert
   shards' gradients by R, so that every gradient is that of mean_r loss_r: with equal-sized
   shards and a token-mean loss, exactly the single-process gradient of the global batch.
@@ -40,9 +42,8 @@ Semantics:
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,49 +51,32 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.dispatch import DispatchPlan, LocalDispatcher
+from moekit.distributed.env import collective_error, group_size_rank
 from moekit.experts import GroupedExperts
 from moekit.layer import MoE, moe_layers
-from moekit.routing import Assignments, AuxFreeRouter
+from moekit.routing import Assignments
 
-DEFAULT_TIMEOUT_S = 120.0  # collective timeout of init_distributed: a dead peer surfaces within it
+AllToAllObserver = Callable[[int, float], None]
 
-
-class ExpertParallelError(RuntimeError):
-    """A collective of expert parallelism failed: a peer rank crashed, was killed or hung."""
+_observer: AllToAllObserver | None = None
 
 
-def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    return dist.get_world_size(group), dist.get_rank(group)
+def set_all_to_all_observer(observer: AllToAllObserver | None) -> AllToAllObserver | None:
+    """Call ``observer(bytes_sent, seconds)`` after every all-to-all of expert parallelism in
+    this process (None: stop); returns the observer it replaces.
 
-
-def collective_error(what: str, group: dist.ProcessGroup | None, error: Exception) -> ExpertParallelError:
-    size, rank = _group_size_rank(group)
-    return ExpertParallelError(
-        f"{what} failed on rank {rank} of {size}: another rank raised, was killed, or did not reach "
-        f"this collective within the process group's timeout ({type(error).__name__}: {error})"
-    )
-
-
-@dataclass
-class AllToAllMeter:
-    """What this rank's all-to-alls cost while ``meter_all_to_all`` has the meter installed."""
-
-    calls: int = 0
-    bytes_sent: int = 0  # to the other ranks (rows a rank keeps for itself are not sent)
-    seconds: float = 0.0  # wall time inside the collectives, waiting for slower ranks included
-
-
-_meter: AllToAllMeter | None = None
-
-
-def meter_all_to_all(meter: AllToAllMeter | None) -> None:
-    """Count every all-to-all of expert parallelism into ``meter`` (None: stop counting)."""
-    global _meter
-    _meter = meter
+    bytes_sent: what this rank sent to the other ranks (rows it keeps for itself are not sent);
+    seconds: wall time inside the collective, waiting for slower ranks included.
+    NOTE: on CUDA an observer costs one device synchronization per all-to-all (the clock stops
+    when the collective has finished, not when it was queued); without one, nothing is timed.
+    """
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
 
 
 def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:  # noqa: ANN001
-    size, rank = _group_size_rank(group)
+    size, rank = group_size_rank(group)
     total = x.numel() * x.element_size()
     if input_splits is None:  # equal splits
         return total * (size - 1) // size
@@ -103,17 +87,16 @@ def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:  
 def _all_to_all_single(
     out: Tensor, x: Tensor, output_splits: list[int] | None, input_splits: list[int] | None, group, what: str  # noqa: ANN001
 ) -> Tensor:
+    observer = _observer
     started = time.perf_counter()
     try:
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
     except RuntimeError as error:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
         raise collective_error(what, group, error) from error
-    if _meter is not None:
+    if observer is not None:
         if out.is_cuda:
             torch.cuda.synchronize()
-        _meter.calls += 1
-        _meter.bytes_sent += _bytes_to_others(x, input_splits, group)
-        _meter.seconds += time.perf_counter() - started
+        observer(_bytes_to_others(x, input_splits, group), time.perf_counter() - started)
     return out
 
 
@@ -189,7 +172,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(num_experts)
         self.group = group
-        self.num_ranks, self.rank = _group_size_rank(group)
+        self.num_ranks, self.rank = group_size_rank(group)
         if num_experts % self.num_ranks != 0:
             raise ValueError(
                 f"MoEConfig.num_experts={num_experts} is not divisible by the {self.num_ranks} ranks "
@@ -239,15 +222,6 @@ class ExpertParallelDispatcher(LocalDispatcher):
 # ---------------------------------------------------------------------------------------
 
 
-def barrier(what: str, group: dist.ProcessGroup | None = None) -> None:
-    """``dist.barrier`` that fails with ExpertParallelError; nothing to wait for outside a group."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier(group=group)
-        except RuntimeError as error:
-            raise collective_error(what, group, error) from error
-
-
 def _broadcast_from_first(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
     source = dist.get_global_rank(group, 0) if group is not None else 0
     try:
@@ -268,7 +242,7 @@ def expert_parallel(moe: MoE, group: dist.ProcessGroup | None = None) -> MoE:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "expert_parallel needs an initialized torch.distributed process group "
-            "(torchrun + moekit.distributed.expert_parallel.init_distributed, or torch.distributed.init_process_group)"
+            "(torchrun + moekit.distributed.env.init_distributed, or torch.distributed.init_process_group)"
         )
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel expects a moekit.MoE layer, got {type(moe).__name__}")
@@ -327,108 +301,6 @@ def sharded_parameters(model: nn.Module) -> dict[str, ExpertShard]:
     return shards
 
 
-def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    sharded = sharded_parameters(model)
-    replicated, experts = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (experts if name in sharded else replicated).append(param)
-    return replicated, experts
 
 
-@torch.no_grad()
-def average_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Make every gradient that of mean_r loss_r, the mean of the ranks' losses. Call after
-    ``backward()`` and before clipping and ``optimizer.step()``.
 
-    Replicated parameters (routers, shared experts, attention, embeddings, ...): all-reduce
-    to the mean over ranks, in one flat buffer (DistributedDataParallel's averaging).
-    Expert shards: divided by R, their all-to-all backward having already summed every
-    rank's contribution. A missing gradient counts as zeros, so ranks always agree.
-    """
-    num_ranks = dist.get_world_size(group)
-    replicated, experts = _split_parameters(model)
-    for param in replicated + experts:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-    if replicated:
-        flat = torch.cat([param.grad.reshape(-1) for param in replicated])
-        try:
-            dist.all_reduce(flat, group=group)
-        except RuntimeError as error:
-            raise collective_error("all-reduce of replicated gradients", group, error) from error
-        flat.div_(num_ranks)
-        offset = 0
-        for param in replicated:
-            count = param.numel()
-            param.grad.copy_(flat[offset : offset + count].view_as(param.grad))
-            offset += count
-    for param in experts:
-        param.grad.div_(num_ranks)
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Clip by the global gradient norm, every expert shard of every rank included; returns it.
-
-    After ``average_gradients`` the replicated gradients are equal on every rank, so
-    norm² = Σ replicated g² + Σ_ranks Σ shard g² (one all-reduce of a scalar).
-    """
-    replicated, experts = _split_parameters(model)
-    grads = [p.grad for p in replicated if p.grad is not None]
-    expert_grads = [p.grad for p in experts if p.grad is not None]
-    device = next(model.parameters()).device
-    replicated_sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=device))
-    expert_sq = sum((g.float().pow(2).sum() for g in expert_grads), torch.zeros((), device=device))
-    try:
-        dist.all_reduce(expert_sq, group=group)
-    except RuntimeError as error:
-        raise collective_error("all-reduce of the gradient norm", group, error) from error
-    total_norm = (replicated_sq + expert_sq).sqrt()
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    for grad in grads + expert_grads:
-        grad.mul_(scale.to(grad.dtype))
-    return total_norm
-
-
-@torch.no_grad()
-def all_reduce_router_load(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Sum the load counted by aux-loss-free routers over the ranks, so that the replicated
-    expert biases receive the same update everywhere (call before ``update_expert_bias``)."""
-    for module in model.modules():
-        if isinstance(module, AuxFreeRouter):
-            try:
-                dist.all_reduce(module.load_since_update, group=group)
-            except RuntimeError as error:
-                raise collective_error("all-reduce of router load", group, error) from error
-
-
-@torch.no_grad()
-def all_reduce_mean(values: list[float], group: dist.ProcessGroup | None = None) -> list[float]:
-    """The mean over ranks of a few host numbers (losses, step times), equal on every rank."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        tensor = tensor.cuda()
-    try:
-        dist.all_reduce(tensor, group=group)
-    except RuntimeError as error:
-        raise collective_error("all-reduce of step figures", group, error) from error
-    return (tensor / dist.get_world_size(group)).tolist()
-
-
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> tuple[int, int]:
-    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-
-    gloo on CPU, NCCL when CUDA is available (each rank then uses GPU LOCAL_RANK); every
-    collective fails after ``timeout_s`` instead of hanging on a dead peer. Returns
-    (rank, world size); (0, 1) and no process group when not launched by torchrun.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()

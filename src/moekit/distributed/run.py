@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from moekit.distributed import checkpoint as distributed_checkpoint
+from moekit.distributed import env, grads
 from moekit.distributed import expert_parallel as parallel
 
 
@@ -45,7 +46,7 @@ class DistributedRun:
 
     @classmethod
     def setup(
-        cls, expert_parallel: int, timeout_s: float = parallel.DEFAULT_TIMEOUT_S, backend: str = "gloo"
+        cls, expert_parallel: int, timeout_s: float = env.DEFAULT_TIMEOUT_S, backend: str = "gloo"
     ) -> DistributedRun:
         """Join torchrun's process group when ``expert_parallel`` > 1 (it must equal WORLD_SIZE):
         ``backend`` nccl when the model trains on CUDA, gloo on the CPU."""
@@ -61,7 +62,7 @@ class DistributedRun:
         if expert_parallel == 1:
             return cls.single()
         owns_group = not torch.distributed.is_initialized()
-        rank, num_ranks = parallel.init_distributed(timeout_s, backend=backend)
+        rank, num_ranks = env.init_distributed(timeout_s, backend=backend)
         return cls(rank, num_ranks, owns_group)
 
     @property
@@ -79,7 +80,7 @@ class DistributedRun:
 
     def barrier(self) -> None:
         if self.distributed:
-            parallel.barrier("barrier of the training ranks")
+            env.barrier("barrier of the training ranks")
 
     def shard(self, model: nn.Module) -> nn.Module:
         if self.distributed:
@@ -91,20 +92,20 @@ class DistributedRun:
 
     def reduce_gradients(self, model: nn.Module) -> None:
         if self.distributed:
-            parallel.average_gradients(model)
+            grads.average_gradients(model)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> None:
         if self.distributed:
-            parallel.clip_grad_norm_(model, max_norm)
+            grads.clip_grad_norm_(model, max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def pool_router_load(self, model: nn.Module) -> None:
         if self.distributed:
-            parallel.all_reduce_router_load(model)
+            grads.all_reduce_router_load(model)
 
     def mean(self, values: list[float]) -> list[float]:
-        return parallel.all_reduce_mean(values) if self.distributed else values
+        return grads.all_reduce_mean(values) if self.distributed else values
 
     def save_checkpoint(
         self, run_dir: Path, model: nn.Module, state: dict, save_single: Callable[[Path, nn.Module, dict], Path]

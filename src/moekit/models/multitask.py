@@ -18,7 +18,8 @@ Notable features
   experts. CGC is PLE with one level.
 - Per-task towers (one hidden ReLU layer), any number of tasks, regression or binary
   classification per task, per-task loss masks (``task_losses``).
-- Per-task gate statistics over a dataset and their plot (MMoE Fig. 6, PLE Fig. 8).
+- Per-task gate statistics over a dataset (MMoE Fig. 6, PLE Fig. 8); their plot is research
+  code, in ``moekit.experiments.multitask.plots``.
 - ``ReplicaStack``: many independently initialized copies of one model trained as one model
   whose parameters carry a leading replica axis (``torch.func.stack_module_state`` +
   ``vmap(functional_call)``); with an elementwise optimizer such as Adam, one step on the
@@ -31,7 +32,6 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.experts import _GroupedMatmul, activate
+from moekit.experts import GroupedMatmul, activate
 from moekit.routing import TopKRouter
 
 TASK_KINDS = ("regression", "binary")
@@ -135,7 +135,7 @@ class ExpertLayer(nn.Module):
         counts_E = routing_map_TE.sum(dim=0)
         group_ends_E = counts_E.cumsum(0).to(torch.int32)
         rows_ND = x_TD[token_idx_N].contiguous()
-        h_NH = _GroupedMatmul.apply(rows_ND, self.w_in, group_ends_E, counts_E.tolist(), "auto")
+        h_NH = GroupedMatmul.apply(rows_ND, self.w_in, group_ends_E, counts_E.tolist(), "auto")
         h_NH = activate(h_NH + self.b_in[expert_idx_N], "relu")
         out_TEH = x_TD.new_zeros(x_TD.shape[0], self.num_experts, self.d_hidden)
         return out_TEH.index_put((token_idx_N, expert_idx_N), h_NH)
@@ -395,32 +395,6 @@ def gate_statistics(model: MultiTaskModel, x_TD: Tensor, batch_size: int = 4096)
     model.train(was_training)
     weights_KTE = torch.stack([torch.cat([c[name] for c in chunks]) for name in names]).float()
     return GateStatistics(list(model.config.names), weights_KTE.mean(dim=1), weights_KTE.std(dim=1))
-
-
-def plot_gate_statistics(stats: GateStatistics, path: Path, title: str = "gate weights per task") -> Path:
-    """Bars of each task's mean gate weight per expert, with ±1 sd whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_tasks, num_experts = stats.mean_KE.shape
-    width = 0.8 / num_tasks
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * num_experts + 2), 3.6))
-    for k, name in enumerate(stats.task_names):
-        positions = [e + (k - (num_tasks - 1) / 2) * width for e in range(num_experts)]
-        ax.bar(positions, stats.mean_KE[k].tolist(), width, yerr=stats.std_KE[k].tolist(), capsize=2, label=name)
-    ax.set_xticks(range(num_experts))
-    ax.set_xlabel("expert")
-    ax.set_ylabel("gate weight (mean ± sd)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from moekit.capacity import apply_capacity, expert_capacity
 from moekit.config import MoEConfig
-from moekit.distributed.expert_parallel import AllToAllMeter, expert_parallel, meter_all_to_all
+from moekit.distributed.expert_parallel import expert_parallel, set_all_to_all_observer
 from moekit.layer import MoE
 
 STAGES = ("routing", "all_to_all", "experts", "combine")
@@ -51,6 +51,21 @@ class EPCase:
     tokens: int = 2048  # per rank
     steps: int = 6  # timed steps, after 2 warm-up steps
     capacity_factor: float | None = None
+
+
+@dataclass
+class AllToAllMeter:
+    """What this rank's all-to-alls cost, counted while installed as the all-to-all observer
+    (``set_all_to_all_observer(meter)``)."""
+
+    calls: int = 0
+    bytes_sent: int = 0  # to the other ranks (rows a rank keeps for itself are not sent)
+    seconds: float = 0.0  # wall time inside the collectives, waiting for slower ranks included
+
+    def __call__(self, bytes_sent: int, seconds: float) -> None:
+        self.calls += 1
+        self.bytes_sent += bytes_sent
+        self.seconds += seconds
 
 
 @dataclass
@@ -154,13 +169,16 @@ def _worker(rank: int, num_ranks: int, store: str, case: EPCase, out_dir: str) -
         x_TD = torch.randn(case.tokens, case.d_model, generator=generator)
         upstream_TD = torch.randn(case.tokens, case.d_model, generator=generator)
         meter = AllToAllMeter()
-        meter_all_to_all(meter)
+        previous = set_all_to_all_observer(meter)
         records = []
-        for step in range(2 + case.steps):
-            dist.barrier()  # every rank starts the step together: waits are the step's own
-            record = timed_step(layer, x_TD, upstream_TD, meter)
-            if step >= 2:
-                records.append(record)
+        try:
+            for step in range(2 + case.steps):
+                dist.barrier()  # every rank starts the step together: waits are the step's own
+                record = timed_step(layer, x_TD, upstream_TD, meter)
+                if step >= 2:
+                    records.append(record)
+        finally:
+            set_all_to_all_observer(previous)
         Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(records))
     finally:
         dist.destroy_process_group()

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moekit.experiments.multitask.census import PAPER_AUC, CensusResult  # noqa: E402
+from moekit.experiments.multitask.plots import plot_gate_statistics  # noqa: E402
 from moekit.experiments.multitask.synthetic import BAYES_LOSS, SyntheticResult  # noqa: E402
-from moekit.models.multitask import plot_gate_statistics  # noqa: E402
 
 LABELS = {
     "mmoe": "MMoE",
