@@ -115,6 +115,9 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"moekit bench layer: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moekit bench layer: interrupted; nothing was reported", file=sys.stderr)
+        return 130
     print(report.table(), file=human)
     if args.json:
         print_json(report.to_dict())
