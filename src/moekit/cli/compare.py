@@ -56,7 +56,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.experiments.compare.run import GridInterrupted, IncompleteRunError, run_compare
+    from moekit.experiments.compare.run import GridInterrupted, GridRunError, run_compare
 
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
@@ -75,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-        except IncompleteRunError as err:
+        except GridRunError as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 1
         except (ValueError, OSError) as err:

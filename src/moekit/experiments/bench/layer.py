@@ -817,7 +817,7 @@ def bench_layer(
                     if default is None:
                         raise ValueError("--malloc reuse: glibc's mallopt did not take effect in the second process")
                     notes.append("glibc's mallopt did not take effect in the second process: default allocator only")
-                    second_process, reuse = None, None
+                    second_process, reuse, malloc = None, None, DEFAULT_MALLOC
             if default is None:
                 results.append(reuse)
                 continue

@@ -73,8 +73,9 @@ class GridInterrupted(Exception):
         super().__init__(f"interrupted by {signal_name}{where}")
 
 
-class IncompleteRunError(RuntimeError):
-    """A run of the grid ended before its last step for a reason other than an interrupt."""
+class GridRunError(RuntimeError):
+    """A run of the grid cannot be used: it ended before its last step for a reason other than
+    an interrupt (it diverged, say), or its directory holds a run of another specification."""
 
 
 @dataclass
@@ -374,7 +375,7 @@ def _finished_result(run_dir: Path, spec: RunSpec, payload: dict[str, Any]) -> d
     stored = json.loads((run_dir / SPEC_FILE).read_text())
     if stored != payload:
         # The same name and hash prefix, another spec: never train over it.
-        raise IncompleteRunError(
+        raise GridRunError(
             f"{run_dir / SPEC_FILE}: holds another run ({', '.join(_differing_fields(stored, payload))} "
             "differ); move it away or choose another --out (nothing was overwritten)"
         )
@@ -409,7 +410,7 @@ def _run_one(run_dir: Path, spec: RunSpec, data_sha256: str) -> dict:
             raise GridInterrupted(spec.key, run_dir)
         reason = incomplete_reason(result, spec)
         if reason is not None:
-            raise IncompleteRunError(f"run {spec.key} ({run_dir}) {reason}; results.md was not written")
+            raise GridRunError(f"run {spec.key} ({run_dir}) {reason}; results.md was not written")
     state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
     history = [{k: v for k, v in row.items() if k != "expert_load"} for row in state["history"]]
     return {**result, "history": history, "seed": spec.seed}
