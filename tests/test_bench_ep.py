@@ -3,7 +3,8 @@
 Verified: the formula at a hand-computed value; a quick run on 1 and 2 forked ranks reports,
 per rank and step, exactly the bytes that the routing of its tokens sends to the other rank
 (4 row exchanges of D float32 values per assignment leaving the rank, plus the counts), and
-stage times that add up to the step; its last line is one JSON object.
+stage times that add up to the step; with --json its stdout is one JSON document and the
+table goes to stderr.
 
     pytest tests/test_bench_ep.py
 """
@@ -31,8 +32,9 @@ def test_formula_at_hand_computed_value():
 def test_quick_run_measures_the_bytes_its_routing_sends(capsys):
     args = ["bench", "ep", "--quick", "--ranks", "1,2", "--start-method", "fork", "--json"]
     assert main(args) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    payload = json.loads(out[-1])
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    payload = json.loads(captured.out)  # --json: stdout is the JSON document alone
     case = payload["case"]
     one, two = payload["rows"]
     assert (one["ranks"], two["ranks"]) == (1, 2)
@@ -56,4 +58,5 @@ def test_quick_run_measures_the_bytes_its_routing_sends(capsys):
         stages = row["routing_ms"] + row["all_to_all_ms"] + row["experts_ms"] + row["combine_ms"]
         assert stages == pytest.approx(row["step_ms"], rel=0.3)  # medians of sums, not sums of medians
         assert row["experts_ms"] > 0 and row["all_to_all_ms"] > 0
-    assert any("all-to-all" in line for line in out[:-1])
+    assert len(out) == 1
+    assert any("all-to-all" in line for line in captured.err.splitlines())  # the table, on stderr

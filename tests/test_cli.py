@@ -46,9 +46,9 @@ def test_bench_layer_help_lists_options_cases_and_examples():
 
 
 def test_bench_layer_quick_json_last_line_is_the_report(capsys):
-    # In-process (the subprocess tests above cover the entry point); --no-malloc-reuse keeps
+    # In-process (the subprocess tests above cover the entry point); --malloc default keeps
     # the allocator setting out of the test process.
-    args = ["bench", "layer", "--quick", "--json", "--no-hf", "--rounds", "1", "--no-malloc-reuse"]
+    args = ["bench", "layer", "--quick", "--json", "--no-hf", "--rounds", "1", "--malloc", "default"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bench"] == "layer"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -30,13 +31,18 @@ counts activations only (no parameters or parameter gradients); the dense equiva
 input rows and their gradient count. transformers blocks (Mixtral eager / grouped_mm, Switch)
 run with the same weights when transformers is installed.
 
+allocator (--malloc): the headline column is measured with glibc malloc at its defaults, as
+moekit train and your own scripts run. With --malloc both (the default) every case runs again
+in a second process in which glibc keeps freed memory for reuse (no fresh pages, and no page
+faults, for every large buffer), shown in the "malloc reuse" column; targets judge the headline.
+The table's first line names the CPU.
+
 examples:
-  moekit bench layer                      all cases, 7 rounds
-  moekit bench layer --cases 2,3 --rounds 11
-  moekit bench layer --no-hf --json > bench.txt && tail -n 1 bench.txt
+  moekit bench layer                      all cases, 7 rounds, both allocator settings
+  moekit bench layer --cases 2,3 --rounds 11 --malloc default
+  moekit bench layer --no-hf --json > bench.json      stdout: one JSON document (table on stderr)
   moekit bench layer --quick              tiny sizes, 2 rounds: a smoke test
 """
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,6 +65,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
+    from moekit.experiments.bench.layer import MALLOC_MODES
+
     parser = subparsers.add_parser(
         "layer",
         help="one MoE layer's fwd+bwd time and peak memory vs the dense equivalent",
@@ -78,10 +86,11 @@ def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparisons")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and inputs")
     parser.add_argument(
-        "--no-malloc-reuse",
-        action="store_true",
-        help="leave glibc malloc at its defaults (large buffers get fresh pages on every "
-        "allocation); by default freed memory is kept for reuse, for every implementation alike",
+        "--malloc",
+        choices=MALLOC_MODES,
+        default="both",
+        help="allocator settings to measure: glibc defaults (the headline, what users get), "
+        "reuse of freed memory (in a second process), or both side by side (default both)",
     )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     add_json_flag(parser)
@@ -92,6 +101,8 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     from moekit.experiments.bench.layer import bench_layer
 
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
+    # With --json, stdout holds the JSON document alone: the table goes to stderr.
+    human = sys.stderr if args.json else sys.stdout
     try:
         report = bench_layer(
             case_keys=args.cases,
@@ -99,23 +110,18 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
             quick=args.quick,
             use_hf=not args.no_hf,
             seed=args.seed,
-            malloc_reuse=not args.no_malloc_reuse,
+            malloc=args.malloc,
         )
     except ValueError as err:
         print(f"moekit bench layer: error: {err}", file=sys.stderr)
         return 2
-    import torch
-
-    print(
-        f"moekit bench layer: float32, cpu, {torch.get_num_threads()} threads, {rounds} rounds, "
-        f"median of per-round ratios to the dense equivalent" + (" (--quick: toy sizes)" if args.quick else "")
-    )
-    print(report.table())
+    except KeyboardInterrupt:
+        print("moekit bench layer: interrupted; nothing was reported", file=sys.stderr)
+        return 130
+    print(report.table(), file=human)
     if args.json:
         print_json(report.to_dict())
     return 1 if args.strict and not report.passed else 0
-
-
 
 
 EPILOG_EP = """\
@@ -128,7 +134,7 @@ columns (per rank, per layer, per training step = forward + backward):
 examples:
   moekit bench ep                        1, 2 and 4 ranks, 2048 tokens per rank
   moekit bench ep --ranks 1,2 --tokens 4096 --experts 16
-  moekit bench ep --quick --json         tiny sizes: a smoke test; last line one JSON object
+  moekit bench ep --quick --json         tiny sizes: a smoke test; stdout one JSON document
 """
 
 
@@ -166,9 +172,7 @@ def add_bench_ep(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--start-method", choices=("spawn", "fork"), default="spawn", help="how ranks start (default spawn)"
     )
-    parser.add_argument(
-        "--json", action="store_true", help="also print the figures as one JSON object on the last line"
-    )
+    add_json_flag(parser)
     parser.set_defaults(func=cmd_bench_ep)
 
 
@@ -194,17 +198,20 @@ def cmd_bench_ep(args: argparse.Namespace) -> int:
         for name in ("tokens", "steps"):
             if getattr(case, name) < 1:
                 raise ValueError(f"--{name} {getattr(case, name)} is invalid: must be >= 1")
-        rows = bench_ep(case, args.ranks, args.start_method)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            rows = bench_ep(case, args.ranks, args.start_method)
     except ValueError as error:
         print(f"moekit bench ep: error: {error}", file=sys.stderr)
         return 2
+    human = sys.stderr if args.json else sys.stdout
     print(
         f"moekit bench ep: one MoE layer, E={case.num_experts} top-{case.top_k} d={case.d_model} f={case.d_ff} "
         f"{'dropless' if case.capacity_factor is None else f'capacity {case.capacity_factor}'}, float32, gloo on "
         f"{os.cpu_count()} CPU cores, 1 thread per rank; per rank, per layer and training step (fwd+bwd), "
-        f"median of {case.steps} steps"
+        f"median of {case.steps} steps",
+        file=human,
     )
-    print(table(rows))
+    print(table(rows), file=human)
     if args.json:
         print_json({"case": asdict(case), "rows": [asdict(row) for row in rows]})
     return 0

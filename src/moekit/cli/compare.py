@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_json
@@ -16,6 +17,11 @@ experiments:
   e  the routers side by side
   f  control for (a): the dense baseline at 2x and 4x its FFN width, same steps
 
+runs are reused only when their whole specification matches (model and train configs, every
+field, and the training text): each lives in runs/<name>-s<seed>-<spec hash>/ with spec.json.
+Ctrl-C or SIGTERM stops the whole grid (exit status 130, no results.md); the same command
+then continues: finished runs are reused, the interrupted one trains again.
+
 examples:
   moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
   moekit compare --experiments a --seeds 3 --steps-a 1000
@@ -28,7 +34,8 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="short trainings that reproduce the MoE literature's claims: results.md + PNGs",
         description="Run a grid of short trainings (several seeds each) and write results.md and PNG "
-        "figures. Finished runs are reused, so an interrupted grid continues where it stopped.",
+        "figures. Finished runs of the same specification are reused, so an interrupted grid continues "
+        "where it stopped.",
         epilog=EPILOG_COMPARE,
         formatter_class=help_formatter,
     )
@@ -49,25 +56,39 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.experiments.compare.run import run_compare
+    from moekit.experiments.compare.run import GridInterrupted, GridRunError, run_compare
 
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
-    try:
-        summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command, headline_steps)
-    except (ValueError, OSError) as err:
-        print(f"moekit compare: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}/results.md")
-    for name, row in summary.items():
-        if name == "throughput":
-            ratio = row["ratio_to_baseline"]["moe"]
-            print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
-            continue
-        print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
-              f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    # With --json, stdout holds the JSON document alone: everything else goes to stderr.
+    human = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with human:
+        try:
+            summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command, headline_steps)
+        except GridInterrupted as stop:
+            during = f" during run {stop.run} ({stop.run_dir})" if stop.run else ""
+            print(
+                f"moekit compare: interrupted by {stop.signal_name}{during}; no results.md was written. "
+                "Run the same command again to continue: finished runs are reused"
+                + (", this one trains again from its start." if stop.run else "."),
+                file=sys.stderr,
+            )
+            return 130
+        except GridRunError as err:
+            print(f"moekit compare: error: {err}", file=sys.stderr)
+            return 1
+        except (ValueError, OSError) as err:
+            print(f"moekit compare: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}/results.md")
+        for name, row in summary.items():
+            if name == "throughput":
+                ratio = row["ratio_to_baseline"]["moe"]
+                print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
+                continue
+            print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
+                  f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
     if args.json:
         print_json(summary)
     return 0
-

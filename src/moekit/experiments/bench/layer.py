@@ -22,10 +22,13 @@ Notable details:
 - The transformers blocks (``MixtralSparseMoeBlock`` with the "eager" and "grouped_mm" experts
   implementations, ``SwitchTransformersSparseMLP``) are built from small configs and given the
   moekit layer's weights, so they route every token the same way.
-- On Linux, ``malloc_reuse=True`` makes glibc keep freed memory for reuse instead of handing
-  every buffer over 32 MB back to the kernel (see ``_reuse_freed_memory``), as PyTorch's
-  caching allocator does on GPUs. It applies to the whole process, so to the dense equivalent
-  and every implementation alike.
+- The allocator: the headline figures run under glibc malloc's defaults, which is what
+  ``moekit train`` and a user's own script get. Beside them (``malloc="both"``, the default),
+  every case runs again in a second process in which glibc keeps freed memory for reuse
+  instead of handing every large buffer back to the kernel (see ``_reuse_freed_memory``), as
+  PyTorch's caching allocator does on GPUs. That setting cannot be undone inside a process
+  (glibc stops adapting its mmap threshold once it is set), hence the second process, which
+  runs case by case between the default-allocator cases, so both see the same machine.
 
 Run: ``moekit bench layer`` (``moekit bench layer --help`` for options).
 """
@@ -35,12 +38,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,6 +63,12 @@ HF_MIXTRAL_GROUPED = "hf-mixtral-grouped_mm"
 HF_SWITCH = "hf-switch"
 HF_IMPLS = (HF_MIXTRAL_EAGER, HF_MIXTRAL_GROUPED, HF_SWITCH)
 BUSY_WARNING = 0.15  # share of the CPUs other processes may keep busy before timings get noisy
+MALLOC_MODES = ("both", "default", "reuse")  # which allocator settings to measure
+DEFAULT_MALLOC, REUSE_MALLOC = "default", "reuse"
+ALLOCATOR_LABELS = {
+    DEFAULT_MALLOC: "glibc malloc defaults (what moekit train and your own scripts get)",
+    REUSE_MALLOC: "glibc malloc keeping freed memory for reuse (mallopt, in a second process)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,11 +400,21 @@ class ImplResult:
     peak_bytes: int | None = None
     dense_peak_bytes: int | None = None
     max_abs_diff: float | None = None  # of the forward output against moekit's
+    malloc_reuse: ImplResult | None = None  # the same measurement with malloc reuse, when taken
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"impl": self.impl, "ratio": round(self.ratio, 4)}
+        out = self.figures()
         if self.target is not None:
             out.update(target=self.target, beat=self.beat, passed=self.passed)
+        if self.max_abs_diff is not None:
+            out["max_abs_diff"] = self.max_abs_diff
+        if self.malloc_reuse is not None:
+            out["malloc_reuse"] = self.malloc_reuse.figures()
+        return out
+
+    def figures(self) -> dict[str, Any]:
+        """The measurement alone (no verdict)."""
+        out: dict[str, Any] = {"impl": self.impl, "ratio": round(self.ratio, 4)}
         if self.round_ratios:
             out["round_ratios"] = [round(r, 4) for r in self.round_ratios]
             out["seconds"] = self.seconds
@@ -401,8 +422,6 @@ class ImplResult:
         if self.peak_bytes is not None:
             out["peak_bytes"] = self.peak_bytes
             out["dense_peak_bytes"] = self.dense_peak_bytes
-        if self.max_abs_diff is not None:
-            out["max_abs_diff"] = self.max_abs_diff
         return out
 
 
@@ -591,9 +610,10 @@ def _reuse_freed_memory() -> bool:
     pages from the kernel and unmaps it on free, so every large activation pays a page
     fault per 4 KiB page on first touch, in proportion to the bytes allocated rather than to
     the work done. Turning mmap off (M_MMAP_MAX = 0) and trimming off (M_TRIM_THRESHOLD) keeps
-    freed blocks in the heap, as a caching allocator does.
+    freed blocks in the heap, as a caching allocator does. For the rest of the process: call
+    it only in the benchmark's second process.
     """
-    if platform.system() != "Linux":
+    if not malloc_reuse_available():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -603,6 +623,41 @@ def _reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(ok_trim and ok_mmap)
+
+
+def malloc_reuse_available() -> bool:
+    """Whether this system's C library is glibc with ``mallopt`` (changes nothing)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        return False
+
+
+_reuse_took_effect = False  # set in the second process, by _start_reuse_process
+
+
+def _start_reuse_process(threads: int) -> None:
+    global _reuse_took_effect
+    torch.set_num_threads(threads)  # as many as the first process uses
+    _reuse_took_effect = _reuse_freed_memory()
+
+
+def _run_case_with_reuse(
+    case: LayerCase, rounds: int, warmup: int, use_hf: bool, seed: int, progress: bool
+) -> tuple[bool, CaseResult]:
+    return _reuse_took_effect, run_case(case, rounds, warmup, use_hf, seed, progress)
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,21 +670,38 @@ class LayerBenchReport:
     cases: list[CaseResult]
     rounds: int
     quick: bool
-    malloc_reuse: bool
+    malloc: str  # what was measured: "both", "default" or "reuse" (see MALLOC_MODES)
     seed: int
     cpu_busy_before: float | None = None
+    cpu: str = field(default_factory=cpu_model_name)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> str:
+        """The allocator of the figures the verdicts judge: the default, unless only reuse ran."""
+        return REUSE_MALLOC if self.malloc == REUSE_MALLOC else DEFAULT_MALLOC
+
+    @property
+    def has_reuse_column(self) -> bool:
+        return any(r.malloc_reuse is not None for c in self.cases for r in c.results)
 
     @property
     def passed(self) -> bool:
         return all(c.passed is not False for c in self.cases)
 
     def to_dict(self) -> dict[str, Any]:
+        allocators = {"ratio": ALLOCATOR_LABELS[self.headline]}
+        if self.has_reuse_column:
+            allocators["malloc_reuse"] = ALLOCATOR_LABELS[REUSE_MALLOC]
         return {
             "bench": "layer",
             "quick": self.quick,
             "rounds": self.rounds,
             "seed": self.seed,
-            "malloc_reuse": self.malloc_reuse,
+            "cpu": self.cpu,
+            "malloc": self.malloc,
+            "headline_allocator": self.headline,
+            "allocators": allocators,  # what each figure of a result was measured under
             "cpu_busy_before": self.cpu_busy_before,
             "torch": torch.__version__,
             "transformers": transformers_version(),
@@ -637,11 +709,15 @@ class LayerBenchReport:
             "dtype": "float32",
             "device": "cpu",
             "passed": self.passed,
+            "notes": self.notes,
             "cases": [c.to_dict() for c in self.cases],
         }
 
     def table(self) -> str:
-        header = ("case", "implementation", "ratio", "target", "status", "impl", "dense")
+        reuse_column = self.has_reuse_column
+        ratio_header = "malloc reuse" if self.headline == REUSE_MALLOC else "default malloc"
+        header = ("case", "implementation", ratio_header, *(("malloc reuse",) if reuse_column else ()),
+                  "target", "status", "impl", "dense")  # fmt: skip
         rows: list[tuple[str, ...]] = []
         for case_result in self.cases:
             case = case_result.case
@@ -658,17 +734,29 @@ class LayerBenchReport:
                     impl_cost = f"{r.peak_bytes / 2**20:.0f} MiB"
                     dense_cost = f"{r.dense_peak_bytes / 2**20:.0f} MiB"
                 label = f"{case.key}. {case.title}" if i == 0 else ""
-                rows.append((label, r.impl, f"{r.ratio:.2f}{unit}", target, status, impl_cost, dense_cost))
+                reuse = ()
+                if reuse_column:
+                    reuse = (f"{r.malloc_reuse.ratio:.2f}{unit}" if r.malloc_reuse is not None else "-",)
+                rows.append((label, r.impl, f"{r.ratio:.2f}{unit}", *reuse, target, status, impl_cost, dense_cost))
         widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
 
         def fmt(row: tuple[str, ...]) -> str:
             return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
 
-        lines = [fmt(header), "  ".join("-" * w for w in widths)]
+        lines = [
+            f"moekit bench layer on {self.cpu}: float32, {torch.get_num_threads()} threads, {self.rounds} rounds, "
+            "median of per-round ratios to the dense equivalent" + (" (--quick: toy sizes)" if self.quick else ""),
+            f"{ratio_header}: {ALLOCATOR_LABELS[self.headline]}; target and status judge this column, "
+            "impl and dense are its step times (or peaks)",
+        ]
+        if reuse_column:
+            lines.append(f"malloc reuse: {ALLOCATOR_LABELS[REUSE_MALLOC]}")
+        lines += ["", fmt(header), "  ".join("-" * w for w in widths)]
         lines += [fmt(row) for row in rows]
         for case_result in self.cases:
             for note in case_result.notes:
                 lines.append(f"note (case {case_result.case.key}): {note}")
+        lines += [f"note: {note}" for note in self.notes]
         if self.quick:
             lines.append("note: --quick runs toy sizes; the targets are for the full sizes (a smoke test only)")
         if self.cpu_busy_before is not None and self.cpu_busy_before > BUSY_WARNING:
@@ -685,19 +773,57 @@ def bench_layer(
     quick: bool = False,
     use_hf: bool = True,
     seed: int = 0,
-    malloc_reuse: bool = True,
+    malloc: str = "both",
     progress: bool = True,
 ) -> LayerBenchReport:
     """Run the layer benchmark cases (all by default); see the module docstring for the method.
 
-    ``malloc_reuse`` changes glibc's settings for the rest of the process (they cannot be
-    undone); pass False when calling this from a process that goes on doing other work.
+    ``malloc``: "both" measures every case under glibc's default allocator (the headline) and
+    again with malloc reuse, in a second process; "default" only the first; "reuse" only the
+    second. This process's allocator settings are never changed.
     """
     if rounds < 1:
         raise ValueError(f"rounds={rounds} is invalid: must be >= 1")
+    if malloc not in MALLOC_MODES:
+        raise ValueError(f"malloc={malloc!r} is invalid: choose from {', '.join(MALLOC_MODES)}")
+    notes: list[str] = []
+    if malloc != DEFAULT_MALLOC and not malloc_reuse_available():
+        if malloc == REUSE_MALLOC:
+            raise ValueError("--malloc reuse needs glibc's mallopt (Linux with glibc); this system has none")
+        notes.append("malloc reuse needs glibc's mallopt, which this system lacks: default allocator only")
+        malloc = DEFAULT_MALLOC
     cases = select_cases(case_keys, quick)
     busy = cpu_busy_fraction(0.1 if quick else 0.5)
-    reused = _reuse_freed_memory() if malloc_reuse else False
     warmup = 1 if quick else 2
-    results = [run_case(case, rounds, warmup, use_hf, seed, progress) for case in cases]
-    return LayerBenchReport(results, rounds, quick, reused, seed, busy)
+    results: list[CaseResult] = []
+    with contextlib.ExitStack() as stack:
+        second_process = None
+        if malloc != DEFAULT_MALLOC:
+            second_process = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),  # a fresh allocator, not a copy of ours
+                initializer=_start_reuse_process,
+                initargs=(torch.get_num_threads(),),
+            )
+            stack.callback(second_process.shutdown, wait=True, cancel_futures=True)
+        for case in cases:
+            default = run_case(case, rounds, warmup, use_hf, seed, progress) if malloc != REUSE_MALLOC else None
+            reuse = None
+            if second_process is not None:
+                took_effect, reuse = second_process.submit(
+                    _run_case_with_reuse, case, rounds, warmup, use_hf, seed, progress
+                ).result()
+                if not took_effect:
+                    if default is None:
+                        raise ValueError("--malloc reuse: glibc's mallopt did not take effect in the second process")
+                    notes.append("glibc's mallopt did not take effect in the second process: default allocator only")
+                    second_process, reuse, malloc = None, None, DEFAULT_MALLOC
+            if default is None:
+                results.append(reuse)
+                continue
+            if reuse is not None:
+                by_impl = {r.impl: r for r in reuse.results}
+                for r in default.results:
+                    r.malloc_reuse = by_impl.get(r.impl)
+            results.append(default)
+    return LayerBenchReport(results, rounds, quick, malloc, seed, busy, notes=notes)

@@ -203,7 +203,10 @@ def write_report(
         ax.tick_params(axis="x", rotation=20)
         figures.append(_save(fig, out / "e_routers.png"))
     path = out / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    # NOTE: written last and renamed into place: an interrupt never leaves half a report.
+    partial = out / "results.md.partial"
+    partial.write_text("\n".join(lines) + "\n")
+    partial.replace(path)
     return path
 
 

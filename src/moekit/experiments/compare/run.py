@@ -18,15 +18,29 @@ runs fits in about half an hour; runs differ only in the setting under study.
      4x its FFN width (so 2x and 4x the FFN compute), same recipe and steps as (a). An MoE adds
      FFN parameters at constant compute; where wider dense FFNs do not lower the validation
      loss either, the MoE has nothing to gain from them.
+
+Runs and reuse: every run lives in ``<out>/runs/<name>-s<seed>-<spec hash>``, the hash taken
+over its full specification (every field of the model config and of the train config, and the
+training text's SHA-256), which ``spec.json`` in the run directory holds. A run is reused only
+when its spec.json matches field by field and its results.json says it ran all its steps, so a
+grid with other ``--steps`` or ``--quick`` trains its own runs and never overwrites another's.
+Ctrl-C or SIGTERM stops the whole grid (``GridInterrupted``): the run it stopped is trained
+again from its start by the next identical command, and no results.md is written from a part
+of the grid.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
+import signal
 import statistics
+import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +48,9 @@ import torch
 from tqdm import tqdm
 
 from moekit.models.lm import LMConfig, MoETransformerLM
+from moekit.training.checkpoint import write_json_atomic
 from moekit.training.config import TrainConfig, default_configs
-from moekit.training.data import ByteTokenizer, TextDataset, random_batch
+from moekit.training.data import ByteTokenizer, TextDataset, random_batch, read_text
 from moekit.training.trainer import build_optimizer, optimizer_step, train
 
 EXPERIMENTS = ("a", "b", "c", "d", "e", "f")
@@ -45,6 +60,22 @@ COMPARE_BATCH_SIZE = 8
 SEEDS_PER_SIDE_EXPERIMENT = 2  # seeds for experiments b-e (a and f use all --seeds)
 THROUGHPUT_ROUNDS = 7
 THROUGHPUT_STEPS_PER_ROUND = 4
+SPEC_FILE = "spec.json"
+SPEC_HASH_CHARS = 12  # hex digits of the spec's SHA-256 in a run directory's name
+
+
+class GridInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the grid; ``run`` names the run it stopped, if one was training."""
+
+    def __init__(self, run: str | None, run_dir: Path | None, signal_name: str = "SIGINT") -> None:
+        self.run, self.run_dir, self.signal_name = run, run_dir, signal_name
+        where = f" during run {run} ({run_dir})" if run else ""
+        super().__init__(f"interrupted by {signal_name}{where}")
+
+
+class GridRunError(RuntimeError):
+    """A run of the grid cannot be used: it ended before its last step for a reason other than
+    an interrupt (it diverged, say), or its directory holds a run of another specification."""
 
 
 @dataclass
@@ -57,6 +88,21 @@ class RunSpec:
     @property
     def key(self) -> str:
         return f"{self.name}-s{self.seed}"
+
+    def to_dict(self, data_sha256: str) -> dict[str, Any]:
+        """Everything that determines the run's result: what spec.json holds, as JSON values."""
+        payload = {
+            "name": self.name,
+            "seed": self.seed,
+            "model": self.model.to_dict(),
+            "train": asdict(self.train),
+            "data_sha256": data_sha256,
+        }
+        return json.loads(json.dumps(payload))  # tuples become lists, as they come back from disk
+
+    def directory_name(self, data_sha256: str) -> str:
+        encoded = json.dumps(self.to_dict(data_sha256), sort_keys=True).encode()
+        return f"{self.key}-{hashlib.sha256(encoded).hexdigest()[:SPEC_HASH_CHARS]}"
 
 
 def _with_moe(model: LMConfig, **moe_values: Any) -> LMConfig:
@@ -160,35 +206,51 @@ def run_compare(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(experiments, seeds, steps, quick, headline_steps)
+    data_sha256 = {data: _data_sha256(data) for data in {spec.train.data for spec in runs}}
     results: dict[str, list[dict]] = {}
     started = time.time()
-    for spec in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True):
-        torch.manual_seed(spec.train.seed)
-        result = _run_one(out / "runs" / spec.key, spec)
-        results.setdefault(spec.name, []).append(result)
-        if spec.name == "moe" and "a" in experiments:
-            # Equal wall time: the dense baseline trains for as long as this MoE run took, right
-            # after it, so that both see the same machine.
-            timed = RunSpec(
-                "dense-equal-time",
-                spec.seed,
-                spec.model.as_dense(),
-                replace(spec.train, steps=10 * spec.train.steps, max_minutes=result["train_seconds"] / 60),
-            )
-            results.setdefault(timed.name, []).append(_run_one(out / "runs" / timed.key, timed))
-    throughput = None
-    if "a" in experiments:
-        model, train_config = headline_configs(headline_steps, quick)
-        rounds, steps_per_round = (2, 1) if quick else (THROUGHPUT_ROUNDS, THROUGHPUT_STEPS_PER_ROUND)
-        throughput = measure_throughput(
-            {"moe": model, "dense": model.as_dense()}, train_config, "dense", rounds, steps_per_round
-        )
-    summary = summarize(results)
-    if throughput is not None:
-        summary["throughput"] = throughput
-    from moekit.experiments.compare.report import write_report
+    current: RunSpec | None = None
 
-    write_report(out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps)
+    def run_dir_of(spec: RunSpec) -> Path:
+        return out / "runs" / spec.directory_name(data_sha256[spec.train.data])
+
+    def run(spec: RunSpec) -> dict:
+        nonlocal current
+        current = spec
+        torch.manual_seed(spec.train.seed)
+        result = _run_one(run_dir_of(spec), spec, data_sha256[spec.train.data])
+        results.setdefault(spec.name, []).append(result)
+        current = None
+        return result
+
+    with _sigterm_as_interrupt() as received:
+        try:
+            for spec in tqdm(runs, desc="compare", unit="run", dynamic_ncols=True):
+                result = run(spec)
+                if spec.name == "moe" and "a" in experiments:
+                    # Equal wall time: the dense baseline trains for as long as this MoE run
+                    # took, right after it, so that both see the same machine.
+                    run(equal_time_spec(spec, result["train_seconds"]))
+            summary = summarize(results)
+            if "a" in experiments:
+                model, train_config = headline_configs(headline_steps, quick)
+                rounds, steps_per_round = (2, 1) if quick else (THROUGHPUT_ROUNDS, THROUGHPUT_STEPS_PER_ROUND)
+                summary["throughput"] = measure_throughput(
+                    {"moe": model, "dense": model.as_dense()}, train_config, "dense", rounds, steps_per_round
+                )
+            from moekit.experiments.compare.report import write_report
+
+            write_report(
+                out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps
+            )
+        except GridInterrupted as interrupted:  # the trainer caught it and saved the run's checkpoint
+            raise GridInterrupted(interrupted.run, interrupted.run_dir, received[0]) from None
+        except KeyboardInterrupt:
+            # Outside a training loop (setting a run up, the throughput rounds, the report):
+            # the trainer catches interrupts only inside its loop.
+            raise GridInterrupted(
+                current.key if current else None, run_dir_of(current) if current else None, received[0]
+            ) from None
     return summary
 
 
@@ -247,15 +309,109 @@ def measure_throughput(
     }
 
 
-def _run_one(run_dir: Path, spec: RunSpec) -> dict:
-    if (run_dir / "results.json").exists():  # finished earlier: reuse (the grid can be resumed)
-        result = json.loads((run_dir / "results.json").read_text())
-        state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
-    else:
+def equal_time_spec(moe: RunSpec, moe_train_seconds: float) -> RunSpec:
+    """Experiment (a)'s dense run at equal wall time: it trains until it has used the MoE run's
+    training time (steps is only a bound it never reaches); the one run with a time limit."""
+    return RunSpec(
+        "dense-equal-time",
+        moe.seed,
+        moe.model.as_dense(),
+        replace(moe.train, steps=10 * moe.train.steps, max_minutes=moe_train_seconds / 60),
+    )
+
+
+def _data_sha256(data: str | None) -> str:
+    """The identity of the training text (the built-in corpus when ``data`` is None)."""
+    text, _ = read_text(data)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[str]]:
+    """Turn SIGTERM into KeyboardInterrupt while the grid runs, so that ``kill`` stops it as
+    Ctrl-C does (the trainer saves its checkpoint, the grid stops); yields [the signal's name]."""
+    received = ["SIGINT"]
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received[0] = "SIGTERM"
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def incomplete_reason(result: dict[str, Any], spec: RunSpec) -> str | None:
+    """Why a run's results.json does not describe the complete run ``spec`` asks for, or None.
+
+    Complete: not interrupted, stopped by its step count (``stopped_by`` "steps", when the
+    trainer wrote it) after exactly ``spec.train.steps`` steps. The equal-time run is the one
+    run with a time limit: it may also stop by "max_minutes", before its (unreached) steps.
+    """
+    steps = result.get("steps")
+    stopped_by = result.get("stopped_by")
+    if result.get("interrupted") or stopped_by == "interrupt":
+        return f"interrupted at step {steps}"
+    timed = spec.train.max_minutes is not None
+    allowed = ("steps", "max_minutes") if timed else ("steps",)
+    if stopped_by is not None and stopped_by not in allowed:
+        return f"stopped by {stopped_by} at step {steps}"
+    if not isinstance(steps, int) or steps < 1 or steps > spec.train.steps:
+        return f"results.json has steps={steps!r}, the run asks for {spec.train.steps}"
+    if not timed and steps != spec.train.steps:
+        return f"stopped at step {steps} of {spec.train.steps}"
+    return None
+
+
+def _finished_result(run_dir: Path, spec: RunSpec, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The results.json of a finished run of exactly ``payload``; None when it must be trained."""
+    if not (run_dir / SPEC_FILE).exists():
+        return None
+    stored = json.loads((run_dir / SPEC_FILE).read_text())
+    if stored != payload:
+        # The same name and hash prefix, another spec: never train over it.
+        raise GridRunError(
+            f"{run_dir / SPEC_FILE}: holds another run ({', '.join(_differing_fields(stored, payload))} "
+            "differ); move it away or choose another --out (nothing was overwritten)"
+        )
+    if not (run_dir / "results.json").exists() or not (run_dir / "checkpoint" / "state.pt").exists():
+        return None
+    result = json.loads((run_dir / "results.json").read_text())
+    return result if incomplete_reason(result, spec) is None else None
+
+
+def _differing_fields(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    names = []
+    for key in sorted(set(stored) | set(expected)):
+        a, b = stored.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += [f"{key}.{name}" for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+        elif a != b:
+            names.append(key)
+    return names
+
+
+def _run_one(run_dir: Path, spec: RunSpec, data_sha256: str) -> dict:
+    payload = spec.to_dict(data_sha256)
+    result = _finished_result(run_dir, spec, payload)
+    if result is None:
         if run_dir.exists():
-            shutil.rmtree(run_dir)  # an unfinished run: start it again
+            # This spec's own directory, left unfinished (interrupted, crashed): start again.
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        write_json_atomic(run_dir / SPEC_FILE, payload)
         result = train(spec.model, spec.train, run_dir, progress=False).to_dict()
-        state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
+        if result.get("interrupted") or result.get("stopped_by") == "interrupt":
+            raise GridInterrupted(spec.key, run_dir)
+        reason = incomplete_reason(result, spec)
+        if reason is not None:
+            raise GridRunError(f"run {spec.key} ({run_dir}) {reason}; results.md was not written")
+    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)
     history = [{k: v for k, v in row.items() if k != "expert_load"} for row in state["history"]]
     return {**result, "history": history, "seed": spec.seed}
 
