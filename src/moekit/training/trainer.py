@@ -147,7 +147,7 @@ def optimizer_step(
     step's mean LM loss and aux loss. ``forward`` is the model or its ``torch.compile``d
     wrapper (same parameters)."""
     ranks = ranks or DistributedRun.single()
-    forward = forward or model
+    forward = model if forward is None else forward
     device_type = next(model.parameters()).device.type
     step_loss, step_aux = 0.0, 0.0
     for _ in range(config.grad_accum):
