@@ -330,6 +330,7 @@ class TrainResult:
     interrupted: bool = False
     stopped_by: str = "steps"  # one of STOP_REASONS
     target_steps: int = 0  # the steps asked for (config.steps)
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -765,6 +766,7 @@ def _finish(trainer: Trainer, stopped_by: str) -> TrainResult:
         interrupted=interrupted,
         stopped_by=stopped_by,
         target_steps=config.steps,
+        stop_signal=signal.Signals(trainer.stop.signal).name if interrupted and trainer.stop.signal else None,
     )
     if ranks.is_main:
         write_json_atomic(trainer.run_dir / "results.json", result.to_dict())

@@ -243,8 +243,10 @@ def run_compare(
             write_report(
                 out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps
             )
-        except GridInterrupted as interrupted:  # the trainer caught it and saved the run's checkpoint
-            raise GridInterrupted(interrupted.run, interrupted.run_dir, received[0]) from None
+        except GridInterrupted as interrupted:  # the trainer caught the signal and saved the run's checkpoint
+            if received[0] != "SIGINT":  # SIGTERM arrived outside the trainer's own handler
+                raise GridInterrupted(interrupted.run, interrupted.run_dir, received[0]) from None
+            raise
         except KeyboardInterrupt:
             # Outside a training loop (setting a run up, the throughput rounds, the report):
             # the trainer catches interrupts only inside its loop.
@@ -407,7 +409,7 @@ def _run_one(run_dir: Path, spec: RunSpec, data_sha256: str) -> dict:
         write_json_atomic(run_dir / SPEC_FILE, payload)
         result = train(spec.model, spec.train, run_dir, progress=False).to_dict()
         if result.get("interrupted") or result.get("stopped_by") == "interrupt":
-            raise GridInterrupted(spec.key, run_dir)
+            raise GridInterrupted(spec.key, run_dir, result.get("stop_signal") or "SIGINT")
         reason = incomplete_reason(result, spec)
         if reason is not None:
             raise GridRunError(f"run {spec.key} ({run_dir}) {reason}; results.md was not written")
