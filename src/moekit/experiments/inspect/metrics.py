@@ -228,9 +228,9 @@ def token_determinism(
     valid = expert_T >= 0
     fit = valid & (sequence_T % 2 == 0)
     test = valid & (sequence_T % 2 == 1)
-    counts_VE = np.bincount(
-        token_T[fit] * num_experts + expert_T[fit], minlength=vocab_size * num_experts
-    ).reshape(vocab_size, num_experts)
+    counts_VE = np.bincount(token_T[fit] * num_experts + expert_T[fit], minlength=vocab_size * num_experts).reshape(
+        vocab_size, num_experts
+    )
     fitted_V = counts_VE.sum(axis=1) >= min_count
     majority_V = counts_VE.argmax(axis=1)
     covered = test & fitted_V[token_T]
@@ -266,9 +266,9 @@ def top_tokens(
     and its n highest-lift ids ([id, lift, count]), lift = P(token | expert) / P(token), among
     ids seen at least ``min_count`` times overall and at least 5 times at the expert."""
     valid = expert_T >= 0
-    counts_EV = np.bincount(
-        expert_T[valid] * vocab_size + token_T[valid], minlength=num_experts * vocab_size
-    ).reshape(num_experts, vocab_size)
+    counts_EV = np.bincount(expert_T[valid] * vocab_size + token_T[valid], minlength=num_experts * vocab_size).reshape(
+        num_experts, vocab_size
+    )
     total_V = counts_EV.sum(axis=0)
     total = max(int(total_V.sum()), 1)
     result = []
@@ -279,11 +279,13 @@ def top_tokens(
         eligible_V = (total_V >= min_count) & (row_V >= 5)
         lift_V = np.where(eligible_V, (row_V / max(size, 1)) / np.maximum(total_V / total, 1e-12), 0.0)
         by_lift = [i for i in np.argsort(-lift_V, kind="stable")[:n] if lift_V[i] > 0]
-        result.append({
-            "tokens": size,
-            "by_count": [[int(i), int(row_V[i]), float(row_V[i] / size)] for i in by_count],
-            "by_lift": [[int(i), float(lift_V[i]), int(row_V[i])] for i in by_lift],
-        })  # fmt: skip
+        result.append(
+            {
+                "tokens": size,
+                "by_count": [[int(i), int(row_V[i]), float(row_V[i] / size)] for i in by_count],
+                "by_lift": [[int(i), float(lift_V[i]), int(row_V[i])] for i in by_lift],
+            }
+        )
     return result
 
 

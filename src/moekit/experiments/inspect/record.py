@@ -170,7 +170,9 @@ def _training_keep(assignments: Assignments, num_tokens: int, batch: int, seq: i
     tagged = Assignments(
         assignments.token_idx_N, assignments.expert_idx_N, keep_key.float(), assignments.rank_N, assignments.score_N
     )
-    kept, _ = apply_capacity(tagged, num_tokens, config.num_experts, capacity, config.drop_priority, group_idx_T, num_groups)
+    kept, _ = apply_capacity(
+        tagged, num_tokens, config.num_experts, capacity, config.drop_priority, group_idx_T, num_groups
+    )
     keep_N = torch.zeros(len(assignments), dtype=torch.bool)
     keep_N[kept.weight_N.long()] = True
     return keep_N
@@ -229,7 +231,9 @@ def record_routing(
     for name, layer in layers:
         p = parts[name]
         rows_T = np.concatenate(p["rows"])
-        width = p["expert"][0].shape[1] if layer.config.router != "expert_choice" else max(e.shape[1] for e in p["expert"])
+        width = (
+            p["expert"][0].shape[1] if layer.config.router != "expert_choice" else max(e.shape[1] for e in p["expert"])
+        )
         routing = LayerRouting(
             name=name,
             block=_block_index(name),
@@ -327,4 +331,3 @@ def vocab_piece(token_id: int, tokenizer) -> str:  # noqa: ANN001
         return f"\\x{token_id:02x}"
     text = tokenizer.decode([token_id])
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
-

@@ -67,7 +67,7 @@ def html_colored(pieces: list[tuple[str, int]], colors: list[tuple[int, int, int
     for text, expert in pieces:
         shown = html.escape(text.replace("\n", "↵\n").replace("\t", "⇥\t"))
         if expert < 0:
-            spans.append(f'<span class="tok" title="no expert">{shown}</span>')
+            spans.append(f'<span class="sep" title="no expert">{shown}</span>')
             continue
         rgb = colors[expert]
         spans.append(
@@ -99,8 +99,7 @@ def ansi_legend(num_experts: int, colors: list[tuple[int, int, int]], specialiti
     for e in range(num_experts):
         bg, fg = colors[e], _text_on(colors[e])
         cells.append(
-            f"\x1b[48;2;{bg[0]};{bg[1]};{bg[2]}m\x1b[38;2;{fg[0]};{fg[1]};{fg[2]}m {e:>2} \x1b[0m "
-            f"{specialities[e]}"
+            f"\x1b[48;2;{bg[0]};{bg[1]};{bg[2]}m\x1b[38;2;{fg[0]};{fg[1]};{fg[2]}m {e:>2} \x1b[0m {specialities[e]}"
         )
     return "\n".join(cells)
 
@@ -112,7 +111,11 @@ def sample_rows(probe: Probe, domain: int, sample_windows: int) -> np.ndarray:
 
 
 def terminal_text(
-    results: dict, probe: Probe, routings: list[LayerRouting], tokenizer, sample_windows: int  # noqa: ANN001
+    results: dict,
+    probe: Probe,
+    routings: list[LayerRouting],
+    tokenizer,
+    sample_windows: int,  # noqa: ANN001
 ) -> str:
     """The --terminal output: per chosen layer and domain, the sample coloured by first choice."""
     lines = []
@@ -208,8 +211,9 @@ def figure_repetition(results: dict, path: Path) -> Path:
     x = np.arange(len(layers))
     for j, (key, title) in enumerate(keys):
         ax = axes[0][j]
-        for k, (kind, name) in enumerate([("measured", "measured"), ("uniform", "uniform random"),
-                                          ("load_matched", "load-matched random")]):  # fmt: skip
+        for k, (kind, name) in enumerate(
+            [("measured", "measured"), ("uniform", "uniform random"), ("load_matched", "load-matched random")]
+        ):
             values = [results["per_layer"][str(b)]["repetition"][kind][key] or 0 for b in layers]
             ax.bar(x + (k - 1) * 0.27, values, 0.27, label=name)
         ax.set_xticks(x)
@@ -217,7 +221,8 @@ def figure_repetition(results: dict, path: Path) -> Path:
         ax.set_xlabel("layer")
         ax.set_ylabel("rate over consecutive tokens")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.3 * max(ax.get_ylim()[1], 1e-3))  # room for the legend above the bars
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
     return _save(fig, path)
 
 
@@ -267,8 +272,15 @@ def figure_classes(results: dict, path: Path) -> Path:
         for e in range(share_EC.shape[0]):
             for c in range(share_EC.shape[1]):
                 if share_EC[e, c] >= 0.05:
-                    ax.text(c, e, f"{share_EC[e, c]:.0%}"[:-1], ha="center", va="center", fontsize=6,
-                            color="white" if share_EC[e, c] > 0.6 else "black")  # fmt: skip
+                    ax.text(
+                        c,
+                        e,
+                        f"{share_EC[e, c]:.0%}"[:-1],
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if share_EC[e, c] > 0.6 else "black",
+                    )
         ax.set_xticks(range(len(classes["names"])))
         ax.set_xticklabels(classes["names"], rotation=45, fontsize=7)
         ax.set_yticks(range(share_EC.shape[0]))
@@ -312,18 +324,20 @@ def figure_stability(results: dict, path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1180px;margin:1.5em auto;padding:0 1em;
+ color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 h3{font-size:1em;margin-bottom:.3em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.2em .5em;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
+th{background:#f4f4f4}td.l,th.l{text-align:left}td.nw{white-space:nowrap}
 img{max-width:100%}
 .ref{color:#666;font-size:.85em}
 .text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;line-height:1.5;
  border:1px solid #ddd;padding:.5em;background:#fafafa}
-.tok{border-radius:2px}
-.legend span{display:inline-block;font-family:ui-monospace,monospace;font-size:12px;padding:.1em .4em;margin:.1em;border-radius:3px}
+.tok{border-radius:2px}.sep{color:#999;font-weight:bold}
+.legend span{display:inline-block;font-family:ui-monospace,monospace;font-size:12px;padding:.1em .4em;margin:.1em;
+ border-radius:3px}
 .note{background:#fff8e1;border-left:4px solid #f0c000;padding:.4em .8em}
 code{background:#f4f4f4;padding:0 .2em}
 """
@@ -340,6 +354,12 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 def _tok(label: str) -> str:
     return f"<code>{html.escape(label)}</code>"
+
+
+def _js_cell(results: dict, js: dict) -> str:
+    names = [d["name"] for d in results["domains"]]
+    rows = zip(names, js["js"], js["shuffled_js"], strict=True)
+    return "<br>".join(f"{html.escape(name)} <b>{v:.4f}</b> ({b:.4f})" for name, v, b in rows)
 
 
 def _legend(num_experts: int, colors: list[tuple[int, int, int]], specialities: list[str]) -> str:
@@ -389,9 +409,14 @@ def write_report(
 
 
 def _html(
-    results: dict, probe: Probe, routings: list[LayerRouting], tokenizer, chosen: list[int],  # noqa: ANN001
-    sample_windows: int, figures: dict[str, Path],
-) -> str:  # fmt: skip
+    results: dict,
+    probe: Probe,
+    routings: list[LayerRouting],
+    tokenizer,
+    chosen: list[int],  # noqa: ANN001
+    sample_windows: int,
+    figures: dict[str, Path],
+) -> str:
     cfg = results["model_config"]
     num_experts, top_k = cfg["num_experts"], cfg["top_k"]
     layers = results["layers"]
@@ -404,50 +429,68 @@ def _html(
         f"{num_experts} experts, top-{top_k}, router <code>{cfg['router']}</code>, capacity factor "
         f"{cfg['capacity_factor']}, {cfg['tokenizer']} tokens, context {cfg['seq_len']}. "
         f"Probe: {results['tokens']:,} tokens in windows of the context length, evenly spaced over each file: "
-        + ", ".join(f"<b>{html.escape(d['name'])}</b> {d['tokens']:,} tokens ({d['sequences']} windows)" for d in results["domains"])
+        + ", ".join(
+            f"<b>{html.escape(d['name'])}</b> {d['tokens']:,} tokens ({d['sequences']} windows)"
+            for d in results["domains"]
+        )
         + f". Made by <code>{html.escape(results['command'])}</code> in {results['seconds']:.1f} s. "
         "Every number here is also in <code>routing.json</code>.</p>",
-    ]  # fmt: skip
+    ]
 
     # Summary table
     h.append("<h2>Summary per layer</h2>")
-    h.append("<table><tr><th>layer</th><th>router entropy (nats, max log E)</th><th>load CV</th><th>dead experts</th>"
-             "<th>first choice repeated<br>(uniform / load-matched)</th>"
-             f"<th>top-{top_k} sets share an expert<br>(uniform / load-matched)</th>"
-             "<th>token id predicts first choice<br>(held out; coverage)</th><th>JS domain vs all, bits<br>(shuffled labels)</th>"
-             + ("<th>dropped (training capacity)</th>" if cfg["capacity_factor"] is not None else "") + "</tr>")  # fmt: skip
+    capacity_column = cfg["capacity_factor"] is not None
+    h.append(
+        "<table><tr><th>layer</th><th>router entropy<br>nats (max log E)</th><th>load CV</th><th>dead experts</th>"
+        "<th>first choice repeated<br>(uniform / load-matched)</th>"
+        f"<th>top-{top_k} sets share an expert<br>(uniform / load-matched)</th>"
+        "<th>token id predicts<br>first choice<br>(held out; coverage)</th>"
+        "<th class='l'>JS domain vs all, bits<br>(shuffled labels)</th>"
+        + ("<th>dropped<br>(training capacity)</th>" if capacity_column else "")
+        + "</tr>"
+    )
     for b in layers:
         row = per_layer[str(b)]
         rep, det, load = row["repetition"], row["determinism"], row["load"]
-        js = row["divergence"]["either"]
-        h.append(
-            f"<tr><td>{b}</td><td>{load['entropy']:.3f} / {load['entropy_max']:.3f}</td><td>{load['cv']:.3f}</td>"
-            f"<td>{len(load['dead'])}{' ' + str(load['dead']) if load['dead'] else ''}</td>"
-            f"<td><b>{_pct(rep['measured']['first'])}</b> ({_pct(rep['uniform']['first'])} / {_pct(rep['load_matched']['first'])})</td>"
-            f"<td><b>{_pct(rep['measured']['any_shared'])}</b> ({_pct(rep['uniform']['any_shared'])} / {_pct(rep['load_matched']['any_shared'])})</td>"
-            f"<td><b>{_pct(det['accuracy'])}</b> ({_pct(det['coverage'], 0)})</td>"
-            f"<td>{', '.join(f'{v:.3f}' for v in js['js'])} ({', '.join(f'{v:.3f}' for v in js['shuffled_js'])})</td>"
-            + (f"<td>{_pct(row['drops']['overall'])}</td>" if cfg["capacity_factor"] is not None else "")
-            + "</tr>"
-        )  # fmt: skip
+        cells = [
+            str(b),
+            f"{load['entropy']:.3f}<br>({load['entropy_max']:.3f})",
+            f"{load['cv']:.3f}",
+            f"{len(load['dead'])}{' ' + str(load['dead']) if load['dead'] else ''}",
+        ]
+        for key in ("first", "any_shared"):
+            cells.append(
+                f"<b>{_pct(rep['measured'][key])}</b><br>"
+                f"({_pct(rep['uniform'][key])} / {_pct(rep['load_matched'][key])})"
+            )
+        cells.append(f"<b>{_pct(det['accuracy'])}</b><br>({_pct(det['coverage'], 0)})")
+        h.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells))
+        h.append(f"<td class='l nw'>{_js_cell(results, row['divergence']['either'])}</td>")
+        if capacity_column:
+            h.append(f"<td>{_pct(row['drops']['overall'])}</td>")
+        h.append("</tr>")
     h.append("</table>")
 
     # Shares per domain
     h.append("<h2>Expert shares per domain</h2>")
-    h.append("<p class='ref'>Mixtral (Jiang et al. 2024) §5, Fig. 7. Bars: the share of a domain's assignments that "
-             "each expert received (a token routed to two experts makes two assignments; bars of one domain sum to 1). "
-             "Either = every assignment, first / second = the assignments of that rank only. Dashed: 1/E, a perfectly "
-             "even router. Below: the Jensen-Shannon divergence (bits, 0 = same shares, 1 = disjoint) of each domain's "
-             "shares from the whole probe's, against the same with domain labels shuffled over whole windows "
-             "(what sampling noise alone gives).</p>")  # fmt: skip
+    h.append(
+        "<p class='ref'>Mixtral (Jiang et al. 2024) §5, Fig. 7. Bars: the share of a domain's assignments that "
+        "each expert received (a token routed to two experts makes two assignments; bars of one domain sum to 1). "
+        "Either = every assignment, first / second = the assignments of that rank only. Dashed: 1/E, a perfectly "
+        "even router. Below: the Jensen-Shannon divergence (bits, 0 = same shares, 1 = disjoint) of each domain's "
+        "shares from the whole probe's, against the same with domain labels shuffled over whole windows "
+        "(what sampling noise alone gives).</p>"
+    )
     h.append(_img(figures["shares"]))
     h.append(_img(figures["divergence"]))
 
     # Coloured text
     h.append("<h2>Text coloured by first-choice expert</h2>")
-    h.append(f"<p class='ref'>Mixtral §5, Fig. 8. The first {sample_windows} windows of each file, each token's "
-             "background the colour of its first-choice expert (hover for the number); ⋯ separates windows, ↵ is a "
-             "newline. Legend: the expert's most over-represented token class.</p>")  # fmt: skip
+    h.append(
+        f"<p class='ref'>Mixtral §5, Fig. 8. The first {sample_windows} windows of each file, each token's "
+        "background the colour of its first-choice expert (hover for the number); ⋯ separates windows, ↵ is a "
+        "newline. Legend: the expert's most over-represented token class.</p>"
+    )
     by_block = {r.block: r for r in routings}
     for b in chosen:
         routing = by_block[b]
@@ -460,74 +503,101 @@ def _html(
 
     # Repetition
     h.append("<h2>Consecutive tokens routed to the same expert</h2>")
-    h.append("<p class='ref'>Mixtral §5, Table 5. Over consecutive tokens of one window: how often token t's first "
-             f"choice equals token t−1's, and how often their top-{top_k} sets share at least one expert; overlap = "
-             f"the share of top-{top_k} choices repeated. Uniform random: 1/E; 1 − C(E−k,k)/C(E,k); k/E. "
-             "Load-matched random: independent draws from the measured routing (Σ p<sub>i</sub>² for the first choice), "
-             "i.e. the repetition that uneven load alone explains.</p>")  # fmt: skip
-    h.append("<table><tr><th>layer</th><th>pairs</th><th>first: measured</th><th>uniform</th><th>load-matched</th>"
-             "<th>share ≥1: measured</th><th>uniform</th><th>load-matched</th>"
-             "<th>overlap: measured</th><th>uniform</th><th>load-matched</th></tr>")  # fmt: skip
+    h.append(
+        "<p class='ref'>Mixtral §5, Table 5. Over consecutive tokens of one window: how often token t's first "
+        f"choice equals token t−1's, and how often their top-{top_k} sets share at least one expert; overlap = "
+        f"the share of top-{top_k} choices repeated. Uniform random: 1/E; 1 − C(E−k,k)/C(E,k); k/E. "
+        "Load-matched random: independent draws from the measured routing (Σ p<sub>i</sub>² for the first choice), "
+        "i.e. the repetition that uneven load alone explains.</p>"
+    )
+    h.append(
+        "<table><tr><th>layer</th><th>pairs</th><th>first: measured</th><th>uniform</th><th>load-matched</th>"
+        "<th>share ≥1: measured</th><th>uniform</th><th>load-matched</th>"
+        "<th>overlap: measured</th><th>uniform</th><th>load-matched</th></tr>"
+    )
     for b in layers:
         rep = per_layer[str(b)]["repetition"]
         m, u, lm = rep["measured"], rep["uniform"], rep["load_matched"]
-        h.append(f"<tr><td>{b}</td><td>{m['pairs']:,}</td>"
-                 + "".join(f"<td>{'<b>' if src is m else ''}{_pct(src[key])}{'</b>' if src is m else ''}</td>"
-                           for key in ("first", "any_shared", "overlap") for src in (m, u, lm))
-                 + "</tr>")  # fmt: skip
+        h.append(
+            f"<tr><td>{b}</td><td>{m['pairs']:,}</td>"
+            + "".join(
+                f"<td>{'<b>' if src is m else ''}{_pct(src[key])}{'</b>' if src is m else ''}</td>"
+                for key in ("first", "any_shared", "overlap")
+                for src in (m, u, lm)
+            )
+            + "</tr>"
+        )
     h.append("</table>")
     h.append(_img(figures["repetition"]))
 
     # Determinism
     h.append("<h2>Does the token decide the expert?</h2>")
-    h.append("<p class='ref'>OpenMoE (Xue et al. 2024) §4.1, context-independent specialisation. For token ids seen "
-             f"at least {per_layer[str(layers[0])]['determinism']['min_count']} times in the even-numbered windows, "
-             "the majority first-choice expert of the id is fitted there and scored on the odd-numbered windows "
-             "(held out). Coverage: the share of held-out tokens whose id was fitted. Majority baseline: always "
-             "predicting the most used expert.</p>")  # fmt: skip
-    h.append("<table><tr><th>layer</th><th>accuracy</th><th>majority baseline</th><th>chance</th><th>coverage</th>"
-             "<th>ids fitted</th>" + "".join(f"<th>pos {html.escape(x)}</th>" for x in results["position_buckets"])
-             + "</tr>")  # fmt: skip
+    h.append(
+        "<p class='ref'>OpenMoE (Xue et al. 2024) §4.1, context-independent specialisation. For token ids seen "
+        f"at least {per_layer[str(layers[0])]['determinism']['min_count']} times in the even-numbered windows, "
+        "the majority first-choice expert of the id is fitted there and scored on the odd-numbered windows "
+        "(held out). Coverage: the share of held-out tokens whose id was fitted. Majority baseline: always "
+        "predicting the most used expert.</p>"
+    )
+    h.append(
+        "<table><tr><th>layer</th><th>accuracy</th><th>majority baseline</th><th>chance</th><th>coverage</th>"
+        "<th>ids fitted</th>" + "".join(f"<th>pos {html.escape(x)}</th>" for x in results["position_buckets"]) + "</tr>"
+    )
     for b in layers:
         det = per_layer[str(b)]["determinism"]
-        h.append(f"<tr><td>{b}</td><td><b>{_pct(det['accuracy'])}</b></td><td>{_pct(det['majority_baseline'])}</td>"
-                 f"<td>{_pct(det['chance'])}</td><td>{_pct(det['coverage'], 0)}</td><td>{det['fitted_token_ids']}</td>"
-                 + "".join(f"<td>{_pct(v, 0)}</td>" for v in det["by_position"]) + "</tr>")  # fmt: skip
+        h.append(
+            f"<tr><td>{b}</td><td><b>{_pct(det['accuracy'])}</b></td><td>{_pct(det['majority_baseline'])}</td>"
+            f"<td>{_pct(det['chance'])}</td><td>{_pct(det['coverage'], 0)}</td><td>{det['fitted_token_ids']}</td>"
+            + "".join(f"<td>{_pct(v, 0)}</td>" for v in det["by_position"])
+            + "</tr>"
+        )
     h.append("</table>")
     h.append(_img(figures["determinism"]))
 
     # Top tokens and classes
     h.append("<h2>What each expert takes</h2>")
-    h.append("<p class='ref'>ST-MoE (Zoph et al. 2022) §7 and OpenMoE §4.1. First-choice tokens only. Heat map: the "
-             "share of each expert's tokens in each class (indent = whitespace at the start of a line, space = other "
-             "whitespace, upper/lower = case of the first letter, other = non-ASCII). Tables: the most frequent tokens "
-             "of each expert (share of its tokens) and the tokens with the highest lift P(token | expert) / P(token) "
-             "(ids seen ≥ 20 times, ≥ 5 at the expert). ␣ space, ↵ newline, ⇥ tab.</p>")  # fmt: skip
+    h.append(
+        "<p class='ref'>ST-MoE (Zoph et al. 2022) §7 and OpenMoE §4.1. First-choice tokens only. Heat map: the "
+        "share of each expert's tokens in each class (indent = whitespace at the start of a line, space = other "
+        "whitespace, upper/lower = case of the first letter, other = non-ASCII). Tables: the most frequent tokens "
+        "of each expert (share of its tokens) and the tokens with the highest lift P(token | expert) / P(token) "
+        "(ids seen ≥ 20 times, ≥ 5 at the expert). ␣ space, ↵ newline, ⇥ tab.</p>"
+    )
     h.append(_img(figures["classes"]))
     for b in chosen:
         row = per_layer[str(b)]
         colors = expert_colors(num_experts)
-        h.append(f"<h3>layer {b}</h3><table><tr><th>expert</th><th class='l'>speciality</th><th>tokens</th>"
-                 "<th class='l'>top by count</th><th class='l'>top by lift</th></tr>")  # fmt: skip
+        h.append(
+            f"<h3>layer {b}</h3><table><tr><th>expert</th><th class='l'>speciality</th><th>tokens</th>"
+            "<th class='l'>top by count</th><th class='l'>top by lift</th></tr>"
+        )
         for e, top in enumerate(row["top_tokens"]):
-            by_count = " ".join(f"{_tok(lab)}&nbsp;{share:.0%}" for lab, _, _, share in top["by_count"][:8])
-            by_lift = " ".join(f"{_tok(lab)}&nbsp;×{lift:.1f}" for lab, _, lift, _ in top["by_lift"][:8])
-            h.append(f"<tr><td style='background:{_hex(colors[e])};color:{_hex(_text_on(colors[e]))}'>{e}</td>"
-                     f"<td class='l'>{html.escape(row['classes']['speciality'][e])}</td><td>{top['tokens']:,}</td>"
-                     f"<td class='l'>{by_count}</td><td class='l'>{by_lift}</td></tr>")  # fmt: skip
+            by_count = " ".join(
+                f"{_tok(lab)}&nbsp;{share:.0%}" for lab, _, _, share in top["by_count"][:8] if share >= 0.01
+            )
+            by_lift = " ".join(f"{_tok(lab)}&nbsp;×{lift:.1f}" for lab, _, lift, _ in top["by_lift"][:8] if lift >= 1)
+            h.append(
+                f"<tr><td style='background:{_hex(colors[e])};color:{_hex(_text_on(colors[e]))}'>{e}</td>"
+                f"<td class='l'>{html.escape(row['classes']['speciality'][e])}</td><td>{top['tokens']:,}</td>"
+                f"<td class='l'>{by_count}</td><td class='l'>{by_lift}</td></tr>"
+            )
         h.append("</table>")
 
     # Load and entropy, drops
     h.append("<h2>Load and router entropy</h2>")
-    h.append("<p class='ref'>ST-MoE §7 and Switch Transformers. Share of all assignments per expert (dashed: 1/E), "
-             "the coefficient of variation of the counts (0 = even), dead experts (no assignment on the whole probe) "
-             f"and the mean entropy of the router's distribution in nats (max log E = {math.log(num_experts):.3f}).</p>")  # fmt: skip
+    h.append(
+        "<p class='ref'>ST-MoE §7 and Switch Transformers. Share of all assignments per expert (dashed: 1/E), "
+        "the coefficient of variation of the counts (0 = even), dead experts (no assignment on the whole probe) "
+        f"and the mean entropy of the router's distribution in nats (max log E = {math.log(num_experts):.3f}).</p>"
+    )
     h.append(_img(figures["load"]))
     h.append("<h2>Capacity drops by position</h2>")
     if "drops" in figures:
-        h.append(f"<p class='ref'>OpenMoE §4.3 (drops towards the end of sequences). The training capacity (factor "
-                 f"{cfg['capacity_factor']}, priority {cfg['drop_priority']}) replayed on the recorded choices, batch "
-                 f"by batch of {cfg['batch_size']} windows: the share of assignments an expert over capacity drops.</p>")  # fmt: skip
+        h.append(
+            f"<p class='ref'>OpenMoE §4.3 (drops towards the end of sequences). The training capacity (factor "
+            f"{cfg['capacity_factor']}, priority {cfg['drop_priority']}) replayed on the recorded choices, batch "
+            f"by batch of {cfg['batch_size']} windows: the share of assignments an expert over capacity drops.</p>"
+        )
         h.append(_img(figures["drops"]))
     else:
         h.append("<p class='note'>This model trains dropless (capacity_factor None): no assignment is dropped.</p>")
@@ -538,14 +608,24 @@ def _html(
     if stability["note"]:
         h.append(f"<p class='note'>{html.escape(stability['note'])}.</p>")
     else:
-        h.append("<p class='ref'>OpenMoE §4.2 (routing is fixed early in training). Each checkpoint's routing on the "
-                 "same probe, compared with MODEL's: the share of first choices equal, and of top-k choices in common.</p>")  # fmt: skip
-        h.append("<table><tr><th class='l'>checkpoint</th><th>step</th>"
-                 + "".join(f"<th>layer {b}: first</th><th>top-k</th>" for b in layers) + "</tr>")  # fmt: skip
+        h.append(
+            "<p class='ref'>OpenMoE §4.2 (routing is fixed early in training). Each checkpoint's routing on the "
+            "same probe, compared with MODEL's: the share of first choices equal, and of top-k choices in common.</p>"
+        )
+        h.append(
+            "<table><tr><th class='l'>checkpoint</th><th>step</th>"
+            + "".join(f"<th>layer {b}: first</th><th>top-k</th>" for b in layers)
+            + "</tr>"
+        )
         for row in stability["checkpoints"]:
-            h.append(f"<tr><td class='l'><code>{html.escape(row['path'])}</code></td><td>{row['step']}</td>"
-                     + "".join(f"<td>{_pct(row['per_layer'][str(b)]['first'])}</td><td>{_pct(row['per_layer'][str(b)]['topk'])}</td>"
-                               for b in layers) + "</tr>")  # fmt: skip
+            h.append(
+                f"<tr><td class='l'><code>{html.escape(row['path'])}</code></td><td>{row['step']}</td>"
+                + "".join(
+                    f"<td>{_pct(row['per_layer'][str(b)]['first'])}</td><td>{_pct(row['per_layer'][str(b)]['topk'])}</td>"
+                    for b in layers
+                )
+                + "</tr>"
+            )
         h.append("</table>")
         h.append(_img(figures["stability"]))
     h.append("</body></html>")

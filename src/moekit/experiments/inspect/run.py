@@ -126,12 +126,16 @@ def run_inspect(
     model, payload = load_run(model_dir)
     model_config = model.config
     if not moe_layers(model):
-        raise InspectError(f"MODEL {model_dir}: has no MoE layer (arch={model_config.arch!r}); inspect needs an MoE model")
+        raise InspectError(
+            f"MODEL {model_dir}: has no MoE layer (arch={model_config.arch!r}); inspect needs an MoE model"
+        )
     moe_blocks = [b for b in range(model_config.n_layer) if model_config.is_moe_layer(b)]
     if layers is not None:
         bad = [b for b in layers if b not in moe_blocks]
         if bad:
-            raise InspectError(f"--layers {','.join(map(str, layers))}: block(s) {bad} are not MoE layers; MoE blocks are {moe_blocks}")
+            raise InspectError(
+                f"--layers {','.join(map(str, layers))}: block(s) {bad} are not MoE layers; MoE blocks are {moe_blocks}"
+            )
     if not data_files:
         raise InspectError("--data: give at least one text file")
     replacing = check_out_dir(out)
@@ -149,29 +153,35 @@ def run_inspect(
     chosen = layers if layers is not None else default_layers(moe_blocks)
 
     results = analyse(probe, routings, tokenizer, model_config.seq_len, chosen)
-    results.update({
-        "tool": REPORT_MARKER,
-        "command": command,
-        "model": str(model_dir),
-        "model_config": {
-            "n_layer": model_config.n_layer,
-            "d_model": model_config.d_model,
-            "seq_len": model_config.seq_len,
-            "num_experts": model_config.moe.num_experts,
-            "top_k": model_config.moe.top_k,
-            "router": model_config.moe.router,
-            "capacity_factor": model_config.moe.capacity_factor,
-            "eval_capacity_factor": model_config.moe.eval_capacity_factor,
-            "drop_priority": model_config.moe.drop_priority,
-            "batch_size": batch,
-            "tokenizer": getattr(tokenizer, "kind", "bytes"),
-        },
-        "domains": [
-            {"name": name, "file": str(file), "tokens": int((probe.domain_T == d).sum()),
-             "sequences": int(np.unique(probe.sequence_T[probe.domain_T == d]).size)}
-            for d, (name, file) in enumerate(zip(probe.domains, data_files, strict=True))
-        ],
-    })  # fmt: skip
+    results.update(
+        {
+            "tool": REPORT_MARKER,
+            "command": command,
+            "model": str(model_dir),
+            "model_config": {
+                "n_layer": model_config.n_layer,
+                "d_model": model_config.d_model,
+                "seq_len": model_config.seq_len,
+                "num_experts": model_config.moe.num_experts,
+                "top_k": model_config.moe.top_k,
+                "router": model_config.moe.router,
+                "capacity_factor": model_config.moe.capacity_factor,
+                "eval_capacity_factor": model_config.moe.eval_capacity_factor,
+                "drop_priority": model_config.moe.drop_priority,
+                "batch_size": batch,
+                "tokenizer": getattr(tokenizer, "kind", "bytes"),
+            },
+            "domains": [
+                {
+                    "name": name,
+                    "file": str(file),
+                    "tokens": int((probe.domain_T == d).sum()),
+                    "sequences": int(np.unique(probe.sequence_T[probe.domain_T == d]).size),
+                }
+                for d, (name, file) in enumerate(zip(probe.domains, data_files, strict=True))
+            ],
+        }
+    )
     results["stability"] = stability(model_dir, checkpoint_dirs, payload, probe, routings, batch, progress)
     results["seconds"] = time.perf_counter() - started
     results["summary"] = summary(results)
@@ -187,7 +197,11 @@ def default_layers(moe_blocks: list[int]) -> list[int]:
 
 
 def analyse(
-    probe: Probe, routings: list[LayerRouting], tokenizer, seq_len: int, chosen: list[int]  # noqa: ANN001
+    probe: Probe,
+    routings: list[LayerRouting],
+    tokenizer,
+    seq_len: int,
+    chosen: list[int],  # noqa: ANN001
 ) -> dict[str, Any]:
     """Every figure's numbers, per MoE block."""
     edges = metrics.position_buckets(seq_len)
@@ -212,7 +226,11 @@ def analyse(
                 continue
             domain_GE, counts_G = metrics.assignment_shares(expert_TK, probe.domain_T, num_domains, num_experts, choice)
             whole_GE, _ = metrics.assignment_shares(expert_TK, np.zeros_like(probe.domain_T), 1, num_experts, choice)
-            shares[choice] = {"domains": domain_GE.tolist(), "whole": whole_GE[0].tolist(), "assignments": counts_G.tolist()}
+            shares[choice] = {
+                "domains": domain_GE.tolist(),
+                "whole": whole_GE[0].tolist(),
+                "assignments": counts_G.tolist(),
+            }
             divergence[choice] = metrics.domain_divergence(
                 expert_TK, probe.domain_T, probe.sequence_T, num_domains, num_experts, choice
             )
@@ -223,7 +241,7 @@ def analyse(
             row["by_lift"] = [[label(i), i, lift, c] for i, lift, c in row["by_lift"]]
         classes = metrics.class_profile(class_T, first_T, num_experts)
         classes["names"] = list(metrics.TOKEN_CLASSES)
-        classes["speciality"] = specialities(classes)
+        classes["speciality"] = specialities(classes, experts_top)
         per_layer[str(routing.block)] = {
             "name": routing.name,
             "shares": shares,
@@ -241,9 +259,10 @@ def analyse(
             "load": metrics.load_stats(expert_TK, routing.entropy_T, num_experts),
             "drops": (
                 metrics.drops_by_position(expert_TK, routing.kept_TK, probe.position_T, edges)
-                if routing.kept_TK is not None else None
+                if routing.kept_TK is not None
+                else None
             ),
-        }  # fmt: skip
+        }
     return {
         "layers": [r.block for r in routings],
         "chosen_layers": chosen,
@@ -253,17 +272,26 @@ def analyse(
     }
 
 
-def specialities(classes: dict[str, Any]) -> list[str]:
-    """A short label per expert: its most over-represented token class, when that class is at
-    least a fifth of the expert's tokens and 1.5x as common there as overall; else "mixed"."""
+def specialities(classes: dict[str, Any], top: list[dict[str, Any]]) -> list[str]:
+    """A short label per expert: its token class when that class is at least 30% of the
+    expert's (first-choice) tokens and twice as common there as overall, then the fewest most
+    frequent tokens (at most 4) that make up 80% of its tokens when that many do; "mixed" when
+    neither holds."""
     labels = []
-    for share_C, lift_C in zip(classes["share"], classes["lift"], strict=True):
-        candidates = [(s, c) for c, (s, lift) in enumerate(zip(share_C, lift_C, strict=True)) if s >= 0.2 and lift >= 1.5]
-        if not candidates:
-            labels.append("mixed")
-            continue
-        s, c = max(candidates)
-        labels.append(f"{metrics.TOKEN_CLASSES[c]} {s:.0%} (x{lift_C[c]:.1f})")
+    for share_C, lift_C, row in zip(classes["share"], classes["lift"], top, strict=True):
+        parts = []
+        candidates = [(s, c) for c, (s, lift) in enumerate(zip(share_C, lift_C, strict=True)) if s >= 0.3 and lift >= 2]
+        if candidates:
+            s, c = max(candidates)
+            parts.append(f"{metrics.TOKEN_CLASSES[c]} {s:.0%}")
+        covered, tokens = 0.0, []
+        for label, _, _, share in row["by_count"][:4]:
+            tokens.append(label)
+            covered += share
+            if covered >= 0.8:
+                parts.append(f"{' '.join(tokens)} ({covered:.0%})")
+                break
+        labels.append(": ".join(parts) if parts else "mixed")
     return labels
 
 
@@ -282,11 +310,13 @@ def stability(
     for path in checkpoint_dirs:
         model, step = load_checkpoint(path, payload)
         other = record_routing(model, probe, batch, progress, desc=f"routing {path.name}")
-        rows.append({
-            "path": str(path),
-            "step": step,
-            "per_layer": {str(r.block): metrics.routing_agreement(r.expert_TK, final[r.block]) for r in other},
-        })  # fmt: skip
+        rows.append(
+            {
+                "path": str(path),
+                "step": step,
+                "per_layer": {str(r.block): metrics.routing_agreement(r.expert_TK, final[r.block]) for r in other},
+            }
+        )
     rows.sort(key=lambda row: (row["step"] is None, row["step"] or 0))
     note = None
     if not rows:
