@@ -26,6 +26,7 @@ from moekit.experiments.inspect.record import (
     record_routing,
     token_pieces,
 )
+from moekit.experiments.inspect.run import analyse, run_inspect
 from moekit.layer import MoE
 from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.training.checkpoint import save_checkpoint, write_json_atomic
@@ -331,6 +332,67 @@ def test_training_capacity_is_replayed_as_the_layer_applies_it():
     trained_counts = model.blocks[0].ffn.last_stats.tokens_per_expert_E.tolist()
     replayed_counts = np.bincount(routings[0].expert_TK[kept_TK], minlength=4).tolist()
     assert replayed_counts == trained_counts
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free"])
+def test_every_router_is_recorded_and_analysed(router):
+    moe = {"router": router, "top_k": 1 if router == "switch" else 2}
+    if router == "expert_choice":
+        moe["capacity_factor"] = 1.0
+    model = tiny_lm(**moe)
+    probe = windows_probe(5, 16)
+    routings = record_routing(model, probe, batch_size=4, progress=False)
+    results = analyse(probe, routings, ByteTokenizer(), 16, [0, 1])
+    for routing, row in zip(routings, results["per_layer"].values(), strict=True):
+        first = routing.expert_TK[:, 0]
+        if router != "expert_choice":  # every token has its top-k (GShard's second kept in eval)
+            assert (routing.expert_TK >= 0).all()
+            # Choices are ordered: the first has the highest weight.
+            if routing.expert_TK.shape[1] > 1:
+                assert (routing.weight_TK[:, 0] >= routing.weight_TK[:, 1] - 1e-6).all() or router == "aux_free"
+        else:  # each expert takes C = T·k/E tokens of its batch
+            assert (routing.expert_TK >= 0).sum() == 5 * 16 * 2
+        assert set(row["shares"]) == ({"either", "first"} if router == "switch" else {"either", "first", "second"})
+        np.testing.assert_allclose(np.sum(row["shares"]["either"]["whole"]), 1.0)
+        assert row["load"]["entropy"] <= math.log(4) + 1e-6
+        assert 0 <= row["repetition"]["measured"]["first"] <= 1
+        assert (first >= -1).all() and (first < 4).all()
+
+
+def test_report_for_top1_with_capacity_drops_and_a_checkpoint(tmp_path):
+    config = LMConfig(
+        seq_len=16,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        moe=MoEConfig(
+            d_model=32, d_ff=32, num_experts=4, top_k=1, router="switch", capacity_factor=1.0, min_capacity=1
+        ),
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(
+        run / "config.json", {"model": config.to_dict(), "train": {"batch_size": 4}, "tokenizer": {"kind": "bytes"}}
+    )
+    torch.manual_seed(0)
+    save_checkpoint(run, MoETransformerLM(config), {"step": 7})
+    early = tmp_path / "early"
+    torch.manual_seed(1)
+    save_checkpoint(early, MoETransformerLM(config), {"step": 2})  # early/checkpoint: weights only
+    text = tmp_path / "text.txt"
+    text.write_text("Hello, world! 123 " * 40)
+    results, *_ = run_inspect(
+        run, [str(text)], tmp_path / "out", checkpoints=[str(early / "checkpoint")], progress=False
+    )
+    row = results["per_layer"]["0"]
+    assert row["drops"] is not None and 0 < row["drops"]["overall"] < 1
+    assert set(results["figures"]) >= {"drops", "stability", "repetition", "shares"}
+    assert results["stability"]["note"] is None
+    (checkpoint,) = results["stability"]["checkpoints"]
+    assert checkpoint["step"] == 2 and checkpoint["per_layer"]["0"]["first"] < 1  # other weights
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Capacity drops by position" in page
+    assert "top-1 sets" not in page and "share ≥1" not in page  # k=1: the set columns would repeat first
 
 
 # --------------------------------------------------------------------------------------------

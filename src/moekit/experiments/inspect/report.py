@@ -440,11 +440,13 @@ def _html(
     # Summary table
     h.append("<h2>Summary per layer</h2>")
     capacity_column = cfg["capacity_factor"] is not None
+    # NOTE: with top-1 the top-k set is the first choice: the set columns would repeat it.
+    repeat_keys = ("first", "any_shared", "overlap") if top_k > 1 else ("first",)
     h.append(
         "<table><tr><th>layer</th><th>router entropy<br>nats (max log E)</th><th>load CV</th><th>dead experts</th>"
         "<th>first choice repeated<br>(uniform / load-matched)</th>"
-        f"<th>top-{top_k} sets share an expert<br>(uniform / load-matched)</th>"
-        "<th>token id predicts<br>first choice<br>(held out; coverage)</th>"
+        + (f"<th>top-{top_k} sets share an expert<br>(uniform / load-matched)</th>" if top_k > 1 else "")
+        + "<th>token id predicts<br>first choice<br>(held out; coverage)</th>"
         "<th class='l'>JS domain vs all, bits<br>(shuffled labels)</th>"
         + ("<th>dropped<br>(training capacity)</th>" if capacity_column else "")
         + "</tr>"
@@ -458,7 +460,7 @@ def _html(
             f"{load['cv']:.3f}",
             f"{len(load['dead'])}{' ' + str(load['dead']) if load['dead'] else ''}",
         ]
-        for key in ("first", "any_shared"):
+        for key in repeat_keys[:2]:
             cells.append(
                 f"<b>{_pct(rep['measured'][key])}</b><br>"
                 f"({_pct(rep['uniform'][key])} / {_pct(rep['load_matched'][key])})"
@@ -505,15 +507,23 @@ def _html(
     h.append("<h2>Consecutive tokens routed to the same expert</h2>")
     h.append(
         "<p class='ref'>Mixtral §5, Table 5. Over consecutive tokens of one window: how often token t's first "
-        f"choice equals token t−1's, and how often their top-{top_k} sets share at least one expert; overlap = "
-        f"the share of top-{top_k} choices repeated. Uniform random: 1/E; 1 − C(E−k,k)/C(E,k); k/E. "
-        "Load-matched random: independent draws from the measured routing (Σ p<sub>i</sub>² for the first choice), "
+        "choice equals token t−1's"
+        + (
+            f", and how often their top-{top_k} sets share at least one expert; overlap = the share of top-{top_k} "
+            "choices repeated. Uniform random: 1/E; 1 − C(E−k,k)/C(E,k); k/E. "
+            if top_k > 1
+            else ". Uniform random: 1/E. "
+        )
+        + "Load-matched random: independent draws from the measured routing (Σ p<sub>i</sub>² for the first choice), "
         "i.e. the repetition that uneven load alone explains.</p>"
     )
     h.append(
-        "<table><tr><th>layer</th><th>pairs</th><th>first: measured</th><th>uniform</th><th>load-matched</th>"
-        "<th>share ≥1: measured</th><th>uniform</th><th>load-matched</th>"
-        "<th>overlap: measured</th><th>uniform</th><th>load-matched</th></tr>"
+        "<table><tr><th>layer</th><th>pairs</th>"
+        + "".join(
+            f"<th>{name}: measured</th><th>uniform</th><th>load-matched</th>"
+            for name in ("first", "share ≥1", "overlap")[: len(repeat_keys)]
+        )
+        + "</tr>"
     )
     for b in layers:
         rep = per_layer[str(b)]["repetition"]
@@ -522,7 +532,7 @@ def _html(
             f"<tr><td>{b}</td><td>{m['pairs']:,}</td>"
             + "".join(
                 f"<td>{'<b>' if src is m else ''}{_pct(src[key])}{'</b>' if src is m else ''}</td>"
-                for key in ("first", "any_shared", "overlap")
+                for key in repeat_keys
                 for src in (m, u, lm)
             )
             + "</tr>"
