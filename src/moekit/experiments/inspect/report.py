@@ -491,7 +491,9 @@ def _html(
     h.append(
         f"<p class='ref'>Mixtral §5, Fig. 8. The first {sample_windows} windows of each file, each token's "
         "background the colour of its first-choice expert (hover for the number); ⋯ separates windows, ↵ is a "
-        "newline. Legend: the expert's most over-represented token class.</p>"
+        "newline. Legend: each expert's speciality on the whole probe: its token class when that class is ≥ 30% "
+        "of its first-choice tokens and twice as common there as overall, then the fewest frequent tokens (≤ 4) "
+        "that make up 80% of them.</p>"
     )
     by_block = {r.block: r for r in routings}
     for b in chosen:

@@ -26,6 +26,7 @@ from moekit.layer import moe_layers
 
 REPORT_MARKER = "moekit inspect"
 TOP_TOKENS = 10
+RARE_EXPERT_TOKENS = 20  # fewer first-choice tokens than this: no speciality is claimed
 
 
 def load_run(model_dir: Path, flag: str = "MODEL") -> tuple[nn.Module, dict]:
@@ -276,9 +277,12 @@ def specialities(classes: dict[str, Any], top: list[dict[str, Any]]) -> list[str
     """A short label per expert: its token class when that class is at least 30% of the
     expert's (first-choice) tokens and twice as common there as overall, then the fewest most
     frequent tokens (at most 4) that make up 80% of its tokens when that many do; "mixed" when
-    neither holds."""
+    neither holds; "rarely first" when it is the first choice of too few tokens to say."""
     labels = []
     for share_C, lift_C, row in zip(classes["share"], classes["lift"], top, strict=True):
+        if row["tokens"] < RARE_EXPERT_TOKENS:
+            labels.append(f"rarely first ({row['tokens']} tokens)")
+            continue
         parts = []
         candidates = [(s, c) for c, (s, lift) in enumerate(zip(share_C, lift_C, strict=True)) if s >= 0.3 and lift >= 2]
         if candidates:
