@@ -149,7 +149,9 @@ def run_inspect(
     train_batch = int(payload.get("train", {}).get("batch_size", 16))
     batch = batch_size or train_batch
 
-    torch.manual_seed(0)  # routing randomness (GShard's second expert) is training-only; be safe
+    # NOTE: routing noise is training-only, but the replayed "random" drop priority draws from
+    # torch's generator: seeded, the same run gives the same report.
+    torch.manual_seed(0)
     routings = record_routing(model, probe, batch, progress)
     chosen = layers if layers is not None else default_layers(moe_blocks)
 
