@@ -16,6 +16,7 @@ from moekit import __version__
 from moekit.cli.bench import add_bench
 from moekit.cli.common import help_formatter, print_help
 from moekit.cli.compare import add_compare
+from moekit.cli.inspect import add_inspect
 from moekit.cli.interop import add_interop
 from moekit.cli.multitask import add_multitask
 from moekit.cli.train import add_sample, add_train
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(subparsers)
     add_interop(subparsers)
     add_multitask(subparsers)
+    add_inspect(subparsers)
     return parser
 
 
