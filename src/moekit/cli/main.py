@@ -25,7 +25,7 @@ from moekit.cli.multitask import add_multitask
 from moekit.cli.train import add_sample, add_train
 
 EPILOG_MAIN = """\
-examples, one per command:
+examples: (one per command)
   moekit train                                    a small MoE on tiny Shakespeare (~5 min on 2 CPU cores)
   moekit sample runs/moe-20260101-120000 --prompt "ROMEO:"
   moekit compare --quick --out runs/compare       MoE vs dense at equal active compute, with plots
