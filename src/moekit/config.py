@@ -64,7 +64,7 @@ class MoEConfig:
     d_ff: int = field(default=1024, metadata={"help": "hidden size of one routed expert"})
     num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
     top_k: int = field(default=2, metadata={
-        "help": "experts per token (switch routes to 1, gshard to 2: with_router sets it when not given)"})
+        "help": "experts per token; when not given, router switch sets 1 and gshard 2 (with_changes)"})
     router: str = field(default="topk", metadata={"help": "how tokens pick experts", "choices": ROUTERS})
     activation: str = field(default="swiglu", metadata={
         "help": "expert FFN: swiglu (Mixtral), gelu or relu (Switch, GShard)", "choices": ACTIVATIONS})

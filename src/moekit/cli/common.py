@@ -1,7 +1,8 @@
 """Pieces every ``moekit`` subcommand module shares: the parser class and help layout, --json
 output, and flag validation with messages that name the flag.
 
---json: ``json_output`` (entered by ``moekit.cli.main.main`` for every subcommand given --json)
+--json: ``json_output`` (entered by ``moekit.cli.main.main`` for a subcommand given --json whose
+parser was made with ``add_json_flag(parser, document=True)``)
 sends whatever a command prints for people to stderr, and ``print_json`` writes the one JSON
 document to the real stdout; so ``moekit CMD --json | python -m json.tool`` always parses.
 
@@ -69,11 +70,15 @@ def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, separators=(",", ":")), file=stream, flush=True)
 
 
-def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true",
-        help="print the result as one JSON document on stdout (and nothing else there); human text to stderr",
-    )  # fmt: skip
+def add_json_flag(parser: argparse.ArgumentParser, document: bool = False) -> None:
+    """--json. ``document=True``: stdout holds the JSON document alone (``main`` runs the command
+    in ``json_output``); False keeps the older layout, human text then the JSON as the last line."""
+    if document:
+        parser.set_defaults(json_document=True)
+        text = "print the result as one JSON document on stdout (and nothing else there); human text to stderr"
+    else:
+        text = "also print the figures as one JSON object on the last line"
+    parser.add_argument("--json", action="store_true", help=text)
 
 
 # --------------------------------------------------------------------------------------------

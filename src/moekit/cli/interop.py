@@ -80,7 +80,7 @@ def add_params(subparsers: argparse._SubParsersAction) -> None:
         "--context", type=int, default=None, metavar="N",
         help="tokens of context for the attention FLOPs, >= 1 (default 4096)",
     )  # fmt: skip
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_params)
 
 
@@ -152,7 +152,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
         help="folder to write: new or empty (a non-empty one needs --force; a moekit run directory never)",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="write into a non-empty --hf folder")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_export)
 
 
@@ -179,7 +179,7 @@ def add_import(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("hf_dir", metavar="HF_DIR")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (new or empty)")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_import)
 
 
@@ -240,7 +240,7 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
                         help="validations without improvement before stopping, >= 1 (default 3)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default 0)")
     parser.add_argument("--no-progress", action="store_true")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_finetune)
 
 
@@ -296,7 +296,7 @@ def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--router-std", type=float, default=1e-3, metavar="STD",
                         help="std of the router's initial weights, finite and > 0 (default 1e-3)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initial weights, >= 0 (default 0)")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_upcycle)
 
 

@@ -6,8 +6,9 @@ the ``--help`` epilog), in one module per group of subcommands. A subcommand's w
 imported inside its ``cmd_*`` function; ``moekit train``'s flags are derived from the config
 dataclasses (which import torch), so they are only built when the command is ``train``.
 
-Every subcommand given ``--json`` runs inside ``json_output``: stdout carries exactly one JSON
-document, everything else goes to stderr.
+A subcommand given ``--json`` whose parser asks for it (``add_json_flag(parser, document=True)``)
+runs inside ``json_output``: stdout carries exactly one JSON document, everything else goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a bad command line (already reported)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
-    with json_output(bool(getattr(args, "json", False))):
+    with json_output(bool(getattr(args, "json", False) and getattr(args, "json_document", False))):
         return args.func(args)
 
 

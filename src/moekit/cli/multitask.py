@@ -125,7 +125,7 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                            help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
     synthetic.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_json_flag(synthetic)
+    add_json_flag(synthetic, document=True)
     synthetic.set_defaults(func=cmd_synthetic)
 
     census = sub.add_parser(
@@ -150,7 +150,7 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     census.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                            help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
     census.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_json_flag(census)
+    add_json_flag(census, document=True)
     census.set_defaults(func=cmd_census)
 
 

@@ -198,7 +198,7 @@ def configs_from_flags(base_model, base_train, given: dict[ConfigFlag, Any], fla
 # --------------------------------------------------------------------------------------------
 
 EPILOG_TRAIN = """\
-Every field of the model, MoE layer and training configs has a flag (listed by section below);
+Every field of the model, MoE layer and training configs has a flag (listed by section above);
 'none' sets an optional field to None, --no-FLAG turns a switch off.
 
 examples:
@@ -237,7 +237,7 @@ def add_train(subparsers: argparse._SubParsersAction, config_flags_too: bool = T
         help="shard every MoE layer's experts over N ranks (launch with torchrun --nproc_per_node N); "
         "other weights are data-parallel",
     )  # fmt: skip
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     flags = add_config_flags(parser) if config_flags_too else []
     parser.set_defaults(func=cmd_train, config_flags=flags)
 
@@ -268,7 +268,6 @@ def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # 
         raise UsageError(f"{config_path}: no {err.args[0]!r} section; not a moekit run config") from err
     except (ConfigError, ValueError, TypeError) as err:
         raise UsageError(f"{config_path}: {err}") from err
-    model, train = configs_from_flags(saved_model, saved_train, given, args.config_flags)
     conflicts = []
     for flag, value in given.items():
         if (flag.section, flag.field) == ("train", "steps"):
@@ -280,6 +279,7 @@ def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # 
         raise UsageError(
             f"{config_path}: the run was trained with {', '.join(conflicts)}; on --resume only --steps may change"
         )
+    model, train = configs_from_flags(saved_model, saved_train, given, args.config_flags)  # validates --steps
     return model, train, run_dir
 
 
@@ -395,7 +395,7 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="independent samples (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, >= 0 (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every token")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
 
 
