@@ -118,6 +118,12 @@ def test_bare_moekit_prints_help_to_stderr_and_exits_2():
     assert "usage: moekit" in result.stderr and "train" in result.stderr
 
 
+def test_bare_multitask_prints_its_help_to_stderr_and_exits_2(capsys):
+    assert main(["multitask"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "synthetic" in captured.err
+
+
 def test_top_level_help_leads_with_train_and_sample_and_has_an_example_per_command(capsys):
     from moekit.cli.main import build_parser
 

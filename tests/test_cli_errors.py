@@ -216,6 +216,8 @@ CASES = [
     (["export", "{run}", "--hf", "{run}"], "--hf"),
     (["export", "{run}", "--hf", "{dense}"], "--hf"),
     (["export", "{run}", "--hf", "{dense}", "--force"], "--hf"),
+    (["export", "{run}", "--hf", "{run}/checkpoint", "--force"], "--hf"),
+    (["export", "{run}", "--hf", "{dense}/hf"], "--hf"),
     (["export", "{run}", "--hf", "{full}"], "--hf"),
     (["export", "{run}", "--hf", "{afile}"], "--hf"),
     (["export", "{missing}", "--hf", "{new}"], "config.json"),

@@ -590,11 +590,10 @@ def import_hf_folder(folder: str | Path, out: str | Path) -> Path:
 
 
 def is_run_directory(path: Path) -> bool:
-    """A moekit run directory: config.json with model and train sections, or a checkpoint."""
-    from moekit.training.checkpoint import CHECKPOINT_DIR, CONFIG_FILE
+    """A moekit run directory: its config.json has model and train sections (a run writes
+    config.json before its first checkpoint)."""
+    from moekit.training.checkpoint import CONFIG_FILE
 
-    if (path / CHECKPOINT_DIR).exists() or (path / f"{CHECKPOINT_DIR}.old").exists():
-        return True
     try:
         payload = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -604,16 +603,19 @@ def is_run_directory(path: Path) -> bool:
 
 def check_export_folder(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Where ``export_run`` may write: a new or empty folder, a non-empty one only with
-    ``force``, never a file, the run itself or any moekit run directory (a run is never
-    overwritten)."""
+    ``force``; never a file, the run itself, any moekit run directory or a folder inside one
+    (a run is never overwritten)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--hf {out}: is a file, not a folder (nothing was written)")
-    if out.resolve() == Path(run_dir).resolve() or (out.is_dir() and is_run_directory(out)):
-        raise ConversionError(
-            f"--hf {out}: is a moekit run directory; export writes a separate folder and never into a run "
-            "(nothing was written, --force or not)"
-        )
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):  # the folder itself, or a run it lies inside
+        if folder == Path(run_dir).resolve() or (folder.is_dir() and is_run_directory(folder)):
+            where = "is" if folder == resolved else f"lies inside {folder}, which is"
+            raise ConversionError(
+                f"--hf {out}: {where} a moekit run directory; export writes a separate folder and never into a "
+                "run (nothing was written, --force or not)"
+            )
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConversionError(
             f"--hf {out}: the folder is not empty; pass --force to write config.json and the weights into it, "
