@@ -4,7 +4,7 @@ Each subcommand is one ``cmd_*`` function taking the parsed arguments and return
 status, registered by one ``add_*`` function that builds its parser (with example commands in
 the ``--help`` epilog), in one module per group of subcommands. A subcommand's work is
 imported inside its ``cmd_*`` function; ``moekit train``'s flags are derived from the config
-dataclasses (which import torch), so they are only built when the command is ``train``.
+dataclasses.
 
 A subcommand given ``--json`` whose parser asks for it (``add_json_flag(parser, document=True)``)
 runs inside ``json_output``: stdout carries exactly one JSON document, everything else goes to
@@ -47,9 +47,7 @@ Every command takes --json (one JSON document on stdout) and --help (its flags a
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``moekit`` parser. ``command``: the subcommand about to run, when known; the train
-    config flags (which import torch) are only built for "train" (or when it is None)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = MoekitParser(
         prog="moekit",
         description="Sparse Mixture-of-Experts layers and models for PyTorch.",
@@ -59,7 +57,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.set_defaults(func=lambda args: _no_command(parser))
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    add_train(subparsers, config_flags_too=command in (None, "train"))
+    add_train(subparsers)
     add_sample(subparsers)
     add_compare(subparsers)
     add_bench(subparsers)
@@ -75,9 +73,7 @@ def _no_command(parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    parser = build_parser(command or "")
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a bad command line (already reported)

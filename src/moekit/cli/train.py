@@ -215,9 +215,7 @@ examples:
 """
 
 
-def add_train(subparsers: argparse._SubParsersAction, config_flags_too: bool = True) -> None:
-    """``config_flags_too=False`` leaves out the derived flags (they import torch): for parsers
-    that only show the command list."""
+def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train an MoE (or dense baseline) language model on a text file",
@@ -238,8 +236,7 @@ def add_train(subparsers: argparse._SubParsersAction, config_flags_too: bool = T
         "other weights are data-parallel",
     )  # fmt: skip
     add_json_flag(parser, document=True)
-    flags = add_config_flags(parser) if config_flags_too else []
-    parser.set_defaults(func=cmd_train, config_flags=flags)
+    parser.set_defaults(func=cmd_train, config_flags=add_config_flags(parser))
 
 
 def _same_value(flag: ConfigFlag, saved: Any, given: Any) -> bool:
