@@ -135,6 +135,8 @@ CASES = [
     (T + ["--bpe-vocab-size", "100"], "--bpe-vocab-size 100"),
     (T + ["--device", "gpu"], "--device gpu"),
     (T + ["--tokenizer", "words"], "--tokenizer"),
+    (T + ["--vocab-size", "512"], "--vocab-size 512"),
+    (T + ["--vocab-size", "512", "--tokenizer", "bpe"], "--vocab-size 512"),
     (T + ["--experts", "0"], "--experts 0"),
     (T + ["--top-k", "0"], "--top-k 0"),
     (T + ["--top-k", "17"], "--top-k 17"),

@@ -287,6 +287,13 @@ def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  #
     from moekit.training.config import default_configs
 
     model, train = configs_from_flags(*default_configs(), given, args.config_flags)
+    if any((flag.section, flag.field) == ("model", "vocab_size") for flag in given):
+        # The trainer sizes the vocabulary from the tokenizer; a different --vocab-size would be ignored.
+        if train.tokenizer == "bpe":
+            raise UsageError(f"--vocab-size {model.vocab_size} is invalid with --tokenizer bpe: the BPE tokenizer "
+                             "sets the vocabulary; use --bpe-vocab-size")  # fmt: skip
+        check("--vocab-size", model.vocab_size, model.vocab_size == 256, "the bytes tokenizer has 256 tokens "
+              "(for another size use --tokenizer bpe --bpe-vocab-size N)")  # fmt: skip
     if train.data is not None:
         check_input_path("--data", train.data)
     if args.expert_parallel > 1 and args.out is None:
