@@ -77,3 +77,83 @@ def test_mutated_config_is_rechecked_at_construction():
     config.top_k = 20
     with pytest.raises(ValueError, match="top_k=20"):
         MoE(config)
+
+
+def test_config_error_keeps_owner_field_value_and_allowed():
+    from moekit.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        MoEConfig(capacity_factor=float("inf"))
+    err = caught.value
+    assert (err.owner, err.field, err.allowed) == ("MoEConfig", "capacity_factor", "must be None (dropless) or a "
+                                                   "finite number > 0")  # fmt: skip
+    assert str(err) == "MoEConfig.capacity_factor=inf is invalid: " + err.allowed
+
+
+def test_router_decides_top_k_unless_given():
+    base = MoEConfig(num_experts=8, top_k=2)
+    assert base.with_changes(router="switch").top_k == 1
+    assert base.with_changes(router="switch", top_k=1).top_k == 1
+    assert MoEConfig(num_experts=8, top_k=1).with_changes(router="gshard").top_k == 2
+    assert base.with_changes(router="topk").top_k == 2  # no rule: unchanged
+    with pytest.raises(ValueError, match=r"top_k=3 .*switch"):
+        base.with_changes(router="switch", top_k=3)  # a given top_k is never silently replaced
+
+
+def test_lm_with_changes_keeps_moe_d_model_equal_to_d_model():
+    from moekit.models.lm import LMConfig
+
+    config = LMConfig().with_changes({"d_model": 64, "n_layer": 2}, {"num_experts": 4})
+    assert config.d_model == config.moe.d_model == 64 and config.moe.num_experts == 4 and config.n_layer == 2
+    with pytest.raises(ValueError, match="unknown fields"):
+        LMConfig().with_changes({"num_experts": 4})
+    with pytest.raises(ValueError, match="follows d_model"):
+        LMConfig().with_changes({}, {"d_model": 64})
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ({"rope_theta": float("inf")}, r"LMConfig.rope_theta=inf"),
+        ({"norm_eps": float("nan")}, r"LMConfig.norm_eps=nan"),
+        ({"dropout": float("nan")}, r"LMConfig.dropout=nan"),
+        ({"n_layer": -2}, r"LMConfig.n_layer=-2"),
+    ],
+)
+def test_lm_config_rejects_non_finite_and_negative_values(values, pattern):
+    from moekit.models.lm import LMConfig
+
+    with pytest.raises(ValueError, match=pattern):
+        LMConfig(**values)
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ({"lr": float("nan")}, r"TrainConfig.lr=nan .*finite number > 0"),
+        ({"lr": float("inf")}, r"TrainConfig.lr=inf"),
+        ({"lr": 0.0}, r"TrainConfig.lr=0.0"),
+        ({"max_minutes": float("nan")}, r"TrainConfig.max_minutes=nan"),
+        ({"max_minutes": float("inf")}, r"TrainConfig.max_minutes=inf"),
+        ({"max_minutes": 0}, r"TrainConfig.max_minutes=0"),
+        ({"grad_clip": -1.0}, r"TrainConfig.grad_clip=-1.0"),
+        ({"weight_decay": float("inf")}, r"TrainConfig.weight_decay=inf"),
+        ({"beta2": 1.0}, r"TrainConfig.beta2=1.0"),
+        ({"min_lr_ratio": -0.1}, r"TrainConfig.min_lr_ratio=-0.1"),
+        ({"warmup_steps": -1}, r"TrainConfig.warmup_steps=-1"),
+        ({"checkpoint_interval": 0}, r"TrainConfig.checkpoint_interval=0"),
+        ({"seed": -1}, r"TrainConfig.seed=-1"),
+        ({"bpe_vocab_size": 256}, r"TrainConfig.bpe_vocab_size=256"),
+        ({"device": "gpu"}, r"TrainConfig.device='gpu'"),
+        ({"batch_size": 2.0}, r"TrainConfig.batch_size=2.0"),
+    ],
+)
+def test_train_config_is_validated_at_construction_and_from_disk(values, pattern):
+    from dataclasses import asdict
+
+    from moekit.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=pattern):
+        TrainConfig(**values)
+    with pytest.raises(ValueError, match=pattern):  # a config.json's train section, read back
+        TrainConfig.from_dict({**asdict(TrainConfig()), **values})

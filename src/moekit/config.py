@@ -7,7 +7,7 @@ naming the field, the value and what is allowed. Nothing is clamped.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 ROUTERS = ("topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free")
@@ -26,54 +26,105 @@ def reject_unknown_fields(cls: type, values: dict[str, Any]) -> None:
         raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields: {sorted(known)}")
 
 
+class ConfigError(ValueError):
+    """A config field holding a value it cannot take.
+
+    The message reads ``Owner.field=value is invalid: allowed``; the parts stay as attributes so
+    that a caller (the ``moekit`` command) can name the flag the user typed instead of the field.
+    """
+
+    def __init__(self, owner: str, field: str, value: Any, allowed: str) -> None:
+        self.owner, self.field, self.value, self.allowed = owner, field, value, allowed
+        super().__init__(f"{owner}.{field}={value!r} is invalid: {allowed}")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool, not nan or ±inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+    raise ConfigError("MoEConfig", field, value, allowed)
+
+
+# Routers that send every token to a fixed number of experts: their top_k is not a choice.
+ROUTER_TOP_K = {"switch": 1, "gshard": 2}
 
 
 @dataclass
 class MoEConfig:
-    d_model: int = 512
-    d_ff: int = 1024  # hidden size of one routed expert
-    num_experts: int = 8
-    top_k: int = 2  # experts per token; 1 with router="switch" is Switch routing
-    router: str = "topk"  # one of ROUTERS
-    activation: str = "swiglu"  # expert FFN: swiglu (Mixtral), gelu or relu (Switch, GShard)
+    """One MoE layer. Each field's ``metadata["help"]`` says what it is and why its default;
+    ``moekit train`` derives one flag per field from it (see ``moekit.cli.train``)."""
+
+    d_model: int = field(default=512, metadata={"help": "token width in and out (= the model's d_model)"})
+    d_ff: int = field(default=1024, metadata={"help": "hidden size of one routed expert"})
+    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
+    top_k: int = field(default=2, metadata={
+        "help": "experts per token; when not given, router switch sets 1 and gshard 2 (with_changes)"})
+    router: str = field(default="topk", metadata={"help": "how tokens pick experts", "choices": ROUTERS})
+    activation: str = field(default="swiglu", metadata={
+        "help": "expert FFN: swiglu (Mixtral), gelu or relu (Switch, GShard)", "choices": ACTIVATIONS})
 
     # Capacity: C = max(min_capacity, ceil(capacity_factor * T * k / E)).
-    capacity_factor: float | None = None  # None = dropless training
-    eval_capacity_factor: float | None = None  # None = dropless eval (output independent of batch)
-    min_capacity: int = 4  # DeepSpeed's default; keeps tiny batches from dropping everything
-    drop_priority: str = "position"  # position (GShard/Switch), score (V-MoE BPR), random
-    # A fixed C per expert, in training and eval alike, instead of the formula (transformers'
-    # SwitchTransformersConfig.expert_capacity); None = use capacity_factor.
-    expert_capacity: int | None = None
-    # Tokens that share the capacity: "batch" = all tokens of one forward; "sequence" = each
-    # sequence of a [B, S, D] input on its own (Switch/Mesh-TF routing groups; transformers' Switch).
-    routing_group: str = "batch"
+    capacity_factor: float | None = field(default=None, metadata={
+        "help": "training capacity factor: C = max(min_capacity, ceil(factor * T * k / E)); none = dropless"})
+    eval_capacity_factor: float | None = field(default=None, metadata={
+        "help": "capacity factor in eval; none = dropless, so the output does not depend on the batch"})
+    min_capacity: int = field(default=4, metadata={
+        "help": "lower bound of C (DeepSpeed's default: keeps tiny batches from dropping everything)"})
+    drop_priority: str = field(default="position", metadata={
+        "help": "which tokens an over-full expert keeps: position (GShard/Switch), score (V-MoE BPR), random",
+        "choices": DROP_PRIORITIES})
+    # transformers' SwitchTransformersConfig.expert_capacity.
+    expert_capacity: int | None = field(default=None, metadata={
+        "help": "a fixed C per expert in training and eval, instead of the capacity factor; none = use the factor"})
+    # Switch/Mesh-TF routing groups; transformers' Switch uses "sequence".
+    routing_group: str = field(default="batch", metadata={
+        "help": "tokens that share the capacity: batch (one forward) or sequence (each sequence on its own)",
+        "choices": ROUTING_GROUPS})
 
-    normalize_weights: bool = True  # renormalize the top-k weights to sum to 1 (Mixtral)
-    second_expert_policy: str = "random"  # gshard only; see routing.GShardRouter
-    second_expert_threshold: float = 0.2  # threshold_random policy (Mesh-TF's default 0.2)
+    normalize_weights: bool = field(default=True, metadata={
+        "help": "renormalize the top-k weights to sum to 1 (Mixtral)"})
+    second_expert_policy: str = field(default="random", metadata={
+        "help": "gshard: when the second expert is used (see routing.GShardRouter)", "choices": SECOND_EXPERT_POLICIES})
+    second_expert_threshold: float = field(default=0.2, metadata={
+        "help": "gshard threshold_random policy: threshold in (0, 1] (Mesh-TF's default 0.2)"})
 
-    balance_loss_coef: float = 1e-2  # Switch Transformers' alpha
-    z_loss_coef: float = 1e-3  # ST-MoE's recommended router z-loss weight
-    importance_loss_coef: float = 0.1  # noisy_topk: Shazeer et al. 2017 w_importance
-    load_loss_coef: float = 0.1  # noisy_topk: Shazeer et al. 2017 w_load
-    router_jitter: float = 0.0  # switch: multiplicative input noise eps (Switch used 1e-2)
+    balance_loss_coef: float = field(default=1e-2, metadata={
+        "help": "weight of the Switch balance loss (Switch Transformers' alpha)"})
+    z_loss_coef: float = field(default=1e-3, metadata={"help": "weight of the router z-loss (ST-MoE's recommendation)"})
+    importance_loss_coef: float = field(default=0.1, metadata={
+        "help": "noisy_topk: importance loss weight (Shazeer et al. 2017 w_importance)"})
+    load_loss_coef: float = field(default=0.1, metadata={
+        "help": "noisy_topk: load loss weight (Shazeer et al. 2017 w_load)"})
+    router_jitter: float = field(default=0.0, metadata={
+        "help": "switch: multiplicative router input noise eps in [0, 1) (Switch used 1e-2)"})
 
-    num_shared_experts: int = 0  # dense experts every token goes through (DeepSeekMoE)
-    shared_expert_d_ff: int | None = None  # hidden size of one shared expert; None = d_ff
-    shared_expert_gate: bool = False  # sigmoid gate on the shared output (Qwen2-MoE)
-    expert_dropout: float = 0.0  # dropout on the expert hidden layer (Switch fine-tuning)
+    num_shared_experts: int = field(default=0, metadata={
+        "help": "dense experts every token goes through (DeepSeekMoE)"})
+    shared_expert_d_ff: int | None = field(default=None, metadata={
+        "help": "hidden size of one shared expert; none = d_ff"})
+    shared_expert_gate: bool = field(default=False, metadata={
+        "help": "sigmoid gate on the shared experts' output (Qwen2-MoE)"})
+    expert_dropout: float = field(default=0.0, metadata={
+        "help": "dropout on the expert hidden layer, in [0, 1) (Switch fine-tuning)"})
 
     # aux_free (DeepSeek-V3) routing.
-    routed_scaling_factor: float = 1.0  # multiplies the routed experts' combine weights
-    n_group: int = 1  # expert groups for group-limited routing (1 = off)
-    topk_group: int = 1  # groups a token may route to
-    bias_update_rate: float = 1e-3  # gamma of the bias update (DeepSeek-V3 used 0.001)
+    routed_scaling_factor: float = field(default=1.0, metadata={
+        "help": "aux_free: multiplies the routed experts' combine weights"})
+    n_group: int = field(default=1, metadata={"help": "aux_free: expert groups for group-limited routing (1 = off)"})
+    topk_group: int = field(default=1, metadata={"help": "aux_free: groups a token may route to"})
+    bias_update_rate: float = field(default=1e-3, metadata={
+        "help": "aux_free: gamma of the expert bias update (DeepSeek-V3 used 0.001)"})
 
-    expert_impl: str = "auto"  # auto: grouped GEMM when available, else per-expert loop
-    check_finite: bool = True  # raise on non-finite router logits (one host sync per forward)
+    expert_impl: str = field(default="auto", metadata={
+        "help": "auto: grouped GEMM when available, else the per-expert loop", "choices": EXPERT_IMPLS})
+    check_finite: bool = field(default=True, metadata={
+        "help": "raise on non-finite router logits (one host sync per forward)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,8 +138,11 @@ class MoEConfig:
     def validate(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 _fail(name, value, "must be an integer >= 1")
+        for name in ("normalize_weights", "shared_expert_gate", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
         if self.router not in ROUTERS:
             _fail("router", self.router, f"must be one of {ROUTERS}")
         if self.activation not in ACTIVATIONS:
@@ -135,7 +189,7 @@ class MoEConfig:
                 or value <= 0
             ):
                 _fail(name, value, "must be None (dropless) or a finite number > 0")
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+        if not is_int(self.min_capacity) or self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "must be an integer >= 0")
         for name in (
             "balance_loss_coef",
@@ -146,31 +200,31 @@ class MoEConfig:
             "bias_update_rate",
         ):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 _fail(name, value, "must be a finite number >= 0")
         if self.router_jitter >= 1:
             _fail("router_jitter", self.router_jitter, "must be in [0, 1): x * U(1-eps, 1+eps)")
         if self.router_jitter > 0 and self.router != "switch":
             _fail("router_jitter", self.router_jitter, "input jitter applies to router='switch'")
-        if not 0 < self.second_expert_threshold <= 1:
+        if not is_finite_number(self.second_expert_threshold) or not 0 < self.second_expert_threshold <= 1:
             _fail("second_expert_threshold", self.second_expert_threshold, "must be in (0, 1]")
-        if not 0 <= self.expert_dropout < 1:
+        if not is_finite_number(self.expert_dropout) or not 0 <= self.expert_dropout < 1:
             _fail("expert_dropout", self.expert_dropout, "must be in [0, 1)")
-        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+        if not is_int(self.num_shared_experts) or self.num_shared_experts < 0:
             _fail("num_shared_experts", self.num_shared_experts, "must be an integer >= 0")
         if self.shared_expert_d_ff is not None and (
-            not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 1
+            not is_int(self.shared_expert_d_ff) or self.shared_expert_d_ff < 1
         ):
             _fail("shared_expert_d_ff", self.shared_expert_d_ff, "must be None or an integer >= 1")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             _fail("shared_expert_gate", True, "needs num_shared_experts >= 1")
-        if not math.isfinite(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a number > 0")
-        if not isinstance(self.n_group, int) or self.n_group < 1:
+        if not is_finite_number(self.routed_scaling_factor) or self.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be a finite number > 0")
+        if not is_int(self.n_group) or self.n_group < 1:
             _fail("n_group", self.n_group, "must be an integer >= 1")
         if self.num_experts % self.n_group != 0:
             _fail("n_group", self.n_group, f"must divide num_experts={self.num_experts}")
-        if not isinstance(self.topk_group, int) or not 1 <= self.topk_group <= self.n_group:
+        if not is_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group:
             _fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
         if self.n_group > 1:
             if self.router != "aux_free":
@@ -184,6 +238,16 @@ class MoEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_changes(self, **changes: Any) -> MoEConfig:
+        """This config with ``changes`` applied and validated, following the router's rule:
+        a router that routes every token to a fixed number of experts (``ROUTER_TOP_K``: switch 1,
+        gshard 2) sets ``top_k`` to that number unless ``changes`` gives ``top_k`` itself (a
+        given top_k that disagrees is then an error, not silently replaced)."""
+        router = changes.get("router", self.router)
+        if "top_k" not in changes and router in ROUTER_TOP_K:
+            changes["top_k"] = ROUTER_TOP_K[router]
+        return replace(self, **changes)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MoEConfig:

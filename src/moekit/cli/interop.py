@@ -11,16 +11,35 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from moekit.cli.common import help_formatter, print_json
+from moekit.cli.common import (
+    UsageError,
+    add_json_flag,
+    check,
+    check_count,
+    check_input_path,
+    check_new_out,
+    check_positive,
+    fail_on_bad_input,
+    help_formatter,
+    print_json,
+)
 from moekit.models.cost import COMPONENTS, ModelCost
 from moekit.models.presets import PRESETS
 
 
-def _fail(command: str, err: Exception) -> int:
-    print(f"moekit {command}: error: {err}", file=sys.stderr)
-    return 2
+def _check_config_field(cls: type, field: str, value: object, flag: str) -> None:
+    """Validate one flag that sets a config field the way the config does, naming the flag."""
+    from moekit.config import ConfigError
+
+    try:
+        cls(**{field: value})
+    except ConfigError as err:
+        raise UsageError(f"{flag} {value} is invalid: {err.allowed}") from err
+
+
+def _check_seed(value: int) -> None:
+    check("--seed", value, 0 <= value < 2**63, "must be an integer in [0, 2**63)")
 
 
 def add_interop(subparsers: argparse._SubParsersAction) -> None:
@@ -59,9 +78,9 @@ def add_params(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="PRESET|CONFIG|RUN_DIR")
     parser.add_argument(
         "--context", type=int, default=None, metavar="N",
-        help="tokens of context for the attention FLOPs (default 4096)",
+        help="tokens of context for the attention FLOPs, >= 1 (default 4096)",
     )  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_params)
 
 
@@ -95,15 +114,13 @@ def print_cost(cost: ModelCost, context: int) -> None:
     print(textwrap.fill(cost.explanation(), width=100, initial_indent="  ", subsequent_indent="  "))
 
 
+@fail_on_bad_input("params", ValueError, OSError)
 def cmd_params(args: argparse.Namespace) -> int:
     from moekit.models.cost import load_cost
 
-    try:
-        cost = load_cost(args.model)
-        if args.context is not None and args.context < 0:
-            raise ValueError(f"--context {args.context} is invalid: must be >= 0")
-    except (ValueError, OSError) as err:
-        return _fail("params", err)
+    if args.context is not None:
+        check_count("--context", args.context)
+    cost = load_cost(args.model)
     context = args.context if args.context is not None else 4096
     print_cost(cost, context)
     if args.json:
@@ -125,22 +142,28 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
         description="Write the latest checkpoint of a run directory as a transformers MixtralForCausalLM "
         "folder (config.json + model.safetensors). Only runs whose model Mixtral can express convert: "
         "topk router, SwiGLU experts, an MoE FFN in every layer, dropless, no shared experts.",
-        epilog="examples:\n  moekit export runs/my --hf hf/my\n",
+        epilog="examples:\n  moekit export runs/my --hf hf/my\n  moekit export runs/my --hf hf/my --force   "
+        "replace the folder's files\n",
         formatter_class=help_formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--hf", required=True, metavar="OUT_DIR", help="folder to write")
+    parser.add_argument(
+        "--hf", required=True, metavar="OUT_DIR",
+        help="folder to write: new or empty (a non-empty one needs --force; a moekit run directory never)",
+    )  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --hf folder")
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_export)
 
 
+@fail_on_bad_input("export", ValueError, OSError, ImportError)
 def cmd_export(args: argparse.Namespace) -> int:
     from moekit.interop.hf import export_run
 
-    try:
-        out = export_run(args.run_dir, args.hf)
-    except (ValueError, OSError, ImportError) as err:
-        return _fail("export", err)
+    out = export_run(args.run_dir, args.hf, force=args.force)
     print(f"wrote {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    if args.json:
+        print_json({"run_dir": str(args.run_dir), "hf_dir": str(out)})
     return 0
 
 
@@ -155,18 +178,20 @@ def add_import(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=help_formatter,
     )
     parser.add_argument("hf_dir", metavar="HF_DIR")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (new or empty)")
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_import)
 
 
+@fail_on_bad_input("import", ValueError, OSError)
 def cmd_import(args: argparse.Namespace) -> int:
     from moekit.interop.hf import import_hf_folder
 
-    try:
-        out = import_hf_folder(args.hf_dir, args.out)
-    except (ValueError, OSError) as err:
-        return _fail("import", err)
+    check_new_out("--out", args.out)
+    out = import_hf_folder(args.hf_dir, args.out)
     print(f"wrote run directory {out}")
+    if args.json:
+        print_json({"hf_dir": str(args.hf_dir), "run_dir": str(out)})
     return 0
 
 
@@ -202,31 +227,46 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file (90%% train, 10%% validation)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--freeze", default="none", choices=("none", "router", "experts", "non-experts"))
-    parser.add_argument("--expert-dropout", type=float, default=0.0, metavar="P", help="dropout inside the experts")
-    parser.add_argument("--steps", type=int, default=200, help="maximum optimizer steps")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=None, help="training context (default: the model's)")
-    parser.add_argument("--eval-interval", type=int, default=25, help="steps between validations")
-    parser.add_argument("--patience", type=int, default=3, help="validations without improvement before stopping")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--expert-dropout", type=float, default=0.0, metavar="P",
+                        help="dropout inside the experts, in [0, 1) (default 0)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="maximum optimizer steps (default 200)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, finite and > 0 (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per step (default 16)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+                        help="training context (default: the model's)")  # fmt: skip
+    parser.add_argument("--eval-interval", type=int, default=25, metavar="N",
+                        help="steps between validations (default 25)")  # fmt: skip
+    parser.add_argument("--patience", type=int, default=3, metavar="N",
+                        help="validations without improvement before stopping, >= 1 (default 3)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default 0)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_finetune)
 
 
+@fail_on_bad_input("finetune", ValueError, OSError)
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from moekit.config import MoEConfig
     from moekit.interop.hf import load_run_or_hf_folder
+    from moekit.models.lm import LMConfig
+    from moekit.training.config import TrainConfig
     from moekit.training.finetune import finetune
 
-    try:
-        result = finetune(
-            args.source, args.data, args.out, args.freeze, args.expert_dropout, args.steps, args.lr,
-            args.batch_size, args.seq_len, args.eval_interval, patience=args.patience, seed=args.seed,
-            progress=not args.no_progress, loader=load_run_or_hf_folder,
-        )  # fmt: skip
-    except (ValueError, OSError) as err:
-        return _fail("finetune", err)
+    _check_config_field(MoEConfig, "expert_dropout", args.expert_dropout, "--expert-dropout")
+    for flag, field in (("--steps", "steps"), ("--lr", "lr"), ("--batch-size", "batch_size"),
+                        ("--eval-interval", "eval_interval")):  # fmt: skip
+        _check_config_field(TrainConfig, field, getattr(args, field), flag)
+    if args.seq_len is not None:
+        _check_config_field(LMConfig, "seq_len", args.seq_len, "--seq-len")
+    check_count("--patience", args.patience)
+    _check_seed(args.seed)
+    check_input_path("--data", args.data)
+    check_new_out("--out", args.out)
+    result = finetune(
+        args.source, args.data, args.out, args.freeze, args.expert_dropout, args.steps, args.lr,
+        args.batch_size, args.seq_len, args.eval_interval, patience=args.patience, seed=args.seed,
+        progress=not args.no_progress, loader=load_run_or_hf_folder,
+    )  # fmt: skip
     print(f"run {result.run_dir}: freeze={result.freeze}, expert dropout {result.expert_dropout}")
     print(f"  validation loss  {result.val_loss_before:.4f} -> {result.val_loss_after:.4f} (best at step "
           f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")  # fmt: skip
@@ -248,23 +288,35 @@ def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=help_formatter,
     )
     parser.add_argument("dense_run", metavar="DENSE_RUN_DIR")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR")
-    parser.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token")
-    parser.add_argument("--moe-every", type=int, default=1, help="every n-th layer becomes MoE")
-    parser.add_argument("--router-std", type=float, default=1e-3, help="std of the router's initial weights")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (new or empty)")
+    parser.add_argument("--experts", type=int, default=8, metavar="N", help="routed experts per MoE layer (default 8)")
+    parser.add_argument("--top-k", type=int, default=2, metavar="K", help="experts per token, <= --experts (default 2)")
+    parser.add_argument("--moe-every", type=int, default=1, metavar="N",
+                        help="every n-th layer becomes MoE (default 1: all)")  # fmt: skip
+    parser.add_argument("--router-std", type=float, default=1e-3, metavar="STD",
+                        help="std of the router's initial weights, finite and > 0 (default 1e-3)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initial weights, >= 0 (default 0)")
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_upcycle)
 
 
+@fail_on_bad_input("upcycle", ValueError, OSError)
 def cmd_upcycle(args: argparse.Namespace) -> int:
+    from moekit.config import MoEConfig
     from moekit.models.cost import count_parameters
+    from moekit.models.lm import LMConfig
     from moekit.training.finetune import upcycle
 
-    try:
-        model = upcycle(args.dense_run, args.out, args.experts, args.top_k, args.moe_every, args.router_std, args.seed)
-    except (ValueError, OSError) as err:
-        return _fail("upcycle", err)
+    _check_config_field(MoEConfig, "num_experts", args.experts, "--experts")
+    check_count("--top-k", args.top_k)
+    check("--top-k", args.top_k, args.top_k <= args.experts, f"must be <= --experts {args.experts}")
+    _check_config_field(LMConfig, "moe_every", args.moe_every, "--moe-every")
+    check_positive("--router-std", args.router_std)
+    _check_seed(args.seed)
+    check_new_out("--out", args.out)
+    model = upcycle(args.dense_run, args.out, args.experts, args.top_k, args.moe_every, args.router_std, args.seed)
     counts = count_parameters(model)
     print(f"wrote run directory {args.out}: {counts.total:,} parameters, {counts.active:,} active per token")
+    if args.json:
+        print_json({"run_dir": str(args.out), "total_params": counts.total, "active_params": counts.active})
     return 0

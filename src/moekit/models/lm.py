@@ -18,38 +18,53 @@ Shape suffixes: B batch, S sequence, D d_model, H heads, K head dim, V vocabular
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig, reject_unknown_fields
+from moekit.config import ConfigError, MoEConfig, is_finite_number, is_int, reject_unknown_fields
 from moekit.experts import DenseFFN
 from moekit.layer import MoE
 
 ARCHS = ("moe", "dense")
 
 
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError("LMConfig", field, value, allowed)
+
+
 @dataclass
 class LMConfig:
-    vocab_size: int = 256  # bytes
-    seq_len: int = 128  # context length the model is trained at (rotary works beyond it)
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # key/value heads for grouped-query attention (Mixtral: 8 of 32); None = n_head
-    d_model: int = 128
-    arch: str = "moe"  # "dense" = the equal-active-compute dense baseline of the same config
-    moe_every: int = 1  # every n-th layer's FFN is MoE (the last of each group of n)
-    dense_d_ff: int | None = None  # FFN width of non-MoE layers; None = FLOP-matched width
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6  # RMSNorm epsilon (Mixtral uses 1e-5)
+    """The language model. Each field's ``metadata["help"]`` says what it is and why its default;
+    ``moekit train`` derives one flag per field from it (see ``moekit.cli.train``)."""
+
+    vocab_size: int = field(default=256, metadata={
+        "help": "tokens in the vocabulary (moekit train: the tokenizer's; 256 = bytes)"})
+    seq_len: int = field(default=128, metadata={
+        "help": "context length in tokens the model is trained at (rotary works beyond it)"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    # Mixtral: 8 key/value heads of 32.
+    n_kv_head: int | None = field(default=None, metadata={
+        "help": "key/value heads for grouped-query attention; must divide the heads; none = one per head"})
+    d_model: int = field(default=128, metadata={"help": "model width"})
+    arch: str = field(default="moe", metadata={
+        "help": "moe, or dense: the baseline with the MoE's active FLOPs per token", "choices": ARCHS})
+    moe_every: int = field(default=1, metadata={
+        "help": "every n-th layer's FFN is MoE, the last of each group of n (1 = all, 2 = alternate)"})
+    dense_d_ff: int | None = field(default=None, metadata={
+        "help": "FFN width of the non-MoE layers; none = the width with the MoE's active FLOPs"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the input embedding with the output layer"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches, in [0, 1)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position embedding"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon (Mixtral uses 1e-5)"})
     # 16 experts of width 2·d_model, top-2: the active FFN width is 4·d_model like a GPT block.
     moe: MoEConfig = field(
-        default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=16, top_k=2, balance_loss_coef=0.02)
+        default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=16, top_k=2, balance_loss_coef=0.02),
+        metadata={"help": "the MoE layers (moe.d_model follows d_model)"},
     )
 
     def __post_init__(self) -> None:
@@ -60,32 +75,50 @@ class LMConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "moe_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LMConfig.{name}={value!r} is invalid: must be an integer >= 1")
+            if not is_int(value) or value < 1:
+                _fail(name, value, "must be an integer >= 1")
+        if not isinstance(self.moe, MoEConfig):
+            _fail("moe", self.moe, "must be a MoEConfig (or its dict)")
         if self.arch not in ARCHS:
-            raise ValueError(f"LMConfig.arch={self.arch!r} is invalid: must be one of {ARCHS}")
+            _fail("arch", self.arch, f"must be one of {ARCHS}")
         if self.d_model % self.n_head != 0:
-            raise ValueError(f"LMConfig.d_model={self.d_model} is invalid: must be divisible by n_head={self.n_head}")
+            _fail("d_model", self.d_model, f"must be divisible by n_head={self.n_head}")
         if (self.d_model // self.n_head) % 2 != 0:
-            raise ValueError(
-                f"LMConfig.n_head={self.n_head} is invalid: head dim d_model/n_head="
-                f"{self.d_model // self.n_head} must be even for rotary embeddings"
-            )
+            head_dim = self.d_model // self.n_head
+            _fail("n_head", self.n_head, f"head dim d_model/n_head={head_dim} must be even for rotary embeddings")
         if self.n_kv_head is not None and (
-            not isinstance(self.n_kv_head, int) or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0
+            not is_int(self.n_kv_head) or self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0
         ):
-            raise ValueError(
-                f"LMConfig.n_kv_head={self.n_kv_head!r} is invalid: must be None or an integer >= 1 "
-                f"that divides n_head={self.n_head}"
-            )
-        if not self.norm_eps > 0:
-            raise ValueError(f"LMConfig.norm_eps={self.norm_eps} is invalid: must be > 0")
+            _fail("n_kv_head", self.n_kv_head, f"must be None or an integer >= 1 that divides n_head={self.n_head}")
+        if not is_finite_number(self.norm_eps) or not self.norm_eps > 0:
+            _fail("norm_eps", self.norm_eps, "must be a finite number > 0")
+        if not is_finite_number(self.rope_theta) or not self.rope_theta > 0:
+            _fail("rope_theta", self.rope_theta, "must be a finite number > 0")
         if self.moe.d_model != self.d_model:
-            raise ValueError(f"LMConfig.moe.d_model={self.moe.d_model} is invalid: must equal d_model={self.d_model}")
-        if self.dense_d_ff is not None and self.dense_d_ff < 1:
-            raise ValueError(f"LMConfig.dense_d_ff={self.dense_d_ff} is invalid: must be >= 1 or None")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LMConfig.dropout={self.dropout} is invalid: must be in [0, 1)")
+            _fail("moe.d_model", self.moe.d_model, f"must equal d_model={self.d_model}")
+        if self.dense_d_ff is not None and (not is_int(self.dense_d_ff) or self.dense_d_ff < 1):
+            _fail("dense_d_ff", self.dense_d_ff, "must be None or an integer >= 1")
+        if not is_finite_number(self.dropout) or not 0 <= self.dropout < 1:
+            _fail("dropout", self.dropout, "must be in [0, 1)")
+        if not isinstance(self.tie_embeddings, bool):
+            _fail("tie_embeddings", self.tie_embeddings, "must be true or false")
+
+    def with_changes(self, changes: dict[str, Any], moe_changes: dict[str, Any] | None = None) -> LMConfig:
+        """This config with ``changes`` (LMConfig fields) and ``moe_changes`` (MoEConfig fields)
+        applied and validated: the way ``moekit train`` builds its model from flags.
+
+        Rules: ``moe.d_model`` follows ``d_model`` (one width, one field to set), and the router
+        decides top_k when ``moe_changes`` does not give it (``MoEConfig.with_changes``).
+        """
+        lm_fields = {f.name for f in fields(self)} - {"moe"}
+        unknown = sorted(set(changes) - lm_fields)
+        if unknown:
+            raise ValueError(f"LMConfig.with_changes: unknown fields {unknown} (give MoE fields as moe_changes)")
+        moe_changes = dict(moe_changes or {})
+        if "d_model" in moe_changes:
+            raise ValueError("LMConfig.with_changes: moe.d_model follows d_model; change d_model instead")
+        moe_changes["d_model"] = changes.get("d_model", self.d_model)
+        return replace(self, **changes, moe=self.moe.with_changes(**moe_changes))
 
     @property
     def kv_heads(self) -> int:
