@@ -327,7 +327,7 @@ def fake_result(**extra):
 
     values = dict(run_dir="r", steps=3, train_seconds=1.0, interrupted=False, val_loss=1.0, bits_per_byte=1.0,
                   train_loss=1.0, tokens_per_s=1.0, total_params=10, active_params=5, load_imbalance=None,
-                  dropped_fraction=None, plots=[])  # fmt: skip
+                  dropped_fraction=None, plots=[], stopped_by="steps", target_steps=10, stop_signal=None)  # fmt: skip
     values.update(extra)
     result = SimpleNamespace(**values)
     result.to_dict = lambda: dict(values)
@@ -337,13 +337,9 @@ def fake_result(**extra):
 def test_training_diverged_is_reported_without_traceback(files, capsys, monkeypatch):
     from moekit.training import trainer
 
-    class TrainingDiverged(RuntimeError):
-        pass
-
     def diverge(*args, **kwargs):
-        raise TrainingDiverged("step 7: the loss is nan; lower --lr")
+        raise trainer.TrainingDiverged("step 7: the loss is nan; lower --lr")
 
-    monkeypatch.setattr(trainer, "TrainingDiverged", TrainingDiverged, raising=False)
     monkeypatch.setattr(trainer, "train", diverge)
     code, out, err = run_cli(capsys, expand(T, files))
     assert code == 1 and out == ""
@@ -357,7 +353,7 @@ def test_train_summary_says_what_stopped_the_run(files, capsys, monkeypatch):
     code, out, err = run_cli(capsys, expand(T + ["--json"], files))
     assert code == 0
     assert json.loads(out)["stopped_by"] == "max_minutes"
-    assert "stopped by max_minutes" in err
+    assert "stopped by --max-minutes at step 3 of 10" in err
 
 
 # ---------------------------------------------------------------------------------------

@@ -366,3 +366,15 @@ def test_devices_are_resolved_and_checked():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="--device 'tpu' is invalid"):
         resolve_device("tpu")
+
+
+def test_the_cli_reports_a_diverged_run_with_exit_1_and_no_traceback(tmp_path, corpus, capsys):
+    from moekit.cli.main import main
+
+    code = main(["train", "--data", str(corpus), "--d-model", "32", "--layers", "1", "--heads", "2", "--experts",
+                 "4", "--seq-len", "32", "--batch-size", "4", "--steps", "20", "--lr", "1e30", "--no-progress",
+                 "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "moekit train: error: diverged at step" in err and "no checkpoint was written" in err
+    assert "Traceback" not in err

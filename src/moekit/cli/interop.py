@@ -271,9 +271,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"  validation loss  {result.val_loss_before:.4f} -> {result.val_loss_after:.4f} (best at step "
           f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")  # fmt: skip
     print(f"  parameters       {result.trainable_params:,} trained, {result.frozen_params:,} frozen")
+    if result.interrupted:
+        print(f"  interrupted at step {result.steps}: the best weights so far (step {result.best_step}) are saved")
     if args.json:
         print_json(result.to_dict())
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def add_upcycle(subparsers: argparse._SubParsersAction) -> None:

@@ -30,6 +30,7 @@ EPILOG_MAIN = """\
 examples: (one per command)
   moekit train                                    a small MoE on tiny Shakespeare (~5 min on 2 CPU cores)
   moekit sample runs/moe-20260101-120000 --prompt "ROMEO:"
+  moekit inspect runs/my --data a.txt,b.py --out runs/my/inspect   what the experts learned: report.html
   moekit compare --quick --out runs/compare       MoE vs dense at equal active compute, with plots
   moekit bench layer --quick                      time and memory of the MoE layer vs a dense FFN
   moekit params mixtral-8x7b --json               total vs active parameters, FLOPs, memory

@@ -322,11 +322,10 @@ def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  #
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moekit.distributed.expert_parallel import ExpertParallelError
+    from moekit.distributed.env import ExpertParallelError
     from moekit.training import trainer
     from moekit.training.data import DataError
 
-    diverged = getattr(trainer, "TrainingDiverged", None)
     try:
         given = given_flags(args)
         if args.resume:
@@ -339,14 +338,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except (ValueError, OSError) as err:
         return fail("train", f"data: {err}" if isinstance(err, DataError) else err)
-    except ExpertParallelError as err:
+    except (ExpertParallelError, trainer.TrainingDiverged) as err:
         print(f"moekit train: error: {err}", file=sys.stderr)
         return 1
-    except Exception as err:
-        if diverged is not None and isinstance(err, diverged):
-            print(f"moekit train: error: {err}", file=sys.stderr)
-            return 1
-        raise
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for all
         return 130 if result.interrupted else 0
     _print_train_summary(result)
@@ -356,12 +350,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_train_summary(result) -> None:  # noqa: ANN001
-    stopped_by = getattr(result, "stopped_by", None)
-    print(
-        f"\nrun {result.run_dir}: {result.steps} steps in {result.train_seconds / 60:.1f} min"
-        + (f", stopped by {stopped_by}" if stopped_by else "")
-        + (" (interrupted; resume with --resume)" if result.interrupted else "")
-    )
+    done = f"\nrun {result.run_dir}: {result.steps} steps in {result.train_seconds / 60:.1f} min"
+    if result.stopped_by == "max_minutes":
+        done += f", stopped by --max-minutes at step {result.steps} of {result.target_steps}"
+    elif result.interrupted:
+        done += (f", stopped by {result.stop_signal or 'an interrupt'} at step {result.steps} of "
+                 f"{result.target_steps}; continue with --resume {result.run_dir}")  # fmt: skip
+    print(done)
     print(f"  validation loss  {result.val_loss:.4f} nats/token   {result.bits_per_byte:.4f} bits/byte")
     print(f"  train loss       {result.train_loss:.4f}")
     print(f"  throughput       {result.tokens_per_s:,.0f} tokens/s")
