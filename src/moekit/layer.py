@@ -166,6 +166,7 @@ class MoE(nn.Module):
             self.fused
             and self.dispatcher.fusable
             and isinstance(experts, GroupedExperts)
+            and experts.fusable
             and plan.num_rows > 0
             and not (self.training and config.expert_dropout > 0)
         )
