@@ -33,16 +33,19 @@ its router classes (``output_router_logits=True``) are no longer produced, so
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
 from moekit.interop.hf import ConversionError, _activation, _copy_grouped, _copy_shared, _loss_coefs, from_hf_block
 from moekit.layer import MoE
 
@@ -330,3 +333,86 @@ def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
 def _text_config(config: Any) -> Any:
     """The config that holds the MoE fields (multimodal models nest it as text_config)."""
     return getattr(config, "text_config", None) or config
+
+
+# ---------------------------------------------------------------------------------------
+# Generation from a local transformers folder
+# ---------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_patched_folder(
+    folder: str | Path, dtype: str = "float32", device: str = "cpu", strict: bool = True
+) -> tuple[nn.Module, Any, list[PatchedBlock]]:
+    """A local transformers causal-LM folder (config.json + safetensors + tokenizer.json),
+    loaded offline in ``dtype`` on ``device`` and patched with ``patch_moe``: returns
+    (model in eval mode, ``tokenizers.Tokenizer``, what was patched)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: must be one of {sorted(DTYPES)}")
+    config_path, tokenizer_path = folder / "config.json", folder / "tokenizer.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path}: missing; {folder} is not a Hugging Face model folder")
+    if not tokenizer_path.is_file():
+        raise ConversionError(f"{tokenizer_path}: missing; the folder needs a tokenizers-format tokenizer.json")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
+    except (ValueError, KeyError) as error:
+        raise ConversionError(f"{folder}: model_type={model_type!r} does not load as a causal LM: {error}") from error
+    model = model.to(device).eval()
+    # NOTE: router logits only feed transformers' training aux loss, which patched blocks do not
+    # produce (see patch_moe); generation never reads them.
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
+    patched = patch_moe(model, strict=strict)
+    return model, Tokenizer.from_file(str(tokenizer_path)), patched
+
+
+def _eos_token_ids(model: nn.Module) -> tuple[int, ...]:
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def generate_from_folder(
+    folder: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    sampling: SamplingConfig | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    stop_at_eos: bool = True,
+) -> tuple[GenerationResult, list[PatchedBlock]]:
+    """Load a local transformers MoE folder, patch its MoE blocks with moekit, and generate
+    after ``prompt`` (greedy by default; ``SamplingConfig(greedy=False, temperature, top_p,
+    seed)`` samples). Returns the result (text, tokens, prefill and decode tokens/s measured
+    separately) and the patched blocks."""
+    sampling = SamplingConfig() if sampling is None else sampling
+    model, tokenizer, patched = load_patched_folder(folder, dtype, device)
+    prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        raise ValueError(f"prompt={prompt!r} encodes to no tokens")
+
+    def step(input_ids_BS: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        out = model(input_ids=input_ids_BS, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    result = timed_generate(
+        step,
+        prompt_ids,
+        max_new_tokens,
+        sampling,
+        device=device,
+        eos_token_ids=_eos_token_ids(model) if stop_at_eos else (),
+        decode=tokenizer.decode,
+    )
+    return result, patched
