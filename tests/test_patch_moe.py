@@ -186,6 +186,14 @@ def test_switch_encoder_decoder_sparse_mlps_match_and_generate_the_same_tokens()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got_tokens = greedy(model, ids[:1])
     assert torch.equal(got_tokens, want_tokens) and len(set(want_tokens[0, 1:].tolist())) >= 4
+    # Switch's router z-loss and aux loss read the recorded [B, S, E] router logits.
+    labels = torch.randint(2, VOCAB, (2, 6), generator=generator)
+    with torch.no_grad():
+        want_out = original(input_ids=ids, labels=labels, output_router_logits=True)
+        got_out = model(input_ids=ids, labels=labels, output_router_logits=True)
+    for name in ("encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss", "loss"):
+        torch.testing.assert_close(getattr(got_out, name), getattr(want_out, name), atol=1e-5, rtol=1e-5)
+    assert float(want_out.encoder_z_loss) > 0
 
 
 def test_patching_twice_replaces_nothing_more_and_keeps_the_outputs():
@@ -242,11 +250,26 @@ def test_supported_family_with_a_setting_moekit_lacks_names_the_reason():
     assert [record.path for record in patched] == ["model.layers.0.mlp"]
 
 
-def test_output_router_logits_is_refused_because_patched_blocks_do_not_produce_them():
-    model = build("mixtral")
-    model.config.output_router_logits = True
-    with pytest.raises(UnsupportedBlockError, match=r"mixtral: config\.output_router_logits=True.*moekit\.aux_loss"):
-        patch_moe(model)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_output_router_logits_and_the_familys_aux_loss_survive_patching(family):
+    model = build(family)
+    original = copy.deepcopy(model)
+    ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = original(ids, labels=ids, output_router_logits=True)
+    patch_moe(model)
+    with torch.no_grad():
+        got = model(ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) == 2
+    for got_logits, want_logits in zip(got.router_logits, want.router_logits, strict=True):
+        torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert float(want.aux_loss) > 0
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    # The router gets the aux loss's gradient through the patched layer.
+    model.train()
+    model(ids, labels=ids, output_router_logits=True).aux_loss.backward()
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
 
 
 def test_a_model_without_moe_blocks_is_an_error():

@@ -25,10 +25,9 @@ or ``router``, or a class name ending in MoE / MoeBlock / SparseMLP) is refused 
 family and the reason: nothing is silently left unconverted (``strict=False`` turns the
 error into a warning and leaves that block as it was).
 
-What changes after patching: the router logits that transformers records through hooks on
-its router classes (``output_router_logits=True``) are no longer produced, so
-``patch_moe`` refuses a model whose config asks for them; read the auxiliary losses with
-``moekit.aux_loss(model)`` and the routing with ``moekit.routing_stats(model)`` instead.
+The patched layers hand their router logits to transformers' output recorder, so
+``output_router_logits=True`` and the family's own auxiliary loss keep working; moekit's
+``moekit.aux_loss(model)`` and ``moekit.routing_stats(model)`` work on the patched model too.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ from moekit.config import MoEConfig
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
 from moekit.interop.hf import ConversionError, _activation, _copy_grouped, _copy_shared, _loss_coefs, from_hf_block
 from moekit.layer import MoE
+from moekit.routing import RoutingResult
 
 
 class UnsupportedBlockError(ConversionError):
@@ -64,10 +64,51 @@ class PatchedBlock:
     config: MoEConfig
 
 
-class MoEWithRouterScores(MoE):
-    """A ``moekit.MoE`` for decoder layers that unpack ``(hidden, router_scores)`` from their
-    MLP (GPT-OSS). The second element is the [T, K] combine weights of the most recent
-    forward (float32, detached), as transformers' GptOssMLP returns them."""
+def _record_for_transformers(key: str, value: Tensor) -> None:
+    """Hand ``value`` to transformers' output recorder when the running forward asked for ``key``
+    (``output_router_logits=True``): what its hooks on the replaced router classes did."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without the recorder: nothing is collecting
+        return
+    collected = _active_collector.get()
+    if collected is not None and key in collected:
+        collected[key].append(value)
+
+
+class PatchedMoE(MoE):
+    """A ``moekit.MoE`` inside a transformers model.
+
+    Besides the layer's output it gives transformers what the replaced block's router gave:
+    the router logits, to the output recorder behind ``output_router_logits=True`` (so the
+    family's own auxiliary loss still works), as [T, E] or, for Switch, [B, S, E].
+    """
+
+    router_logits_per_sequence = False  # Switch records [B, S, E]; the others [T, E]
+
+    def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+        routing = super().route(x_TD, capacity_factor)
+        self.last_router_logits_TE = routing.logits_TE
+        return routing
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        y = super().forward(x, token_mask)
+        if token_mask is None:
+            logits = self.last_router_logits_TE
+            if self.router_logits_per_sequence:
+                logits = logits.reshape(*x.shape[:-1], self.config.num_experts)
+            _record_for_transformers("router_logits", logits)
+        return y
+
+
+class SwitchPatchedMoE(PatchedMoE):
+    router_logits_per_sequence = True
+
+
+class MoEWithRouterScores(PatchedMoE):
+    """For decoder layers that unpack ``(hidden, router_scores)`` from their MLP (GPT-OSS):
+    the second element is the [T, K] combine weights of this forward (float32, detached), as
+    transformers' GptOssMLP returns them."""
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         y = super().forward(x, token_mask)
@@ -81,7 +122,7 @@ class MoEWithRouterScores(MoE):
 # ---------------------------------------------------------------------------------------
 
 
-def _build(config: MoEConfig, block: nn.Module, layer_class: type[MoE] = MoE) -> MoE:
+def _build(config: MoEConfig, block: nn.Module, layer_class: type[PatchedMoE] = PatchedMoE) -> MoE:
     param = next(block.parameters())
     return layer_class(config).to(device=param.device, dtype=param.dtype)
 
@@ -207,6 +248,20 @@ def _convert_gpt_oss(block: nn.Module, hf_config: Any) -> MoE:
     return moe.train(block.training)
 
 
+def _via_from_hf_block(layer_class: type[PatchedMoE] = PatchedMoE) -> Callable[[nn.Module, Any], MoE]:
+    """The blocks ``interop.hf.from_hf_block`` converts, as a ``layer_class`` with the same weights."""
+
+    @torch.no_grad()
+    def convert(block: nn.Module, hf_config: Any) -> MoE:
+        moe = from_hf_block(block, hf_config)
+        patched = layer_class(moe.config)
+        patched.load_state_dict(moe.state_dict())
+        param = next(block.parameters())
+        return patched.to(device=param.device, dtype=param.dtype).train(block.training)
+
+    return convert
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # config.model_type of the models that hold this block
@@ -217,16 +272,16 @@ class Family:
 FAMILIES: dict[str, Family] = {
     family.block: family
     for family in (
-        Family("mixtral", "MixtralSparseMoeBlock", from_hf_block),
-        Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", from_hf_block),
-        Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", from_hf_block),
+        Family("mixtral", "MixtralSparseMoeBlock", _via_from_hf_block()),
+        Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _via_from_hf_block()),
+        Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _via_from_hf_block()),
         Family("qwen3_next", "Qwen3NextSparseMoeBlock", _convert_qwen3_next),
-        Family("olmoe", "OlmoeSparseMoeBlock", from_hf_block),
+        Family("olmoe", "OlmoeSparseMoeBlock", _via_from_hf_block()),
         Family("deepseek_v2", "DeepseekV2Moe", _convert_deepseek_v2),
-        Family("deepseek_v3", "DeepseekV3MoE", from_hf_block),
+        Family("deepseek_v3", "DeepseekV3MoE", _via_from_hf_block()),
         Family("glm4_moe", "Glm4MoeMoE", _convert_glm4_moe),
         Family("gpt_oss", "GptOssMLP", _convert_gpt_oss),
-        Family("switch_transformers", "SwitchTransformersSparseMLP", from_hf_block),
+        Family("switch_transformers", "SwitchTransformersSparseMLP", _via_from_hf_block(SwitchPatchedMoE)),
     )
 }
 
@@ -267,21 +322,6 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _configs_with_router_logits(model: nn.Module) -> list[str]:
-    """Config objects (the model's and its sub-configs) that ask for router logits."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return []
-    found = []
-    if getattr(config, "output_router_logits", False):
-        found.append("config.output_router_logits")
-    for key in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, key, None)
-        if sub is not None and getattr(sub, "output_router_logits", False):
-            found.append(f"config.{key}.output_router_logits")
-    return found
-
-
 def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
     """Replace every MoE block of a loaded transformers ``model`` with an equivalent
     ``moekit.MoE``, in place; returns what was replaced, in module order.
@@ -294,12 +334,6 @@ def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe expects an nn.Module (a loaded transformers model), got {type(model).__name__}")
     family_name = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    asking = _configs_with_router_logits(model)
-    if asking:
-        raise UnsupportedBlockError(
-            f"{family_name}: {', '.join(asking)}=True, but patched blocks no longer produce transformers' "
-            "router logits (their aux loss); set it to False and read moekit.aux_loss(model) instead"
-        )
     blocks = _find_blocks(model)
     if not blocks and not any(isinstance(m, MoE) for m in model.modules()):
         raise ConversionError(f"patch_moe: {type(model).__name__} ({family_name}) has no MoE block")
@@ -365,10 +399,6 @@ def load_patched_folder(
     except (ValueError, KeyError) as error:
         raise ConversionError(f"{folder}: model_type={model_type!r} does not load as a causal LM: {error}") from error
     model = model.to(device).eval()
-    # NOTE: router logits only feed transformers' training aux loss, which patched blocks do not
-    # produce (see patch_moe); generation never reads them.
-    if getattr(model.config, "output_router_logits", False):
-        model.config.output_router_logits = False
     patched = patch_moe(model, strict=strict)
     return model, Tokenizer.from_file(str(tokenizer_path)), patched
 
