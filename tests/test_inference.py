@@ -155,3 +155,79 @@ def test_bad_folder_dtype_and_lengths_are_refused(folder, tmp_path):
         generate_from_folder(folder, PROMPT, max_new_tokens=0)
     with pytest.raises(ValueError, match=r"prompt='' encodes to no tokens"):
         generate_from_folder(folder, "", max_new_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------
+# The MoE layer's decode fast path (eval, a handful of tokens): gathered expert weights
+# ---------------------------------------------------------------------------------------
+
+FAST_PATH_CONFIGS = {
+    "mixtral": dict(),
+    "gelu": dict(activation="gelu"),
+    "switch": dict(router="switch", top_k=1, activation="relu"),
+    "deepseek_v3": dict(router="aux_free", n_group=4, topk_group=2, num_shared_experts=1, routed_scaling_factor=2.0),
+    "qwen2_moe": dict(num_shared_experts=1, shared_expert_gate=True, normalize_weights=False),
+    "gpt_oss": dict(activation="clamped_swiglu", router_bias=True, expert_biases=True, swiglu_limit=0.5),
+}
+
+
+def _layer_and_normal_path_calls(overrides: dict, dtype: torch.dtype):
+    from moekit import MoE, MoEConfig
+
+    config = MoEConfig(**{"d_model": 64, "d_ff": 96, "num_experts": 8, "top_k": 2, **overrides})
+    torch.manual_seed(0)
+    layer = MoE(config).to(dtype).eval()
+    with torch.no_grad():
+        for param in layer.parameters():  # biases start at 0: make them matter
+            param.add_(torch.randn_like(param) * 0.1)
+    calls = []
+    plan = layer.dispatcher.plan
+    layer.dispatcher.plan = lambda *args: calls.append(1) or plan(*args)  # counts normal-path forwards
+    return layer, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
+def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype):
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype)
+    assert layer.decode_fast_path_tokens == 1
+    for seed in range(4):
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+            fast_stats = layer.last_stats
+            assert calls == []  # the fast path made no dispatch plan
+            layer.decode_fast_path_tokens = 0
+            normal = layer(x)
+            layer.decode_fast_path_tokens = 1
+        assert calls == [1]
+        calls.clear()
+        assert torch.equal(fast, normal)
+        assert torch.equal(fast_stats.tokens_per_expert_E, layer.last_stats.tokens_per_expert_E)
+
+
+@pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
+def test_decode_fast_path_for_a_few_tokens_equals_the_normal_path_to_rounding(family):
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], torch.float32)
+    x = torch.randn(1, 4, 64)
+    with torch.no_grad():
+        layer.decode_fast_path_tokens = 4
+        fast = layer(x)
+        layer.decode_fast_path_tokens = 0
+        normal = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(fast, normal, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_fast_path_is_only_for_eval_dropless_few_tokens():
+    layer, calls = _layer_and_normal_path_calls({}, torch.float32)
+    layer.decode_fast_path_tokens = 4
+    with torch.no_grad():
+        layer(torch.randn(1, 5, 64))  # more tokens than decode_fast_path_tokens
+        layer(torch.randn(1, 2, 64), token_mask=torch.tensor([[True, False]]))
+        layer.train()(torch.randn(1, 2, 64))
+    assert calls == [1, 1, 1]
+    capped, calls = _layer_and_normal_path_calls({"eval_capacity_factor": 1.0}, torch.float32)
+    with torch.no_grad():
+        capped(torch.randn(1, 1, 64))
+    assert calls == [1]

@@ -160,6 +160,36 @@ class GroupedExperts(nn.Module):
         """Whether the fused path (which knows no bias and no clamped SwiGLU) computes this."""
         return self.b_in is None and self.activation != "clamped_swiglu"
 
+    def forward_gathered(self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor) -> Tensor:
+        """y[t] = Σ over t's assignments of weight · FFN_e(x[t]), float32 [T, D], by gathering
+        each assignment's expert weights (a batched matvec): no sort, no host sync.
+
+        NOTE: the decode fast path. For a handful of tokens the sort, the per-expert counts
+        (a device-to-host copy) and the grouped GEMM's bookkeeping cost more than the math;
+        gathering N·(D·H + F·D) weights is cheap when N is a few rows.
+        """
+        config = self.config
+        x_N1D = x_TD.index_select(0, token_idx_N)[:, None, :]
+        h_NH = torch.bmm(x_N1D, self.w_in.index_select(0, expert_idx_N)).squeeze(1)
+        if self.b_in is not None:
+            h_NH = h_NH + self.b_in.index_select(0, expert_idx_N)
+        act_NF = self.dropout(activate(h_NH, self.activation, config.swiglu_alpha, config.swiglu_limit))
+        out_ND = torch.bmm(act_NF[:, None, :], self.w_out.index_select(0, expert_idx_N)).squeeze(1)
+        if self.b_out is not None:
+            out_ND = out_ND + self.b_out.index_select(0, expert_idx_N)
+        # Combine in float32 with the same reduction as the path this replaces (the fused
+        # path's embedding_bag, the dispatcher's index_add), so the sums round alike.
+        num_tokens = x_TD.shape[0]
+        if self.fusable:
+            per_token_T = torch.bincount(token_idx_N, minlength=num_tokens)
+            bag_offsets_T = torch.cumsum(per_token_T, 0) - per_token_T
+            rows_N = torch.arange(token_idx_N.numel(), device=x_TD.device)
+            return F.embedding_bag(
+                rows_N, out_ND.float(), bag_offsets_T, mode="sum", per_sample_weights=weight_N.float()
+            )
+        weighted_ND = out_ND.float() * weight_N.float()[:, None]
+        return weighted_ND.new_zeros(num_tokens, x_TD.shape[1]).index_add(0, token_idx_N, weighted_ND)
+
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""
         config = self.config
