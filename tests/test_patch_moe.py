@@ -159,11 +159,12 @@ def test_gpt_oss_block_returns_hidden_and_router_scores_as_its_decoder_layer_unp
     torch.testing.assert_close(got_scores, want_scores, atol=1e-6, rtol=1e-5)
 
 
-def test_switch_encoder_decoder_sparse_mlps_match_and_generate_the_same_tokens():
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_switch_encoder_decoder_sparse_mlps_match_and_generate_the_same_tokens(router_bias):
     config = transformers.SwitchTransformersConfig(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
         num_experts=4, expert_capacity=3, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=None,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=None, router_bias=router_bias,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
@@ -179,6 +180,7 @@ def test_switch_encoder_decoder_sparse_mlps_match_and_generate_the_same_tokens()
     assert {record.family for record in patched} == {"switch_transformers"}
     assert [record.path.split(".")[0] for record in patched] == ["encoder", "decoder"]
     assert all(record.config.expert_capacity == 3 and record.config.routing_group == "sequence" for record in patched)
+    assert all(record.config.router_bias is router_bias for record in patched)
     assert_blocks_match(original, model, patched)
     with torch.no_grad():
         want = original(input_ids=ids, decoder_input_ids=decoder_ids).logits

@@ -218,6 +218,41 @@ def _convert_deepseek_v2(block: nn.Module, hf_config: Any) -> MoE:
 
 
 @torch.no_grad()
+def _convert_switch(block: nn.Module, hf_config: Any) -> MoE:
+    """Switch: top-1 with the unrenormalized probability, a fixed capacity per sequence filled
+    in token order, ReLU/GELU experts, and (``router_bias=True``) a bias on the router logits.
+
+    (``from_hf_block`` converts the bias-free router; this adapter also carries the bias.)
+    """
+    router, kind = block.router, type(block).__name__
+    first = block.experts["expert_0"]
+    config = MoEConfig(
+        d_model=router.classifier.in_features,
+        d_ff=first.wi.out_features,
+        num_experts=router.num_experts,
+        top_k=1,
+        router="switch",
+        activation=_activation(first.act, kind, gated=False),
+        expert_capacity=int(router.expert_capacity),
+        routing_group="sequence",
+        drop_priority="position",
+        min_capacity=0,
+        router_jitter=float(router.jitter_noise),
+        expert_dropout=float(first.dropout.p),
+        router_bias=router.classifier.bias is not None,
+        **_loss_coefs(hf_config, 1),
+    )
+    moe = _build(config, block, SwitchPatchedMoE)
+    moe.router.weight.copy_(router.classifier.weight)
+    if router.classifier.bias is not None:
+        moe.router.bias.copy_(router.classifier.bias)
+    experts = [block.experts[f"expert_{e}"] for e in range(config.num_experts)]
+    moe.experts.w_in.copy_(torch.stack([expert.wi.weight.t() for expert in experts]))
+    moe.experts.w_out.copy_(torch.stack([expert.wo.weight.t() for expert in experts]))
+    return moe.train(block.training)
+
+
+@torch.no_grad()
 def _convert_gpt_oss(block: nn.Module, hf_config: Any) -> MoE:
     """GPT-OSS: router logits with a bias, softmax over the top-k logits (= the top-k of the
     full softmax, renormalized), experts with biases and a clamped SwiGLU whose gate and up
@@ -281,7 +316,7 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v3", "DeepseekV3MoE", _via_from_hf_block()),
         Family("glm4_moe", "Glm4MoeMoE", _convert_glm4_moe),
         Family("gpt_oss", "GptOssMLP", _convert_gpt_oss),
-        Family("switch_transformers", "SwitchTransformersSparseMLP", _via_from_hf_block(SwitchPatchedMoE)),
+        Family("switch_transformers", "SwitchTransformersSparseMLP", _convert_switch),
     )
 }
 
