@@ -160,23 +160,29 @@ class GroupedExperts(nn.Module):
         """Whether the fused path (which knows no bias and no clamped SwiGLU) computes this."""
         return self.b_in is None and self.activation != "clamped_swiglu"
 
-    def forward_gathered(self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor) -> Tensor:
-        """y[t] = Σ over t's assignments of weight · FFN_e(x[t]), float32 [T, D], by gathering
-        each assignment's expert weights (a batched matvec): no sort, no host sync.
+    def forward_per_assignment(
+        self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor
+    ) -> Tensor:
+        """y[t] = Σ over t's assignments of weight · FFN_e(x[t]), float32 [T, D], one
+        row-times-expert-matrix product per assignment (N = T·k of them).
 
-        NOTE: the decode fast path. For a handful of tokens the sort, the per-expert counts
-        (a device-to-host copy) and the grouped GEMM's bookkeeping cost more than the math;
-        gathering N·(D·H + F·D) weights is cheap when N is a few rows.
+        NOTE: the decode fast path. For a handful of tokens the sort, the grouping and the
+        grouped GEMM's bookkeeping cost more than the math. The expert weights are used as
+        views (``w_in[e]``): gathering them into an [N, D, H] batch would copy every selected
+        expert's weights once more per token, which costs more than the matmuls themselves.
         """
         config = self.config
-        x_N1D = x_TD.index_select(0, token_idx_N)[:, None, :]
-        h_NH = torch.bmm(x_N1D, self.w_in.index_select(0, expert_idx_N)).squeeze(1)
-        if self.b_in is not None:
-            h_NH = h_NH + self.b_in.index_select(0, expert_idx_N)
-        act_NF = self.dropout(activate(h_NH, self.activation, config.swiglu_alpha, config.swiglu_limit))
-        out_ND = torch.bmm(act_NF[:, None, :], self.w_out.index_select(0, expert_idx_N)).squeeze(1)
-        if self.b_out is not None:
-            out_ND = out_ND + self.b_out.index_select(0, expert_idx_N)
+        rows = []
+        for token, expert in zip(token_idx_N.tolist(), expert_idx_N.tolist(), strict=True):
+            h_1H = x_TD[token : token + 1] @ self.w_in[expert]
+            if self.b_in is not None:
+                h_1H = h_1H + self.b_in[expert]
+            act_1F = self.dropout(activate(h_1H, self.activation, config.swiglu_alpha, config.swiglu_limit))
+            out_1D = act_1F @ self.w_out[expert]
+            if self.b_out is not None:
+                out_1D = out_1D + self.b_out[expert]
+            rows.append(out_1D)
+        out_ND = torch.cat(rows, dim=0)
         # Combine in float32 with the same reduction as the path this replaces (the fused
         # path's embedding_bag, the dispatcher's index_add), so the sums round alike.
         num_tokens = x_TD.shape[0]

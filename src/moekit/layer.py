@@ -78,8 +78,8 @@ class MoE(nn.Module):
         # NOTE: the fused permute-experts-combine Function is the fast path; the unfused
         # one (plain autograd) is the readable spec and serves dropout and module experts.
         self.fused = True
-        # Eval forwards of at most this many tokens (batch-1 decoding) gather the selected
-        # experts' weights instead of sorting and grouping (GroupedExperts.forward_gathered).
+        # Eval forwards of at most this many tokens (batch-1 decoding) run each assignment's
+        # expert directly instead of sorting and grouping (GroupedExperts.forward_per_assignment).
         # NOTE: 1 keeps the output bitwise equal to the normal path (every expert gets one row
         # on both); above 1, an expert with two rows may run another GEMM kernel and round
         # differently in the last bit.
@@ -149,7 +149,7 @@ class MoE(nn.Module):
         num_routed = len(assignments)
         if valid_idx is None and self._decode_fast_path(num_tokens, capacity_factor, routing):
             assert isinstance(self.experts, GroupedExperts)
-            y_TD = self.experts.forward_gathered(
+            y_TD = self.experts.forward_per_assignment(
                 x_TD, assignments.token_idx_N, assignments.expert_idx_N, assignments.weight_N
             ).to(x.dtype)
             if self.shared_experts is not None:
