@@ -85,6 +85,7 @@ class PatchedMoE(MoE):
     """
 
     router_logits_per_sequence = False  # Switch records [B, S, E]; the others [T, E]
+    last_router_logits_TE: Tensor | None = None
 
     def route(self, x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
         routing = super().route(x_TD, capacity_factor)
@@ -93,8 +94,8 @@ class PatchedMoE(MoE):
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         y = super().forward(x, token_mask)
+        logits, self.last_router_logits_TE = self.last_router_logits_TE, None  # hold no graph
         if token_mask is None:
-            logits = self.last_router_logits_TE
             if self.router_logits_per_sequence:
                 logits = logits.reshape(*x.shape[:-1], self.config.num_experts)
             _record_for_transformers("router_logits", logits)
