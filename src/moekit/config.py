@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 ROUTERS = ("topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free")
-ACTIVATIONS = ("swiglu", "gelu", "relu")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # the first projection is [gate | up], width 2F
+GROUP_SCORES = ("top2_sum", "max")
 DROP_PRIORITIES = ("position", "score", "random")
 SECOND_EXPERT_POLICIES = ("random", "threshold_random", "sample", "all")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
@@ -126,6 +128,30 @@ class MoEConfig:
     check_finite: bool = field(default=True, metadata={
         "help": "raise on non-finite router logits (one host sync per forward)"})
 
+    # Terms some transformers families have (interop.patch_moe); all off by default.
+    router_bias: bool = field(
+        default=False, metadata={"help": "a learned per-expert bias added to the router logits (GPT-OSS)"}
+    )
+    expert_biases: bool = field(
+        default=False,
+        metadata={"help": "bias vectors on both projections of every routed expert (GPT-OSS)"},
+    )
+    swiglu_alpha: float = field(
+        default=1.702,
+        metadata={"help": "activation='clamped_swiglu': gate * sigmoid(alpha * gate) (GPT-OSS's 1.702)"},
+    )
+    swiglu_limit: float = field(
+        default=7.0,
+        metadata={"help": "activation='clamped_swiglu': gate clamped to <= limit, up to [-limit, limit]"},
+    )
+    group_score: str = field(
+        default="top2_sum",
+        metadata={
+            "help": "group-limited routing: a group's score is the sum of its two best expert scores "
+            "('top2_sum', DeepSeek-V3) or its best score ('max', DeepSeek-V2)"
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -227,14 +253,31 @@ class MoEConfig:
         if not is_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group:
             _fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
         if self.n_group > 1:
-            if self.router != "aux_free":
-                _fail("n_group", self.n_group, "group-limited routing applies to router='aux_free'")
+            # The published group-limited routers: DeepSeek-V3's (sigmoid, top-2-sum group score)
+            # and DeepSeek-V2's (softmax top-k, max group score).
+            if not (self.router == "aux_free" or (self.router == "topk" and self.group_score == "max")):
+                _fail(
+                    "n_group",
+                    self.n_group,
+                    "group-limited routing applies to router='aux_free', or router='topk' with "
+                    "group_score='max' (DeepSeek-V2)",
+                )
             if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
                 _fail(
                     "topk_group",
                     self.topk_group,
                     f"topk_group * experts per group must be >= top_k={self.top_k}",
                 )
+
+        if self.group_score not in GROUP_SCORES:
+            _fail("group_score", self.group_score, f"must be one of {GROUP_SCORES}")
+        for name in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                _fail(name, value, "must be a finite number > 0")
+        for name in ("router_bias", "expert_biases"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import GATED_ACTIVATIONS, MoEConfig
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -111,20 +111,29 @@ class GroupedMatmul(torch.autograd.Function):
         return grad_rows, grad_weight, None, None, None
 
 
-def activate(h_NH: Tensor, activation: str) -> Tensor:
-    """The expert nonlinearity; SwiGLU reads h as [gate | up] (Shazeer 2020, eq. 6)."""
+def activate(h_NH: Tensor, activation: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0) -> Tensor:
+    """The expert nonlinearity; SwiGLU reads h as [gate | up] (Shazeer 2020, eq. 6).
+
+    ``clamped_swiglu`` is GPT-OSS's: gate clamped to <= limit, up to [-limit, limit], and
+    (up + 1) · gate · sigmoid(alpha · gate).
+    """
     if activation == "swiglu":
         gate_NF, up_NF = h_NH.chunk(2, dim=-1)
         return F.silu(gate_NF) * up_NF
+    if activation == "clamped_swiglu":
+        gate_NF, up_NF = h_NH.chunk(2, dim=-1)
+        gate_NF = gate_NF.clamp(max=swiglu_limit)
+        up_NF = up_NF.clamp(min=-swiglu_limit, max=swiglu_limit)
+        return (up_NF + 1) * (gate_NF * torch.sigmoid(gate_NF * swiglu_alpha))
     if activation == "gelu":
         return F.gelu(h_NH)
     if activation == "relu":
         return F.relu(h_NH)
-    raise ValueError(f"activation={activation!r} is invalid: use swiglu, gelu or relu")
+    raise ValueError(f"activation={activation!r} is invalid: use swiglu, clamped_swiglu, gelu or relu")
 
 
 def hidden_width(config: MoEConfig, d_ff: int) -> int:
-    return 2 * d_ff if config.activation == "swiglu" else d_ff
+    return 2 * d_ff if config.activation in GATED_ACTIVATIONS else d_ff
 
 
 class GroupedExperts(nn.Module):
@@ -139,6 +148,9 @@ class GroupedExperts(nn.Module):
         width = hidden_width(config, config.d_ff)
         self.w_in = nn.Parameter(torch.empty(config.num_experts, config.d_model, width))
         self.w_out = nn.Parameter(torch.empty(config.num_experts, config.d_ff, config.d_model))
+        # GPT-OSS experts add a bias after each projection: b_in [E, H], b_out [E, D].
+        self.b_in = nn.Parameter(torch.zeros(config.num_experts, width)) if config.expert_biases else None
+        self.b_out = nn.Parameter(torch.zeros(config.num_experts, config.d_model)) if config.expert_biases else None
         self.dropout = nn.Dropout(config.expert_dropout)
         self.reset_parameters()
 
@@ -146,12 +158,70 @@ class GroupedExperts(nn.Module):
         # Per expert, the scale of nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.config.d_model), 1 / math.sqrt(self.config.d_model))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.config.d_ff), 1 / math.sqrt(self.config.d_ff))
+        for bias in (self.b_in, self.b_out):
+            if bias is not None:
+                nn.init.zeros_(bias)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused path (which knows no bias and no clamped SwiGLU) computes this."""
+        return self.b_in is None and self.activation != "clamped_swiglu"
+
+    def forward_per_assignment(
+        self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor
+    ) -> Tensor:
+        """y[t] = Σ over t's assignments of weight · FFN_e(x[t]), float32 [T, D], one
+        row-times-expert-matrix product per assignment (N = T·k of them).
+
+        NOTE: the decode fast path. For a handful of tokens the sort, the grouping and the
+        grouped GEMM's bookkeeping cost more than the math. The expert weights are used as
+        views (``w_in[e]``): gathering them into an [N, D, H] batch would copy every selected
+        expert's weights once more per token, which costs more than the matmuls themselves.
+        """
+        config = self.config
+        rows = []
+        for token, expert in zip(token_idx_N.tolist(), expert_idx_N.tolist(), strict=True):
+            h_1H = x_TD[token : token + 1] @ self.w_in[expert]
+            if self.b_in is not None:
+                h_1H = h_1H + self.b_in[expert]
+            act_1F = self.dropout(activate(h_1H, self.activation, config.swiglu_alpha, config.swiglu_limit))
+            out_1D = act_1F @ self.w_out[expert]
+            if self.b_out is not None:
+                out_1D = out_1D + self.b_out[expert]
+            rows.append(out_1D)
+        out_ND = torch.cat(rows, dim=0)
+        # Combine in float32 with the same reduction as the path this replaces (the fused
+        # path's embedding_bag, the dispatcher's index_add), so the sums round alike.
+        num_tokens = x_TD.shape[0]
+        if self.fusable:
+            per_token_T = torch.bincount(token_idx_N, minlength=num_tokens)
+            bag_offsets_T = torch.cumsum(per_token_T, 0) - per_token_T
+            rows_N = torch.arange(token_idx_N.numel(), device=x_TD.device)
+            return F.embedding_bag(
+                rows_N, out_ND.float(), bag_offsets_T, mode="sum", per_sample_weights=weight_N.float()
+            )
+        weighted_ND = out_ND.float() * weight_N.float()[:, None]
+        return weighted_ND.new_zeros(num_tokens, x_TD.shape[1]).index_add(0, token_idx_N, weighted_ND)
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""
+        config = self.config
         h_NH = GroupedMatmul.apply(x_ND, self.w_in, group_ends_E, counts, self.impl)
-        act_NF = self.dropout(activate(h_NH, self.activation))
-        return GroupedMatmul.apply(act_NF, self.w_out, group_ends_E, counts, self.impl)
+        expert_of_row_N = None
+        if self.b_in is not None:
+            if self.b_in.shape[0] != len(counts):
+                raise ValueError(
+                    f"GroupedExperts has biases for {self.b_in.shape[0]} experts but runs {len(counts)}: "
+                    "expert biases (MoEConfig.expert_biases=True) are not sharded by expert parallelism"
+                )
+            counts_E = torch.tensor(counts, device=x_ND.device)
+            expert_of_row_N = torch.repeat_interleave(torch.arange(len(counts), device=x_ND.device), counts_E)
+            h_NH = h_NH + self.b_in.index_select(0, expert_of_row_N)
+        act_NF = self.dropout(activate(h_NH, self.activation, config.swiglu_alpha, config.swiglu_limit))
+        out_ND = GroupedMatmul.apply(act_NF, self.w_out, group_ends_E, counts, self.impl)
+        if self.b_out is not None:
+            out_ND = out_ND + self.b_out.index_select(0, expert_of_row_N)
+        return out_ND
 
 
 class ModuleExperts(nn.Module):
@@ -179,10 +249,19 @@ class ModuleExperts(nn.Module):
 class DenseFFN(nn.Module):
     """One FFN applied to every row: the shared experts, and the dense baseline."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        activation: str,
+        dropout: float = 0.0,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+    ) -> None:
         super().__init__()
         self.activation = activation
-        width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.swiglu_alpha, self.swiglu_limit = swiglu_alpha, swiglu_limit
+        width = 2 * d_ff if activation in GATED_ACTIVATIONS else d_ff
         self.w_in = nn.Parameter(torch.empty(d_model, width))
         self.w_out = nn.Parameter(torch.empty(d_ff, d_model))
         self.dropout = nn.Dropout(dropout)
@@ -190,7 +269,8 @@ class DenseFFN(nn.Module):
         nn.init.uniform_(self.w_out, -1 / math.sqrt(d_ff), 1 / math.sqrt(d_ff))
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        return self.dropout(activate(x_ND @ self.w_in, self.activation)) @ self.w_out
+        act_NF = activate(x_ND @ self.w_in, self.activation, self.swiglu_alpha, self.swiglu_limit)
+        return self.dropout(act_NF) @ self.w_out
 
 
 class SharedExperts(nn.Module):
@@ -200,7 +280,10 @@ class SharedExperts(nn.Module):
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
-        self.ffn = DenseFFN(config.d_model, config.shared_d_ff, config.activation, config.expert_dropout)
+        self.ffn = DenseFFN(
+            config.d_model, config.shared_d_ff, config.activation, config.expert_dropout,
+            config.swiglu_alpha, config.swiglu_limit,
+        )  # fmt: skip
         self.gate = nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:

@@ -82,6 +82,12 @@ class MoE(nn.Module):
         # NOTE: the fused permute-experts-combine Function is the fast path; the unfused
         # one (plain autograd) is the readable spec and serves dropout and module experts.
         self.fused = True
+        # Eval forwards of at most this many tokens (batch-1 decoding) run each assignment's
+        # expert directly instead of sorting and grouping (GroupedExperts.forward_per_assignment).
+        # NOTE: 1 keeps the output bitwise equal to the normal path (every expert gets one row
+        # on both); above 1, an expert with two rows may run another GEMM kernel and round
+        # differently in the last bit.
+        self.decode_fast_path_tokens = 1
         self.last_aux_loss: Tensor | None = None
         self.last_aux_losses: dict[str, Tensor] = {}
         self.last_stats: RawRoutingStats | None = None
@@ -153,6 +159,16 @@ class MoE(nn.Module):
         routing = self.route(x_TD, capacity_factor)
         assignments = routing.assignments
         num_routed = len(assignments)
+        if valid_idx is None and self._decode_fast_path(num_tokens, capacity_factor, routing):
+            assert isinstance(self.experts, GroupedExperts)
+            y_TD = self.experts.forward_per_assignment(
+                x_TD, assignments.token_idx_N, assignments.expert_idx_N, assignments.weight_N
+            ).to(x.dtype)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD)
+            tokens_per_expert_E = torch.bincount(assignments.expert_idx_N, minlength=config.num_experts)
+            self._record(routing, num_routed, tokens_per_expert_E, assignments.token_idx_N, num_tokens, None)
+            return _ContiguousGrad.apply(y_TD.reshape(x.shape))
         capacity = routing.capacity
         if routing.capacity is None and (capacity_factor is not None or config.expert_capacity is not None):
             group_idx_T = None
@@ -178,6 +194,7 @@ class MoE(nn.Module):
             self.fused
             and self.dispatcher.fusable
             and isinstance(experts, GroupedExperts)
+            and experts.fusable
             and plan.num_rows > 0
             and not (self.training and config.expert_dropout > 0)
         )
@@ -203,6 +220,18 @@ class MoE(nn.Module):
             y_all_TD = y_TD.new_zeros(token_mask.numel(), config.d_model)  # type: ignore[union-attr]
             y_TD = y_all_TD.index_copy(0, valid_idx, y_TD)
         return _ContiguousGrad.apply(y_TD.reshape(x.shape))
+
+    def _decode_fast_path(self, num_tokens: int, capacity_factor: float | None, routing: RoutingResult) -> bool:
+        """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop."""
+        return (
+            not self.training
+            and 0 < num_tokens <= self.decode_fast_path_tokens
+            and capacity_factor is None
+            and self.config.expert_capacity is None
+            and routing.capacity is None
+            and self.dispatcher.fusable
+            and isinstance(self.experts, GroupedExperts)
+        )
 
     def _record(
         self,

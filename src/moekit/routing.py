@@ -86,6 +86,27 @@ def _selected_per_expert(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).float()
 
 
+def group_limited_mask(selection_TE: Tensor, config: MoEConfig) -> Tensor:
+    """Which experts a token may pick under group-limited routing: bool [T, E].
+
+    The E experts form ``n_group`` contiguous groups; a group's score is the sum of its two
+    best selection scores (``group_score='top2_sum'``, DeepSeek-V3 §2.1.2) or its best one
+    (``'max'``, DeepSeek-V2 §2.1.2 device-limited routing); a token keeps its ``topk_group``
+    best groups.
+    """
+    num_tokens = selection_TE.shape[0]
+    per_group = config.num_experts // config.n_group
+    grouped_TGe = selection_TE.view(num_tokens, config.n_group, per_group)
+    if config.group_score == "max":
+        group_scores_TG = grouped_TGe.max(dim=-1).values
+    else:
+        group_scores_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    group_ids_TG = group_scores_TG.topk(config.topk_group, dim=-1).indices
+    group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+    group_mask_TG.scatter_(1, group_ids_TG, True)
+    return group_mask_TG.repeat_interleave(per_group, dim=1)
+
+
 class Router(nn.Module):
     """Base router: one learned (num_experts, d_model) projection named ``weight``."""
 
@@ -95,16 +116,22 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        # GPT-OSS's router has a per-expert logit bias (a learned parameter, unlike the
+        # aux-free router's selection-only ``expert_bias`` buffer).
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Same scale as nn.Linear's default: logits start O(1), scores near uniform.
         bound = 1.0 / math.sqrt(self.config.d_model)
         nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def compute_logits(self, x_TD: Tensor) -> Tensor:
         # NOTE: the gate runs in float32 even for bf16 activations (selective precision).
-        return F.linear(x_TD.float(), self.weight.float())
+        bias_E = self.bias.float() if self.bias is not None else None
+        return F.linear(x_TD.float(), self.weight.float(), bias_E)
 
     def checked_logits(self, x_TD: Tensor) -> Tensor:
         """``compute_logits``, checked for NaN and inf when ``MoEConfig.check_finite``.
@@ -127,14 +154,25 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """Mixtral / Qwen-MoE: softmax over all experts, keep the top k, optionally renormalize."""
+    """Mixtral / Qwen-MoE: softmax over all experts, keep the top k, optionally renormalize.
+
+    With ``n_group > 1`` the top k come from the token's ``topk_group`` best expert groups
+    (DeepSeek-V2's group-limited greedy routing, groups scored by ``group_score``); the
+    weights are multiplied by ``routed_scaling_factor`` (DeepSeek-V2; 1 elsewhere).
+    """
 
     def route(self, x_TD: Tensor) -> RoutingResult:
+        config = self.config
         logits_TE = self.checked_logits(x_TD)
         scores_TE = logits_TE.softmax(dim=-1)
-        weights_TK, topk_ids_TK = scores_TE.topk(self.top_k, dim=-1)
-        if self.config.normalize_weights:
+        selection_TE = scores_TE
+        if config.n_group > 1:
+            selection_TE = scores_TE.masked_fill(~group_limited_mask(scores_TE.detach(), config), float("-inf"))
+        weights_TK, topk_ids_TK = selection_TE.topk(self.top_k, dim=-1)
+        if config.normalize_weights:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if config.routed_scaling_factor != 1.0:
+            weights_TK = weights_TK * config.routed_scaling_factor
         return RoutingResult(
             logits_TE,
             scores_TE,
@@ -330,15 +368,7 @@ class AuxFreeRouter(Router):
         scores_TE = logits_TE.sigmoid()
         selection_TE = scores_TE.detach() + self.expert_bias.float()
         if config.n_group > 1:
-            num_tokens = selection_TE.shape[0]
-            per_group = self.num_experts // config.n_group
-            grouped_TGe = selection_TE.view(num_tokens, config.n_group, per_group)
-            group_scores_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-            group_ids_TG = group_scores_TG.topk(config.topk_group, dim=-1).indices
-            group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-            group_mask_TG.scatter_(1, group_ids_TG, True)
-            expert_mask_TE = group_mask_TG.repeat_interleave(per_group, dim=1)
-            selection_TE = selection_TE.masked_fill(~expert_mask_TE, float("-inf"))
+            selection_TE = selection_TE.masked_fill(~group_limited_mask(selection_TE, config), float("-inf"))
         topk_ids_TK = selection_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_ids_TK)
         if config.normalize_weights:

@@ -1,0 +1,233 @@
+"""Generation: sampling rules, the timed loop, and generation from a local transformers folder.
+
+The folder is built here: ``save_pretrained`` of a random tiny Mixtral plus a byte-level BPE
+tokenizer trained with the ``tokenizers`` library on a few sentences (no hub, no downloads).
+Greedy text from the patched folder equals transformers' own greedy ``generate`` of the
+unpatched model; bfloat16 runs; seeded sampling repeats; bad input is refused by name.
+
+    pytest tests/test_inference.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.inference import SamplingConfig, sample_next_token, timed_generate
+from moekit.interop.hf import ConversionError
+from moekit.interop.patch import generate_from_folder, load_patched_folder
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+SENTENCES = [
+    "Sparse mixture of experts layers route each token to a few experts.",
+    "The router picks the top k experts and the outputs are combined by weight.",
+    "Shared experts see every token, routed experts see only their own.",
+    "Capacity limits how many tokens one expert may take in a batch.",
+]
+
+
+def byte_level_bpe() -> tokenizers.Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_mixtral")
+    tokenizer = byte_level_bpe()
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = transformers.MixtralConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, bos_token_id=None, pad_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+PROMPT = "The router picks"
+
+
+def test_greedy_text_from_folder_equals_transformers_generate(folder):
+    result, patched = generate_from_folder(folder, PROMPT, max_new_tokens=24)
+
+    assert [record.family for record in patched] == ["mixtral", "mixtral"]
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt_ids = tokenizer.encode(PROMPT).ids
+    with torch.no_grad():
+        want = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False
+        )[0, len(prompt_ids) :].tolist()
+    assert result.tokens == want and len(set(want)) >= 4
+    assert result.text == tokenizer.decode(want) and result.text
+    assert result.prompt_tokens == len(prompt_ids)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    assert result.prefill_seconds > 0 and result.decode_seconds > 0
+    assert not result.stopped_at_eos
+    assert set(result.to_dict()) >= {"text", "prefill_tokens_per_s", "decode_tokens_per_s"}
+
+
+def test_bfloat16_generation_runs_in_bfloat16(folder):
+    model, _, patched = load_patched_folder(folder, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert len(patched) == 2
+    result, _ = generate_from_folder(folder, PROMPT, max_new_tokens=8, dtype="bfloat16")
+    assert len(result.tokens) == 8
+
+
+def test_seeded_sampling_repeats_and_top_p_limits_the_choice(folder):
+    sampling = SamplingConfig(greedy=False, temperature=1.5, top_p=0.9, seed=7)
+    first, _ = generate_from_folder(folder, PROMPT, max_new_tokens=12, sampling=sampling)
+    second, _ = generate_from_folder(folder, PROMPT, max_new_tokens=12, sampling=sampling)
+    assert first.tokens == second.tokens
+    greedy, _ = generate_from_folder(folder, PROMPT, max_new_tokens=12)
+    assert first.tokens != greedy.tokens
+
+
+def test_generation_stops_at_the_eos_token():
+    eos = 3
+
+    def step(input_ids, cache):  # a model that always predicts the eos token
+        logits = torch.zeros(1, 5)
+        logits[0, eos] = 1.0
+        return logits, cache
+
+    result = timed_generate(step, [1, 2], 10, SamplingConfig(), eos_token_ids=(eos,))
+    assert result.tokens == [eos] and result.stopped_at_eos and result.decode_tokens_per_s == 0.0
+
+
+def test_top_p_keeps_the_smallest_nucleus_and_always_the_best_token():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    picks = {
+        int(sample_next_token(logits, SamplingConfig(greedy=False, top_p=0.7), torch.Generator().manual_seed(s)))
+        for s in range(200)
+    }
+    assert picks == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
+    tiny = {
+        int(sample_next_token(logits, SamplingConfig(greedy=False, top_p=0.01), torch.Generator().manual_seed(s)))
+        for s in range(50)
+    }
+    assert tiny == {0}
+    assert int(sample_next_token(logits, SamplingConfig())) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0}, r"temperature=0.0 .*> 0"),
+        ({"temperature": float("nan")}, r"temperature=nan"),
+        ({"top_p": 0.0}, r"top_p=0.0 .*\(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5"),
+    ],
+)
+def test_bad_sampling_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_folder_dtype_and_lengths_are_refused(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"dtype='float16' is invalid: .*bfloat16"):
+        load_patched_folder(folder, dtype="float16")
+    with pytest.raises(ConversionError, match=r"config.json: missing"):
+        load_patched_folder(tmp_path)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ConversionError, match=r"tokenizer.json: missing"):
+        load_patched_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"max_new_tokens=0"):
+        generate_from_folder(folder, PROMPT, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"prompt='' encodes to no tokens"):
+        generate_from_folder(folder, "", max_new_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------
+# The MoE layer's decode fast path (eval, a handful of tokens): gathered expert weights
+# ---------------------------------------------------------------------------------------
+
+FAST_PATH_CONFIGS = {
+    "mixtral": dict(),
+    "gelu": dict(activation="gelu"),
+    "switch": dict(router="switch", top_k=1, activation="relu"),
+    "deepseek_v3": dict(router="aux_free", n_group=4, topk_group=2, num_shared_experts=1, routed_scaling_factor=2.0),
+    "qwen2_moe": dict(num_shared_experts=1, shared_expert_gate=True, normalize_weights=False),
+    "gpt_oss": dict(activation="clamped_swiglu", router_bias=True, expert_biases=True, swiglu_limit=0.5),
+}
+
+
+def _layer_and_normal_path_calls(overrides: dict, dtype: torch.dtype):
+    from moekit import MoE, MoEConfig
+
+    config = MoEConfig(**{"d_model": 64, "d_ff": 96, "num_experts": 8, "top_k": 2, **overrides})
+    torch.manual_seed(0)
+    layer = MoE(config).to(dtype).eval()
+    with torch.no_grad():
+        for param in layer.parameters():  # biases start at 0: make them matter
+            param.add_(torch.randn_like(param) * 0.1)
+    calls = []
+    plan = layer.dispatcher.plan
+    layer.dispatcher.plan = lambda *args: calls.append(1) or plan(*args)  # counts normal-path forwards
+    return layer, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
+def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype):
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype)
+    assert layer.decode_fast_path_tokens == 1
+    for seed in range(4):
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+            fast_stats = layer.last_stats
+            assert calls == []  # the fast path made no dispatch plan
+            layer.decode_fast_path_tokens = 0
+            normal = layer(x)
+            layer.decode_fast_path_tokens = 1
+        assert calls == [1]
+        calls.clear()
+        assert torch.equal(fast, normal)
+        assert torch.equal(fast_stats.tokens_per_expert_E, layer.last_stats.tokens_per_expert_E)
+
+
+@pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
+def test_decode_fast_path_for_a_few_tokens_equals_the_normal_path_to_rounding(family):
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], torch.float32)
+    x = torch.randn(1, 4, 64)
+    with torch.no_grad():
+        layer.decode_fast_path_tokens = 4
+        fast = layer(x)
+        layer.decode_fast_path_tokens = 0
+        normal = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(fast, normal, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_fast_path_is_only_for_eval_dropless_few_tokens():
+    layer, calls = _layer_and_normal_path_calls({}, torch.float32)
+    layer.decode_fast_path_tokens = 4
+    with torch.no_grad():
+        layer(torch.randn(1, 5, 64))  # more tokens than decode_fast_path_tokens
+        layer(torch.randn(1, 2, 64), token_mask=torch.tensor([[True, False]]))
+        layer.train()(torch.randn(1, 2, 64))
+    assert calls == [1, 1, 1]
+    capped, calls = _layer_and_normal_path_calls({"eval_capacity_factor": 1.0}, torch.float32)
+    with torch.no_grad():
+        capped(torch.randn(1, 1, 64))
+    assert calls == [1]
