@@ -231,3 +231,42 @@ def test_decode_fast_path_is_only_for_eval_dropless_few_tokens():
     with torch.no_grad():
         capped(torch.randn(1, 1, 64))
     assert calls == [1]
+
+
+def test_moekit_sample_runs_a_transformers_folder(folder, capsys):
+    import json
+
+    from moekit.cli.main import main
+
+    expected, _ = generate_from_folder(folder, PROMPT, max_new_tokens=12)
+    assert main(["sample", str(folder), "--prompt", PROMPT, "--tokens", "12", "--greedy", "--json"]) == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)  # the whole of stdout is the JSON document
+    assert payload["text"] == expected.text and payload["patched_blocks"] == 2
+    assert payload["prefill_tokens_per_s"] > 0 and payload["decode_tokens_per_s"] > 0
+    assert main(["sample", str(folder), "--prompt", PROMPT, "--tokens", "4", "--top-k", "5"]) == 2
+    assert "--top-k applies to moekit runs" in capsys.readouterr().err
+    assert main(["sample", str(folder), "--prompt", PROMPT, "--tokens", "4", "--top-p", "1.5"]) == 2
+    assert "--top-p 1.5 is invalid" in capsys.readouterr().err
+
+
+def test_moekit_sample_of_a_run_reports_prefill_and_decode_speed_in_bfloat16(tmp_path, capsys):
+    import json
+
+    from moekit.cli.main import main
+    from moekit.config import MoEConfig
+    from moekit.models.lm import LMConfig
+    from moekit.training.config import TrainConfig
+    from moekit.training.trainer import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 80)
+    config = LMConfig(seq_len=32, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(d_model=32, d_ff=32, num_experts=4))
+    train(config, TrainConfig(data=str(corpus), steps=2, batch_size=4, max_minutes=None, device="cpu"),
+          tmp_path / "run", progress=False)  # fmt: skip
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "To", "--tokens", "8", "--greedy", "--dtype",
+                 "bfloat16", "--json"]) == 0  # fmt: skip
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["dtype"] == "bfloat16" and len(payload["samples"]) == 1
+    assert payload["prefill_tokens_per_s"] > 0 and payload["decode_tokens_per_s"] > 0
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "To", "--top-p", "0.9"]) == 2

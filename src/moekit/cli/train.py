@@ -371,10 +371,15 @@ def _print_train_summary(result) -> None:  # noqa: ANN001
 # --------------------------------------------------------------------------------------------
 
 EPILOG_SAMPLE = """\
+MODEL is a moekit run directory, or a local transformers MoE folder (config.json, safetensors,
+tokenizer.json): its MoE blocks then run as moekit layers (moekit.interop.patch_moe), its
+attention and norms as transformers' own.
+
 examples:
   moekit sample runs/moe-20260101-120000 --prompt "ROMEO:" --tokens 300
-  moekit sample RUN_DIR --temperature 0      greedy decoding
-  moekit sample RUN_DIR --samples 3 --json   {"samples": [...]} on stdout
+  moekit sample RUN_DIR --greedy             greedy decoding (same as --temperature 0)
+  moekit sample RUN_DIR --samples 3 --json   {"samples": [...], "prefill_tokens_per_s": ...} on stdout
+  moekit sample ~/models/olmoe-tiny --prompt "The" --top-p 0.9 --dtype bfloat16 --json
 """
 
 
@@ -395,7 +400,7 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG_SAMPLE,
         formatter_class=help_formatter,
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("run_dir", metavar="MODEL", help="a moekit run directory or a local transformers folder")
     parser.add_argument("--prompt", default="\n", help="text to continue, at least one character (default: a newline)")
     parser.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate, >= 1 (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -404,9 +409,44 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
                         help="sample among the K likeliest tokens; none = all (default)")  # fmt: skip
     parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="independent samples (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, >= 0 (default 0)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the context every token")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context every token (moekit runs)")
+    parser.add_argument("--greedy", action="store_true", help="always the likeliest token (= --temperature 0)")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="nucleus sampling in (0, 1] (transformers folders; moekit runs take --top-k)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and activations (default float32)")  # fmt: skip
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
+
+
+def _is_moekit_run(path: Path) -> bool:
+    import json
+
+    try:
+        payload = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # not readable as a transformers folder either: the run reader names the problem
+    return isinstance(payload, dict) and "model" in payload and "train" in payload
+
+
+def _sample_hf_folder(args: argparse.Namespace) -> int:
+    from moekit.inference.generate import SamplingConfig
+    from moekit.interop.patch import generate_from_folder
+
+    if args.top_k is not None or args.samples != 1 or args.no_cache:
+        given = "--top-k" if args.top_k is not None else "--samples" if args.samples != 1 else "--no-cache"
+        raise UsageError(f"{given} applies to moekit runs; for a transformers folder use --top-p, --greedy, "
+                         "--temperature")  # fmt: skip
+    greedy = args.greedy or args.temperature == 0
+    sampling = SamplingConfig(greedy=greedy, temperature=args.temperature if not greedy else 1.0,
+                              top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed)  # fmt: skip
+    result, patched = generate_from_folder(args.run_dir, args.prompt, args.tokens, sampling, dtype=args.dtype)
+    print(args.prompt + result.text)
+    print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} "
+          f"tokens/s; {len(patched)} MoE blocks run as moekit layers", file=sys.stderr)  # fmt: skip
+    if args.json:
+        print_json({**result.to_dict(), "patched_blocks": len(patched), "dtype": args.dtype})
+    return 0
 
 
 @fail_on_bad_input("sample", ValueError, OSError)
@@ -418,6 +458,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check("--seed", args.seed, 0 <= args.seed < 2**63, "must be an integer in [0, 2**63)")
     if not args.prompt:
         raise UsageError("--prompt is empty: give at least one character")
+    if args.top_p is not None:
+        check("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]")
+    if not _is_moekit_run(Path(args.run_dir)):
+        return _sample_hf_folder(args)
+    if args.top_p is not None:
+        raise UsageError("--top-p applies to transformers folders; a moekit run samples with --top-k")
+
+    import time
 
     import torch
 
@@ -433,17 +481,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError(f"--prompt {args.prompt!r} encodes to no tokens: give at least one character")
     model.eval()
+    if args.dtype == "bfloat16":
+        model.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(args.seed)
     idx = torch.tensor([prompt] * args.samples, dtype=torch.long)
+    # Prefill and decode timed apart: the prompt's forward alone, then the whole generation.
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(idx)
+    prefill_s = time.perf_counter() - started
+    started = time.perf_counter()
     out = model.generate(
-        idx, args.tokens, temperature=args.temperature, top_k=args.top_k,
+        idx, args.tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
         use_cache=not args.no_cache, generator=generator,
     )  # fmt: skip
+    decode_s = max(1e-9, time.perf_counter() - started - prefill_s)
     texts = [tokenizer.decode(row.tolist()) for row in out]
     for i, text in enumerate(texts):
         if args.samples > 1:
             print(f"--- sample {i + 1}")
         print(text)
     if args.json:
-        print_json({"samples": texts})
+        print_json({"samples": texts, "prefill_tokens_per_s": idx.numel() / max(prefill_s, 1e-9),
+                    "decode_tokens_per_s": args.tokens * args.samples / decode_s, "dtype": args.dtype})  # fmt: skip
     return 0
