@@ -45,8 +45,10 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self._handle: Any = None
+        self.created_dir = False  # the directory did not exist before the lock
 
     def acquire(self) -> RunLock:
+        self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run's lifetime
         try:
@@ -76,13 +78,24 @@ class RunLock:
             self._handle.close()  # closing the descriptor releases the flock
             self._handle = None
 
+    def abandon(self) -> None:
+        """Release, and remove the directory again if the lock created it and nothing else
+        was written there: a run that failed before it started leaves no trace."""
+        self.release()
+        directory = self.path.parent
+        if self.created_dir and [entry.name for entry in directory.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(directory, ignore_errors=True)
+
     def __enter__(self) -> RunLock:
         return self if self._handle is not None else self.acquire()
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.release()
+        if error is not None:
+            self.abandon()
+        else:
+            self.release()
 
 
 def claim_new_run(run_dir: Path) -> RunLock:

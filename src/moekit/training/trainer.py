@@ -658,7 +658,7 @@ def _new_trainer(
             write_json_atomic(run_dir / CONFIG_FILE, payload)
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.abandon()
         raise
     return trainer, lock
 
