@@ -378,3 +378,20 @@ def test_the_cli_reports_a_diverged_run_with_exit_1_and_no_traceback(tmp_path, c
     assert code == 1
     assert "moekit train: error: diverged at step" in err and "no checkpoint was written" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_outside_any_saving_command_exits_130_without_traceback(capsys, monkeypatch):
+    import importlib
+
+    cli_main = importlib.import_module("moekit.cli.main")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli_main.build_parser()
+    args = parser.parse_args(["params", "mixtral-8x7b"])
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    monkeypatch.setattr(args, "func", interrupted, raising=False)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    assert cli_main.main(["params", "mixtral-8x7b"]) == 130
+    assert capsys.readouterr().err.strip() == "moekit: interrupted; nothing more was written"

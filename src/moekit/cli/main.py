@@ -81,8 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a bad command line (already reported)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
-    with json_output(bool(getattr(args, "json", False) and getattr(args, "json_document", False))):
-        return args.func(args)
+    try:
+        with json_output(bool(getattr(args, "json", False) and getattr(args, "json_document", False))):
+            return args.func(args)
+    except KeyboardInterrupt:
+        # Commands that hold work (train, finetune, compare) catch Ctrl-C themselves and save it;
+        # one that reaches here was interrupted before or after any work worth saving.
+        print("moekit: interrupted; nothing more was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
