@@ -420,13 +420,15 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _is_moekit_run(path: Path) -> bool:
+    """A transformers folder's config.json names its model_type; anything else is read (and
+    its problems reported) as a moekit run."""
     import json
 
     try:
         payload = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return True  # not readable as a transformers folder either: the run reader names the problem
-    return isinstance(payload, dict) and "model" in payload and "train" in payload
+        return True
+    return not (isinstance(payload, dict) and ("model_type" in payload or "architectures" in payload))
 
 
 def _sample_hf_folder(args: argparse.Namespace) -> int:
