@@ -90,11 +90,13 @@ def _loss_coefs(hf_config: Any, top_k: int) -> dict[str, float]:
     return coefs
 
 
-def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
+def _block_config(block: nn.Module, hf_config: Any, allow_router_bias: bool = False) -> tuple[MoEConfig, str]:
+    """``allow_router_bias``: a Switch router's bias becomes ``MoEConfig.router_bias`` (patch_moe);
+    ``from_hf_block`` keeps refusing it, as the bias-free converter it has always been."""
     kind = type(block).__name__
     if kind == "SwitchTransformersSparseMLP":
         router = block.router
-        if router.classifier.bias is not None:
+        if router.classifier.bias is not None and not allow_router_bias:
             raise ConversionError(f"{kind}: router_bias=True has no moekit equivalent (the router has no bias)")
         expert = block.experts["expert_0"]
         values = dict(
@@ -110,6 +112,7 @@ def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
             min_capacity=0,
             router_jitter=float(router.jitter_noise),
             expert_dropout=float(expert.dropout.p),
+            router_bias=router.classifier.bias is not None,
             **_loss_coefs(hf_config, 1),
         )
         return MoEConfig(**values), kind
@@ -156,6 +159,17 @@ def _block_config(block: nn.Module, hf_config: Any) -> tuple[MoEConfig, str]:
     return MoEConfig(**values), kind
 
 
+def _copy_switch(moe: MoE, block: nn.Module) -> None:
+    """A Switch block's router (and its bias, if any) and experts into ``moe``."""
+    classifier = block.router.classifier
+    moe.router.weight.copy_(classifier.weight)
+    if classifier.bias is not None:
+        moe.router.bias.copy_(classifier.bias)
+    experts = [block.experts[f"expert_{e}"] for e in range(moe.config.num_experts)]
+    moe.experts.w_in.copy_(torch.stack([expert.wi.weight.t() for expert in experts]))
+    moe.experts.w_out.copy_(torch.stack([expert.wo.weight.t() for expert in experts]))
+
+
 @torch.no_grad()
 def from_hf_block(block: nn.Module, hf_config: Any = None) -> MoE:
     """A ``moekit.MoE`` computing what the transformers MoE ``block`` computes (eval mode).
@@ -168,10 +182,7 @@ def from_hf_block(block: nn.Module, hf_config: Any = None) -> MoE:
     param = next(block.parameters())
     moe.to(device=param.device, dtype=param.dtype)
     if kind == "SwitchTransformersSparseMLP":
-        moe.router.weight.copy_(block.router.classifier.weight)
-        experts = [block.experts[f"expert_{e}"] for e in range(config.num_experts)]
-        moe.experts.w_in.copy_(torch.stack([expert.wi.weight.t() for expert in experts]))
-        moe.experts.w_out.copy_(torch.stack([expert.wo.weight.t() for expert in experts]))
+        _copy_switch(moe, block)
         return moe.train(block.training)
     moe.router.weight.copy_(block.gate.weight)
     _copy_grouped(moe, block.experts.gate_up_proj, block.experts.down_proj)

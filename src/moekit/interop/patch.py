@@ -45,7 +45,16 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
-from moekit.interop.hf import ConversionError, _activation, _copy_grouped, _copy_shared, _loss_coefs, from_hf_block
+from moekit.interop.hf import (
+    ConversionError,
+    _activation,
+    _block_config,
+    _copy_grouped,
+    _copy_shared,
+    _copy_switch,
+    _loss_coefs,
+    from_hf_block,
+)
 from moekit.layer import MoE
 from moekit.routing import RoutingResult
 
@@ -221,35 +230,10 @@ def _convert_deepseek_v2(block: nn.Module, hf_config: Any) -> MoE:
 @torch.no_grad()
 def _convert_switch(block: nn.Module, hf_config: Any) -> MoE:
     """Switch: top-1 with the unrenormalized probability, a fixed capacity per sequence filled
-    in token order, ReLU/GELU experts, and (``router_bias=True``) a bias on the router logits.
-
-    (``from_hf_block`` converts the bias-free router; this adapter also carries the bias.)
-    """
-    router, kind = block.router, type(block).__name__
-    first = block.experts["expert_0"]
-    config = MoEConfig(
-        d_model=router.classifier.in_features,
-        d_ff=first.wi.out_features,
-        num_experts=router.num_experts,
-        top_k=1,
-        router="switch",
-        activation=_activation(first.act, kind, gated=False),
-        expert_capacity=int(router.expert_capacity),
-        routing_group="sequence",
-        drop_priority="position",
-        min_capacity=0,
-        router_jitter=float(router.jitter_noise),
-        expert_dropout=float(first.dropout.p),
-        router_bias=router.classifier.bias is not None,
-        **_loss_coefs(hf_config, 1),
-    )
+    in token order, ReLU/GELU experts, and (``router_bias=True``) a bias on the router logits."""
+    config, _ = _block_config(block, hf_config, allow_router_bias=True)
     moe = _build(config, block, SwitchPatchedMoE)
-    moe.router.weight.copy_(router.classifier.weight)
-    if router.classifier.bias is not None:
-        moe.router.bias.copy_(router.classifier.bias)
-    experts = [block.experts[f"expert_{e}"] for e in range(config.num_experts)]
-    moe.experts.w_in.copy_(torch.stack([expert.wi.weight.t() for expert in experts]))
-    moe.experts.w_out.copy_(torch.stack([expert.wo.weight.t() for expert in experts]))
+    _copy_switch(moe, block)
     return moe.train(block.training)
 
 
