@@ -84,6 +84,7 @@ def send_sigint() -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "nth", "signals"),
     [
@@ -124,6 +125,7 @@ def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, corpus, mo
     assert stopped_at in {int(s) for s in steps}
 
 
+@pytest.mark.slow
 def test_sigterm_at_a_random_moment_saves_and_resumes_exactly(tmp_path, corpus):
     """A real process, signalled from outside at a moment the test does not choose."""
     flags = ["--data", str(corpus), "--d-model", "32", "--layers", "2", "--heads", "2", "--experts", "4",
@@ -238,6 +240,7 @@ def test_a_run_in_use_cannot_be_claimed_or_resumed(tmp_path, corpus):
             train(tiny_config(), tiny_train_config(data=str(corpus), steps=4), run, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_two_runs_started_into_one_directory_exactly_one_wins(tmp_path, corpus):
     flags = ["--data", str(corpus), "--d-model", "32", "--layers", "1", "--heads", "2", "--experts", "4",
              "--seq-len", "32", "--batch-size", "4", "--steps", "30", "--no-progress", "--device", "cpu",
