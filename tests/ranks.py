@@ -29,7 +29,7 @@ class RankOutcome:
     error: str
 
 
-def _child(fn, rank: int, num_ranks: int, directory: Path, collective_timeout_s: float, args: tuple) -> None:  # noqa: ANN001
+def _child(fn, rank: int, num_ranks: int, directory: Path, collective_timeout_s: float, args: tuple) -> None:
     code = 0
     try:
         torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def _child(fn, rank: int, num_ranks: int, directory: Path, collective_timeout_s:
         )
         result = fn(rank, num_ranks, *args)
         torch.save(result, directory / f"result-{rank}.pt")
-    except BaseException:  # noqa: BLE001 - every failure is reported to the parent
+    except BaseException:
         (directory / f"error-{rank}.txt").write_text(traceback.format_exc())
         code = 1
     finally:
@@ -52,7 +52,7 @@ def _child(fn, rank: int, num_ranks: int, directory: Path, collective_timeout_s:
 
 
 def run_ranks(
-    fn,  # noqa: ANN001
+    fn,
     num_ranks: int,
     directory: Path,
     *args: Any,

@@ -116,7 +116,7 @@ def test_experts_up_gradcheck(activation):
         return _ExpertsUp.apply(
             x_TD, w_in_EDH, plan.token_of_row_N, plan.row_of_assignment_N, plan.bag_offsets_T,
             plan.group_ends_E, plan.tokens_per_expert, activation, "auto",
-        )  # fmt: skip
+        )
 
     assert gradcheck(up, (x, w_in))
 
@@ -132,7 +132,7 @@ def test_experts_down_combine_gradcheck():
         return _ExpertsDownCombine.apply(
             act_NF, weight_N, w_out_EFD, plan.token_of_row_N, plan.row_of_assignment_N, plan.order_N,
             plan.bag_offsets_T, plan.group_ends_E, plan.tokens_per_expert, "auto",
-        )  # fmt: skip
+        )
 
     assert down(act, weight, w_out).dtype == torch.float64  # float64 experts combine in float64
     assert gradcheck(down, (act, weight, w_out))

@@ -43,7 +43,7 @@ def test_quick_run_measures_the_bytes_its_routing_sends(capsys):
     # The same layer and tokens as the bench's ranks: count the assignments that leave each rank.
     torch.manual_seed(0)
     layer = MoE(MoEConfig(d_model=case["d_model"], d_ff=case["d_ff"], num_experts=case["num_experts"],
-                          top_k=case["top_k"], balance_loss_coef=0.0, z_loss_coef=0.0))  # fmt: skip
+                          top_k=case["top_k"], balance_loss_coef=0.0, z_loss_coef=0.0))
     per_rank_bytes = []
     for rank in range(2):
         x = torch.randn(case["tokens"], case["d_model"], generator=torch.Generator().manual_seed(1000 + rank))

@@ -162,7 +162,7 @@ def test_every_config_field_has_a_train_flag_with_its_help():
                 assert "--no-" + flag.flag[2:] in options
     for old in ("--experts", "--layers", "--heads", "--top-k", "--d-ff", "--shared-experts", "--moe-every",
                 "--drop-priority", "--eval-capacity-factor", "--second-expert-policy", "--n-kv-head", "--bf16",
-                "--no-bf16", "--capacity-factor", "--max-minutes", "--data"):  # fmt: skip
+                "--no-bf16", "--capacity-factor", "--max-minutes", "--data"):
         assert old in options, old
 
 
@@ -182,13 +182,13 @@ def test_flags_round_trip_into_the_configs():
         "--no-normalize-weights", "--no-tie-embeddings", "--expert-capacity", "none", "--shared-experts", "1",
         "--shared-expert-gate", "--lr", "0.01", "--max-minutes", "none", "--bf16", "--grad-clip", "0",
         "--data", "corpus.txt", "--device", "cuda:1", "--compile", "--seed", "3",
-    ])  # fmt: skip
+    ])
     assert (model.n_layer, model.n_head, model.n_kv_head, model.d_model, model.tie_embeddings) == (3, 8, 2, 64, False)
     moe = model.moe
     assert (moe.num_experts, moe.d_model, moe.d_ff, moe.router, moe.top_k) == (8, 64, 48, "gshard", 2)
     assert (moe.drop_priority, moe.eval_capacity_factor, moe.capacity_factor) == ("score", 2.5, None)
     assert (moe.second_expert_policy, moe.second_expert_threshold, moe.normalize_weights) == ("threshold_random",
-                                                                                              0.3, False)  # fmt: skip
+                                                                                              0.3, False)
     assert (moe.num_shared_experts, moe.shared_expert_gate, moe.expert_capacity) == (1, True, None)
     assert (train.lr, train.max_minutes, train.bf16, train.grad_clip) == (0.01, None, True, 0.0)
     assert (train.data, train.device, train.compile, train.seed) == ("corpus.txt", "cuda:1", True, 3)
@@ -216,7 +216,7 @@ def test_params_json_pipes_into_a_json_parser():
         f"{sys.executable} -m moekit params mixtral-8x7b --json | {sys.executable} -c "
         "'import json,sys; print(json.load(sys.stdin)[\"total_params\"])'",
         shell=True, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "46702792704"
 
@@ -228,11 +228,11 @@ def _tiny_run(path, arch: str = "moe") -> None:
     from moekit.training.config import TrainConfig
 
     config = LMConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=16, arch=arch,
-                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))  # fmt: skip
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
     torch.manual_seed(0)
     path.mkdir(parents=True)
     write_json_atomic(path / "config.json", {"model": config.to_dict(), "train": dataclasses.asdict(TrainConfig()),
-                                             "tokenizer": {"kind": "bytes"}})  # fmt: skip
+                                             "tokenizer": {"kind": "bytes"}})
     save_checkpoint(path, MoETransformerLM(config), {})
 
 
@@ -252,25 +252,25 @@ def test_every_subcommand_json_is_the_whole_stdout(tmp_path, capsys):
     assert json_stdout(capsys, ["params", "mixtral-8x7b", "--json"])["total_params"] == 46_702_792_704
     assert json_stdout(capsys, ["params", str(tmp_path / "run"), "--json"])["total_params"] > 0
     samples = json_stdout(capsys, ["sample", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "4", "--samples",
-                                   "2", "--json"])["samples"]  # fmt: skip
+                                   "2", "--json"])["samples"]
     assert len(samples) == 2 and all(text.startswith("ab") for text in samples)
     exported = json_stdout(capsys, ["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--json"])
     assert exported["hf_dir"] == str(tmp_path / "hf")
     imported = json_stdout(capsys, ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--json"])
     assert imported["run_dir"] == str(tmp_path / "back")
     upcycled = json_stdout(capsys, ["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "up"), "--experts",
-                                    "4", "--json"])  # fmt: skip
+                                    "4", "--json"])
     assert upcycled["total_params"] > upcycled["active_params"]
     finetuned = json_stdout(capsys, ["finetune", "--from", str(tmp_path / "run"), "--data", str(corpus), "--out",
                                      str(tmp_path / "ft"), "--steps", "2", "--eval-interval", "1", "--batch-size",
-                                     "2", "--json"])  # fmt: skip
+                                     "2", "--json"])
     assert finetuned["steps"] == 2
     trained = json_stdout(capsys, ["train", "--d-model", "16", "--layers", "1", "--heads", "2", "--seq-len", "16",
                                    "--d-ff", "8", "--experts", "4", "--batch-size", "2", "--steps", "2",
                                    "--eval-interval", "2", "--eval-batches", "1", "--data", str(corpus), "--out",
-                                   str(tmp_path / "t"), "--json"])  # fmt: skip
+                                   str(tmp_path / "t"), "--json"])
     assert trained["steps"] == 2
     synthetic = json_stdout(capsys, ["multitask", "synthetic", "--seeds", "1", "--correlations", "1", "--steps", "2",
                                      "--batch-size", "8", "--test-size", "20", "--workers", "1", "--out",
-                                     str(tmp_path / "syn"), "--json"])  # fmt: skip
+                                     str(tmp_path / "syn"), "--json"])
     assert isinstance(synthetic, dict) and synthetic

@@ -22,9 +22,9 @@ from moekit.config import MoEConfig
 from moekit.models.lm import LMConfig, MoETransformerLM
 
 TINY_MOE = LMConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=16,
-                    moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))  # fmt: skip
+                    moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
 TINY_DENSE = LMConfig(vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=16, arch="dense",
-                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))  # fmt: skip
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
 
 
 def write_run(path, config: LMConfig, train: dict | None = None) -> None:
@@ -35,7 +35,7 @@ def write_run(path, config: LMConfig, train: dict | None = None) -> None:
     path.mkdir(parents=True)
     train_values = asdict(TrainConfig(**(train or {})))
     write_json_atomic(path / "config.json", {"model": config.to_dict(), "train": train_values,
-                                             "tokenizer": {"kind": "bytes"}})  # fmt: skip
+                                             "tokenizer": {"kind": "bytes"}})
     save_checkpoint(path, MoETransformerLM(config), {})
 
 
@@ -47,7 +47,7 @@ def tiny_mixtral_folder(path):
         vocab_size=256, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=16,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-    )  # fmt: skip
+    )
     MixtralForCausalLM(config).save_pretrained(path)
     return path
 
@@ -69,7 +69,7 @@ def files(tmp_path_factory):
     negative = root / "negative"
     negative.mkdir()
     (negative / "config.json").write_text(json.dumps({"model": {**TINY_MOE.to_dict(), "n_layer": -2},
-                                                      "train": {}}))  # fmt: skip
+                                                      "train": {}}))
     no_model = root / "no_model"
     no_model.mkdir()
     (no_model / "config.json").write_text(json.dumps({"train": {}}))
@@ -86,7 +86,7 @@ def files(tmp_path_factory):
         "afile": root / "afile", "missing": root / "missing", "new": root / "new", "no_train": no_train,
         "negative": negative, "no_model": no_model, "bad_train": bad_train, "broken_json": broken_json,
         "synthetic_done": synthetic_done,
-    }  # fmt: skip
+    }
 
 
 def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
@@ -301,7 +301,7 @@ def test_flag_error_message_reads_flag_value_and_allowed(files, capsys):
 
 def test_resume_conflict_names_every_changed_flag_with_both_values(files, capsys):
     code, _, err = run_cli(capsys, expand(["train", "--resume", "{run}", "--lr", "0.01", "--seed", "7",
-                                           "--no-progress"], files))  # fmt: skip
+                                           "--no-progress"], files))
     assert code == 2
     assert "--lr 0.004 (not 0.01)" in err and "--seed 1 (not 7)" in err and "only --steps" in err
     assert "config.json" in err
@@ -314,7 +314,7 @@ def test_resume_accepts_flags_equal_to_the_run(files, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(trainer, "train", lambda *args, **kwargs: calls.append((args, kwargs)) or fake_result())
     args = ["train", "--resume", "{run}", "--lr", "0.004", "--seed", "1", "--data", "{corpus}", "--experts", "4",
-            "--steps", "20", "--no-progress"]  # fmt: skip
+            "--steps", "20", "--no-progress"]
     code, _, err = run_cli(capsys, expand(args, files))
     assert code == 0, err
     (model_config, train_config, out), kwargs = calls[0]
@@ -327,7 +327,7 @@ def fake_result(**extra):
 
     values = dict(run_dir="r", steps=3, train_seconds=1.0, interrupted=False, val_loss=1.0, bits_per_byte=1.0,
                   train_loss=1.0, tokens_per_s=1.0, total_params=10, active_params=5, load_imbalance=None,
-                  dropped_fraction=None, plots=[], stopped_by="steps", target_steps=10, stop_signal=None)  # fmt: skip
+                  dropped_fraction=None, plots=[], stopped_by="steps", target_steps=10, stop_signal=None)
     values.update(extra)
     result = SimpleNamespace(**values)
     result.to_dict = lambda: dict(values)
@@ -451,7 +451,7 @@ def test_missing_fused_expert_tensor_is_named(hf_folder, tmp_path, capsys):
         gate_up = torch.stack([
             torch.cat([tensors.pop(f"{prefix}experts.{e}.w1.weight"), tensors.pop(f"{prefix}experts.{e}.w3.weight")])
             for e in experts
-        ])  # fmt: skip
+        ])
         for e in experts:
             tensors.pop(f"{prefix}experts.{e}.w2.weight")
         tensors["model.layers.0.mlp.experts.gate_up_proj"] = gate_up.contiguous()
@@ -486,7 +486,7 @@ def test_sharded_folder_with_a_missing_shard_is_named(tmp_path, capsys):
 
     config = MixtralConfig(vocab_size=256, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
-                           max_position_embeddings=16)  # fmt: skip
+                           max_position_embeddings=16)
     MixtralForCausalLM(config).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     shards = sorted((tmp_path / "hf").glob("*.safetensors"))
     assert len(shards) > 1
@@ -498,7 +498,7 @@ def test_sharded_folder_with_a_missing_shard_is_named(tmp_path, capsys):
 def test_finetune_from_a_damaged_folder_fails_before_training(hf_folder, files, tmp_path, capsys):
     _rewrite(hf_folder, lambda tensors: tensors.pop("model.layers.0.block_sparse_moe.gate.weight"))
     args = ["finetune", "--from", str(hf_folder), "--data", str(files["corpus"]), "--out", str(tmp_path / "ft"),
-            "--no-progress"]  # fmt: skip
+            "--no-progress"]
     code, out, err = run_cli(capsys, args)
     assert code == 2 and "Traceback" not in err and "gate.weight" in err
     assert not (tmp_path / "ft").exists()

@@ -13,7 +13,7 @@ import pytest
 from moekit.cli.main import main
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32", "--d-ff", "32",
-        "--experts", "4", "--batch-size", "4", "--eval-interval", "5", "--no-progress"]  # fmt: skip
+        "--experts", "4", "--batch-size", "4", "--eval-interval", "5", "--no-progress"]
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
     assert main(args) == 0
     summary = last_json(capsys)
     assert {"moe", "dense", "dense-equal-time", "moe-top2", "switch-top1", "capacity-1.0", "no-balance-loss",
-            "expert-choice", "aux-free", "dense-ffn-2x", "dense-ffn-4x"} <= set(summary)  # fmt: skip
+            "expert-choice", "aux-free", "dense-ffn-2x", "dense-ffn-4x"} <= set(summary)
     assert summary["moe"]["steps"] == 4 and summary["moe-top2"]["steps"] == 6
     assert summary["dense-ffn-4x"]["steps"] == 4
     # (f)'s dense models are 2x and 4x the matched FFN width: their active parameters grow.

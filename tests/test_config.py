@@ -86,7 +86,7 @@ def test_config_error_keeps_owner_field_value_and_allowed():
         MoEConfig(capacity_factor=float("inf"))
     err = caught.value
     assert (err.owner, err.field, err.allowed) == ("MoEConfig", "capacity_factor", "must be None (dropless) or a "
-                                                   "finite number > 0")  # fmt: skip
+                                                   "finite number > 0")
     assert str(err) == "MoEConfig.capacity_factor=inf is invalid: " + err.allowed
 
 

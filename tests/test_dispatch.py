@@ -102,7 +102,7 @@ def test_every_row_in_one_expert():
 def test_no_rows_at_all():
     # Three tokens, none routed (everything dropped): the plan is empty and combine gives zeros.
     empty = Assignments(*(torch.zeros(0, dtype=torch.long) for _ in range(2)), torch.zeros(0),
-                        torch.zeros(0, dtype=torch.long), torch.zeros(0))  # fmt: skip
+                        torch.zeros(0, dtype=torch.long), torch.zeros(0))
     dispatcher = LocalDispatcher(2)
     plan = dispatcher.plan(empty, num_tokens=3)
     assert plan.num_rows == 0 and plan.tokens_per_expert == (0, 0)

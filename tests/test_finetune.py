@@ -36,7 +36,7 @@ def tiny_config(arch: str = "moe", **moe) -> LMConfig:
     return LMConfig(
         vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=16, arch=arch,
         moe=MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, **moe),
-    )  # fmt: skip
+    )
 
 
 def make_run(path, config: LMConfig, seed: int = 0) -> MoETransformerLM:
@@ -60,7 +60,7 @@ def text_file(tmp_path):
 def test_each_freeze_mode_trains_exactly_its_group(tmp_path, text_file, mode):
     source = make_run(tmp_path / "src", tiny_config(num_shared_experts=1))
     result = finetune(tmp_path / "src", text_file, tmp_path / "ft", mode, steps=6, eval_interval=3, batch_size=4,
-                      lr=1e-2, progress=False)  # fmt: skip
+                      lr=1e-2, progress=False)
     tuned, _ = load_model_from_run(tmp_path / "ft")
     before, after = dict(source.named_parameters()), dict(tuned.named_parameters())
     should_train = {
@@ -80,7 +80,7 @@ def test_each_freeze_mode_trains_exactly_its_group(tmp_path, text_file, mode):
 def test_finetune_lowers_validation_loss_and_the_run_samples(tmp_path, text_file, capsys):
     make_run(tmp_path / "src", tiny_config())
     result = finetune(tmp_path / "src", text_file, tmp_path / "ft", "none", steps=30, eval_interval=10, batch_size=8,
-                      lr=1e-2, progress=False)  # fmt: skip
+                      lr=1e-2, progress=False)
     assert result.val_loss_after < result.val_loss_before - 0.5
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["val_loss_after"] == result.val_loss_after
     assert main(["sample", str(tmp_path / "ft"), "--prompt", "the ", "--tokens", "8", "--temperature", "0"]) == 0
@@ -92,7 +92,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, text_file):
     # A learning rate this large makes every step worse: the run stops after `patience`
     # evaluations and keeps the source's weights (step 0 was the best).
     result = finetune(tmp_path / "src", text_file, tmp_path / "ft", steps=50, eval_interval=2, patience=2, lr=50.0,
-                      batch_size=4, progress=False)  # fmt: skip
+                      batch_size=4, progress=False)
     assert result.stopped_early and result.steps == 4 and result.best_step == 0
     assert result.val_loss_after == result.val_loss_before
     tuned, _ = load_model_from_run(tmp_path / "ft")
@@ -103,7 +103,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, text_file):
 def test_expert_dropout_reaches_the_experts_and_is_saved(tmp_path, text_file):
     make_run(tmp_path / "src", tiny_config())
     finetune(tmp_path / "src", text_file, tmp_path / "ft", expert_dropout=0.3, steps=2, eval_interval=1,
-             batch_size=2, progress=False)  # fmt: skip
+             batch_size=2, progress=False)
     tuned, payload = load_model_from_run(tmp_path / "ft")
     assert payload["model"]["moe"]["expert_dropout"] == 0.3
     assert all(block.ffn.experts.dropout.p == 0.3 for block in tuned.blocks)
@@ -120,7 +120,7 @@ def test_bad_finetune_arguments_name_the_field(tmp_path, text_file, kwargs, mess
 
 
 @pytest.mark.parametrize("mode,message", [("non-experts", "no trainable parameters"), ("experts", "freezes nothing"),
-                                          ("router", "freezes nothing")])  # fmt: skip
+                                          ("router", "freezes nothing")])
 def test_freeze_modes_that_do_nothing_on_a_dense_model_are_rejected(mode, message):
     model = MoETransformerLM(tiny_config(arch="dense"))
     with pytest.raises(ValueError, match=message):
@@ -133,10 +133,10 @@ def test_finetune_from_a_hugging_face_folder(tmp_path, text_file):
     config = transformers.MixtralConfig(
         vocab_size=256, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096,
-    )  # fmt: skip
+    )
     transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "hf")
     result = finetune(tmp_path / "hf", text_file, tmp_path / "ft", "router", steps=4, eval_interval=2, seq_len=16,
-                      batch_size=4, progress=False, loader=load_run_or_hf_folder)  # fmt: skip
+                      batch_size=4, progress=False, loader=load_run_or_hf_folder)
     assert result.val_loss_after <= result.val_loss_before
     _, payload = load_model_from_run(tmp_path / "ft")
     assert payload["model"]["seq_len"] == 16 and payload["model"]["n_kv_head"] == 1
@@ -175,7 +175,7 @@ def test_finetune_cli_json(tmp_path, text_file, capsys):
     make_run(tmp_path / "src", tiny_config())
     args = ["finetune", "--from", str(tmp_path / "src"), "--data", str(text_file), "--out", str(tmp_path / "ft"),
             "--freeze", "experts", "--steps", "2", "--eval-interval", "1", "--batch-size", "2", "--no-progress",
-            "--json"]  # fmt: skip
+            "--json"]
     assert main(args) == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert payload["freeze"] == "experts" and {"val_loss_before", "val_loss_after"} <= set(payload)

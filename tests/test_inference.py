@@ -50,7 +50,7 @@ def folder(tmp_path_factory):
         vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=128, bos_token_id=None, pad_token_id=None, eos_token_id=None,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
     generator = torch.Generator().manual_seed(1)
@@ -263,9 +263,9 @@ def test_moekit_sample_of_a_run_reports_prefill_and_decode_speed_in_bfloat16(tmp
     corpus.write_text("To be, or not to be, that is the question.\n" * 80)
     config = LMConfig(seq_len=32, n_layer=1, n_head=2, d_model=32, moe=MoEConfig(d_model=32, d_ff=32, num_experts=4))
     train(config, TrainConfig(data=str(corpus), steps=2, batch_size=4, max_minutes=None, device="cpu"),
-          tmp_path / "run", progress=False)  # fmt: skip
+          tmp_path / "run", progress=False)
     assert main(["sample", str(tmp_path / "run"), "--prompt", "To", "--tokens", "8", "--greedy", "--dtype",
-                 "bfloat16", "--json"]) == 0  # fmt: skip
+                 "bfloat16", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["dtype"] == "bfloat16" and len(payload["samples"]) == 1
     assert payload["prefill_tokens_per_s"] > 0 and payload["decode_tokens_per_s"] > 0

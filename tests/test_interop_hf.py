@@ -78,7 +78,7 @@ def test_qwen2_moe_block_with_gated_shared_expert_matches(norm_topk_prob):
     config = Qwen2MoeConfig(
         hidden_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=12, num_experts=6,
         num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
-    )  # fmt: skip
+    )
     block = Qwen2MoeSparseMoeBlock(config)
     randomize(block)
     moe = assert_block_matches(block, torch.randn(2, 5, 16))
@@ -117,7 +117,7 @@ def test_deepseek_v3_block_with_groups_bias_scaling_and_shared_experts_matches(n
     config = DeepseekV3Config(
         hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
         topk_group=2, n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=norm_topk_prob,
-    )  # fmt: skip
+    )
     block = DeepseekV3MoE(config)
     randomize(block)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_deepseek_v3_bias_changes_the_routing():
     config = DeepseekV3Config(
         hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
         n_shared_experts=1,
-    )  # fmt: skip
+    )
     block = DeepseekV3MoE(config).eval()
     randomize(block)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_switch_block_with_per_sequence_capacity_matches(activation):
     config = SwitchTransformersConfig(
         d_model=16, d_ff=8, num_experts=4, expert_capacity=2, dense_act_fn=activation, router_bias=False,
         router_jitter_noise=0.0, dropout_rate=0.0,
-    )  # fmt: skip
+    )
     block = SwitchTransformersSparseMLP(config)
     randomize(block)
     x = torch.randn(3, 9, 16)
@@ -182,7 +182,7 @@ def test_gated_gelu_experts_are_rejected_naming_the_activation():
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=2,
-                                                hidden_act="gelu"))  # fmt: skip
+                                                hidden_act="gelu"))
     with pytest.raises(ValueError, match="GELUActivation.*silu"):
         from_hf_block(block)
 
@@ -193,12 +193,12 @@ def test_loss_coefficients_follow_the_transformers_config():
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
     config = MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2,
-                           router_aux_loss_coef=0.02)  # fmt: skip
+                           router_aux_loss_coef=0.02)
     moe = from_hf_block(MixtralSparseMoeBlock(config), hf_config=config)
     # transformers' balance loss is k times moekit's: the same objective needs k times the coefficient.
     assert moe.config.balance_loss_coef == pytest.approx(0.04) and moe.config.z_loss_coef == 0.0
     switch = SwitchTransformersConfig(d_model=8, d_ff=8, num_experts=2, router_z_loss_coef=0.003,
-                                      router_aux_loss_coef=0.01)  # fmt: skip
+                                      router_aux_loss_coef=0.01)
     moe = from_hf_block(SwitchTransformersSparseMLP(switch), hf_config=switch)
     assert moe.config.balance_loss_coef == pytest.approx(0.01) and moe.config.z_loss_coef == pytest.approx(0.003)
 
@@ -214,7 +214,7 @@ def test_fixed_capacity_per_sequence_drops_by_position():
     config = MoEConfig(
         d_model=4, d_ff=4, num_experts=2, top_k=1, router="switch", activation="relu",
         expert_capacity=2, routing_group="sequence", min_capacity=0,
-    )  # fmt: skip
+    )
     moe = MoE(config)
     with torch.no_grad():
         moe.router.weight.copy_(torch.tensor([[5.0, 5, 5, 5], [-5.0, -5, -5, -5]]))
@@ -272,7 +272,7 @@ def tiny_mixtral(tie: bool = False, kv_heads: int = 2):
         num_key_value_heads=kv_heads, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
         rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
         initializer_range=0.2,
-    )  # fmt: skip
+    )
     return MixtralForCausalLM(config).eval()
 
 
@@ -297,7 +297,7 @@ def test_mixtral_model_converts_both_ways_with_the_same_logits(tie, kv_heads):
 
 def test_moekit_lm_to_hf_and_back_keeps_logits():
     config = LMConfig(vocab_size=40, seq_len=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32, tie_embeddings=False,
-                      moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))  # fmt: skip
+                      moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))
     torch.manual_seed(1)
     lm = MoETransformerLM(config).eval()
     idx = torch.randint(0, 40, (2, 16))
@@ -396,7 +396,7 @@ def test_export_loads_in_transformers_with_identical_logits_and_imports_back(tmp
     from moekit.training.checkpoint import load_model_from_run
 
     config = LMConfig(vocab_size=256, seq_len=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32, tie_embeddings=True,
-                      moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))  # fmt: skip
+                      moe=MoEConfig(d_model=32, d_ff=16, num_experts=4, top_k=2))
     lm = write_run(tmp_path / "run", config)
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -419,7 +419,7 @@ def test_export_of_a_run_mixtral_cannot_express_fails_naming_why(tmp_path, capsy
     from moekit.cli.main import main
 
     config = LMConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=2, d_model=16, moe_every=2,
-                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=1, router="switch"))  # fmt: skip
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=1, router="switch"))
     write_run(tmp_path / "run", config)
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
@@ -435,7 +435,7 @@ def test_import_carries_a_bpe_tokenizer_both_ways(tmp_path):
 
     tokenizer = BPETokenizer.train("hello world, hello moe. " * 50, 300)
     config = LMConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_head=2, d_model=16,
-                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=2, top_k=1))  # fmt: skip
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=2, top_k=1))
     write_run(tmp_path / "run", config, tokenizer.to_dict())
     export_run(tmp_path / "run", tmp_path / "hf")
     assert (tmp_path / "hf" / "tokenizer.json").exists()
@@ -454,7 +454,7 @@ def test_import_without_a_tokenizer_for_a_large_vocabulary_is_rejected(tmp_path)
 
 def test_grouped_query_attention_kv_cache_gives_the_same_tokens():
     config = LMConfig(vocab_size=50, seq_len=12, n_layer=2, n_head=4, n_kv_head=2, d_model=16,
-                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))  # fmt: skip
+                      moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
     torch.manual_seed(0)
     lm = MoETransformerLM(config).eval()
     assert lm.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 4, 16)

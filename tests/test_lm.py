@@ -285,7 +285,7 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     result = train(
         tiny_config(), tiny_train_config(data=str(corpus), steps=3, tokenizer="bpe", bpe_vocab_size=300),
         tmp_path / "bpe", progress=False,
-    )  # fmt: skip
+    )
     model, payload = load_model_from_run(tmp_path / "bpe")
     assert payload["tokenizer"]["kind"] == "bpe"
     assert model.config.vocab_size <= 300 and result.bits_per_byte > 0

@@ -71,7 +71,7 @@ def test_layer_balance_and_z_loss_match_reference(router):
     config = MoEConfig(
         d_model=16, d_ff=8, num_experts=4, top_k=top_k, router=router, balance_loss_coef=0.5,
         z_loss_coef=0.25, capacity_factor=0.5, min_capacity=0, second_expert_policy="all",
-    )  # fmt: skip
+    )
     layer = MoE(config).train()
     x = torch.randn(20, 16)
     layer(x)

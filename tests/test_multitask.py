@@ -78,7 +78,7 @@ def naive_ple(model: PLE, x_TD):
         shared_in = x
         for modules in model.levels:
             own = [[_expert(layer, e, task_in[k]) for e in range(layer.num_experts)]
-                   for k, layer in enumerate(modules["task_experts"])]  # fmt: skip
+                   for k, layer in enumerate(modules["task_experts"])]
             shared = [_expert(modules["shared_experts"], e, shared_in) for e in range(model.config.num_shared_experts)]
             outs = []
             for k, gate in enumerate(modules["task_gates"]):
@@ -513,14 +513,14 @@ def test_cli_synthetic_and_census_write_reports(tmp_path):
 
     out = tmp_path / "syn"
     code = main(["multitask", "synthetic", "--seeds", "2", "--correlations", "1,0.5", "--steps", "4", "--batch-size",
-                 "8", "--test-size", "30", "--workers", "1", "--no-progress", "--out", str(out)])  # fmt: skip
+                 "8", "--test-size", "30", "--workers", "1", "--no-progress", "--out", str(out)])
     assert code == 0
     names = {p.name for p in out.iterdir()}
     assert {"results.md", "synthetic_loss_vs_correlation.png", "synthetic_loss_distribution.png",
-            "synthetic_gate_distance.png", "synthetic_gates_mmoe_p0.5.png"} <= names  # fmt: skip
+            "synthetic_gate_distance.png", "synthetic_gates_mmoe_p0.5.png"} <= names
     train, test = write_census_fixture(tmp_path, num_train=60, num_test=40)
     code = main(["multitask", "census", "--train", str(train), "--test", str(test), "--seeds", "2", "--epochs", "1",
-                 "--batch-size", "16", "--workers", "1", "--no-progress", "--out", str(tmp_path / "cen")])  # fmt: skip
+                 "--batch-size", "16", "--workers", "1", "--no-progress", "--out", str(tmp_path / "cen")])
     assert code == 0
     report = (tmp_path / "cen" / "results.md").read_text()
     assert "| MMoE |" in report and "| single-task |" in report and "0.9359" in report

@@ -86,7 +86,7 @@ def _layer_worker(rank: int, num_ranks: int, scenario: str) -> dict:
     return {
         "y": y.detach(), "x_grad": x.grad, "raw": raw, "averaged": averaged, "shapes": shapes,
         "norm": norm, "clipped": clipped,
-    }  # fmt: skip
+    }
 
 
 def single_process_reference(scenario: str, num_ranks: int) -> tuple[list, list, dict]:
@@ -220,7 +220,7 @@ def test_experts_not_divisible_by_ranks_raises(tmp_path: Path) -> None:
 LM = LMConfig(
     vocab_size=32, seq_len=8, n_layer=2, n_head=2, d_model=16,
     moe=MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2, num_shared_experts=1),
-)  # fmt: skip
+)
 
 
 def lm_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +281,7 @@ def test_checkpoint_reshards_2_to_1_to_4(tmp_path: Path) -> None:
     assert sorted(p.name for p in checkpoint_2.iterdir()) == [
         "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "model.safetensors",
         "shards.json", "state-00000-of-00002.pt", "state-00001-of-00002.pt",
-    ]  # fmt: skip
+    ]
 
     # 2 ranks → 1 process: weights, optimizer moments, outputs.
     torch.manual_seed(99)
@@ -326,7 +326,7 @@ def _train_worker(rank: int, num_ranks: int, out: Path) -> float:
     lm = LMConfig(
         vocab_size=256, seq_len=16, n_layer=1, n_head=2, d_model=16,
         moe=MoEConfig(d_model=16, d_ff=16, num_experts=4, top_k=2),
-    )  # fmt: skip
+    )
     return train(lm, config, out, progress=False, expert_parallel=num_ranks).val_loss
 
 

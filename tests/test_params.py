@@ -105,7 +105,7 @@ SMALL_CONFIGS = [
     {"model_type": "switch_transformers", "vocab_size": 97, "d_model": 24, "d_ff": 16, "d_kv": 6, "num_heads": 4,
      "num_layers": 4, "num_decoder_layers": 3, "num_sparse_encoder_layers": 2, "num_sparse_decoder_layers": 1,
      "num_experts": 4, "relative_attention_num_buckets": 8, "router_bias": True, "tie_word_embeddings": False},
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("values", SMALL_CONFIGS, ids=lambda v: v["model_type"])
@@ -116,20 +116,20 @@ def test_formula_equals_transformers_on_scaled_down_configs(values):
 def test_active_params_and_components_at_hand_computed_values():
     values = {"model_type": "mixtral", "vocab_size": 10, "hidden_size": 4, "intermediate_size": 3,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 4,
-              "num_experts_per_tok": 1, "tie_word_embeddings": False}  # fmt: skip
+              "num_experts_per_tok": 1, "tie_word_embeddings": False}
     cost = cost_from_hf_config(values)
     # embeddings 2·10·4; attention per layer q,o 4·4 each + k,v 4·2 each; experts 4·3·4·3 per layer;
     # routers 4·4 per layer; norms 2·4 per layer + 4.
     assert cost.components == {
         "embeddings": 80, "attention": 2 * 48, "dense_ffn": 0, "routed_experts": 2 * 144, "shared_experts": 0,
         "routers": 2 * 16, "norms": 20,
-    }  # fmt: skip
+    }
     assert cost.total == 80 + 96 + 288 + 32 + 20
     assert cost.active == cost.total - 288 * 3 // 4
     # FLOPs: 2 per active weight except the input table (40), plus 2·context·(2·head dim) per head and layer.
     assert cost.forward_flops_per_token(context=5) == 2 * (cost.active - 40) + 2 * 5 * (2 * 2 * 2 * 2)
     assert cost.memory_bytes() == {"fp32": 4.0 * cost.total, "bf16": 2.0 * cost.total, "int8": 1.0 * cost.total,
-                                   "int4": 0.5 * cost.total}  # fmt: skip
+                                   "int4": 0.5 * cost.total}
 
 
 def test_explanation_names_why_total_is_not_experts_times_dense():
@@ -142,7 +142,7 @@ def test_explanation_names_why_total_is_not_experts_times_dense():
 def test_moekit_config_counts_equal_the_built_model(arch, moe_every, shared):
     config = LMConfig(vocab_size=50, n_layer=4, n_head=2, n_kv_head=1, d_model=16, arch=arch, moe_every=moe_every,
                       tie_embeddings=False, moe=MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2,
-                                                         num_shared_experts=shared))  # fmt: skip
+                                                         num_shared_experts=shared))
     cost = cost_from_lm_config(config)
     counts = count_parameters(MoETransformerLM(config))
     assert (cost.total, cost.active) == (counts.total, counts.active)
@@ -176,6 +176,6 @@ def test_cli_params_json(capsys):
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert payload["total_params"] == 46_702_792_704 and payload["active_params"] == 12_879_925_248
     assert set(payload["components"]) >= {"embeddings", "attention", "routed_experts", "shared_experts", "routers",
-                                          "norms"}  # fmt: skip
+                                          "norms"}
     assert payload["weight_memory_bytes"]["bf16"] == 2 * 46_702_792_704
     assert main(["params", "no-such-model"]) == 2

@@ -29,7 +29,7 @@ VOCAB = 97
 DECODER = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-)  # fmt: skip
+)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 
@@ -71,7 +71,7 @@ def decoder_cases() -> dict[str, tuple[str, str, dict]]:
                             num_experts=8, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=4,
                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                             layer_types=["linear_attention", "full_attention"])),
-    }  # fmt: skip
+    }
 
 
 def randomize(model: torch.nn.Module, seed: int = 1, std: float = 0.3) -> None:
@@ -165,7 +165,7 @@ def test_switch_encoder_decoder_sparse_mlps_match_and_generate_the_same_tokens(r
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
         num_experts=4, expert_capacity=3, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=None, router_bias=router_bias,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
     randomize(model, std=0.6)  # T5-style stacks collapse to one repeated token at smaller scales
@@ -219,7 +219,7 @@ def tiny_jamba() -> torch.nn.Module:
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
         attn_layer_period=1, attn_layer_offset=0, mamba_d_state=4, mamba_expand=2, use_mamba_kernels=False,
-    )  # fmt: skip
+    )
     return transformers.JambaForCausalLM(config).eval()
 
 

@@ -20,7 +20,7 @@ def gshard_layer(policy: str, threshold: float = 0.2) -> MoE:
     config = MoEConfig(
         d_model=8, d_ff=8, num_experts=4, top_k=2, router="gshard",
         second_expert_policy=policy, second_expert_threshold=threshold,
-    )  # fmt: skip
+    )
     layer = MoE(config)
     with torch.no_grad():
         layer.router.weight.zero_()
@@ -90,7 +90,7 @@ def test_expert_choice_gives_every_expert_exactly_C_tokens(num_tokens, capacity_
     config = MoEConfig(
         d_model=8, d_ff=8, num_experts=4, top_k=top_k, router="expert_choice",
         capacity_factor=capacity_factor, min_capacity=0,
-    )  # fmt: skip
+    )
     layer = MoE(config).train()
     layer(torch.randn(num_tokens, 8))
     stats = moekit.routing_stats(layer)[""]
@@ -146,7 +146,7 @@ def test_aux_free_bias_moves_load_toward_balance():
     config = MoEConfig(
         d_model=8, d_ff=8, num_experts=8, top_k=2, router="aux_free", bias_update_rate=0.01,
         balance_loss_coef=0.0,
-    )  # fmt: skip
+    )
     layer = MoE(config).train()
     with torch.no_grad():
         layer.router.weight.mul_(0.3)

@@ -34,14 +34,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def tiny_config(**overrides) -> LMConfig:
     values = dict(seq_len=32, n_layer=2, n_head=2, d_model=32, dropout=0.1,
-                  moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, capacity_factor=1.25))  # fmt: skip
+                  moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, capacity_factor=1.25))
     values.update(overrides)
     return LMConfig(**values)
 
 
 def tiny_train_config(**overrides) -> TrainConfig:
     values = dict(steps=12, batch_size=4, eval_interval=6, eval_batches=2, log_interval=1, checkpoint_interval=6,
-                  max_minutes=None, device="cpu")  # fmt: skip
+                  max_minutes=None, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -100,7 +100,7 @@ def test_interrupted_and_resumed_run_equals_an_unbroken_one(tmp_path, corpus, mo
     train(tiny_config(), tiny_train_config(data=str(corpus)), unbroken, progress=False)
 
     original = {"batch": trainer_module.random_batch, "evaluate": trainer_module.evaluate,
-                "save": trainer_module.save_checkpoint}[where]  # fmt: skip
+                "save": trainer_module.save_checkpoint}[where]
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
@@ -130,14 +130,14 @@ def test_sigterm_at_a_random_moment_saves_and_resumes_exactly(tmp_path, corpus):
     """A real process, signalled from outside at a moment the test does not choose."""
     flags = ["--data", str(corpus), "--d-model", "32", "--layers", "2", "--heads", "2", "--experts", "4",
              "--seq-len", "32", "--batch-size", "4", "--steps", "150", "--eval-interval", "25",
-             "--checkpoint-interval", "1000", "--no-progress", "--device", "cpu"]  # fmt: skip
+             "--checkpoint-interval", "1000", "--no-progress", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     command = [sys.executable, "-m", "moekit", "train"]
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     done = subprocess.run([*command, *flags, "--out", str(unbroken)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     process = subprocess.Popen([*command, *flags, "--out", str(broken)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True)
     while not (broken / "config.json").exists() and process.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5 + torch.rand(()).item())
@@ -149,7 +149,7 @@ def test_sigterm_at_a_random_moment_saves_and_resumes_exactly(tmp_path, corpus):
     if process.returncode == 130:
         assert json.loads((broken / "results.json").read_text())["stopped_by"] == "interrupt"
     resumed = subprocess.run([*command, "--resume", str(broken), "--no-progress", "--device", "cpu"], env=env,
-                             capture_output=True, text=True)  # fmt: skip
+                             capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(broken, unbroken)
 
@@ -244,10 +244,10 @@ def test_a_run_in_use_cannot_be_claimed_or_resumed(tmp_path, corpus):
 def test_two_runs_started_into_one_directory_exactly_one_wins(tmp_path, corpus):
     flags = ["--data", str(corpus), "--d-model", "32", "--layers", "1", "--heads", "2", "--experts", "4",
              "--seq-len", "32", "--batch-size", "4", "--steps", "30", "--no-progress", "--device", "cpu",
-             "--out", str(tmp_path / "run")]  # fmt: skip
+             "--out", str(tmp_path / "run")]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     processes = [subprocess.Popen([sys.executable, "-m", "moekit", "train", *flags], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outcomes = [(process.wait(timeout=300), process.communicate()[1]) for process in processes]
     codes = sorted(code for code, _ in outcomes)
     assert codes == [0, 2], outcomes
@@ -256,7 +256,7 @@ def test_two_runs_started_into_one_directory_exactly_one_wins(tmp_path, corpus):
     assert "Traceback" not in loser
     resumed = subprocess.run([sys.executable, "-m", "moekit", "train", "--resume", str(tmp_path / "run"),
                               "--steps", "32", "--no-progress", "--device", "cpu"], env=env, capture_output=True,
-                             text=True)  # fmt: skip
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
 
 
@@ -302,7 +302,7 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, corpus, monkeypa
 def test_the_time_budget_says_it_stopped_the_run_and_a_new_step_count_drops_it(tmp_path, corpus):
     run = tmp_path / "run"
     result = train(tiny_config(), tiny_train_config(data=str(corpus), steps=10_000, max_minutes=1e-4), run,
-                   progress=False)  # fmt: skip
+                   progress=False)
     assert result.stopped_by == "max_minutes" and result.steps < result.target_steps == 10_000
     more = result.steps + 3
     resumed = train(tiny_config(), tiny_train_config(steps=more), run, resume=True, progress=False)
@@ -376,7 +376,7 @@ def test_the_cli_reports_a_diverged_run_with_exit_1_and_no_traceback(tmp_path, c
 
     code = main(["train", "--data", str(corpus), "--d-model", "32", "--layers", "1", "--heads", "2", "--experts",
                  "4", "--seq-len", "32", "--batch-size", "4", "--steps", "20", "--lr", "1e30", "--no-progress",
-                 "--device", "cpu", "--out", str(tmp_path / "run")])  # fmt: skip
+                 "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1
     assert "moekit train: error: diverged at step" in err and "no checkpoint was written" in err

@@ -97,13 +97,13 @@ class GroupedMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows_NK, weight_EKM, group_ends_E, counts, impl):  # noqa: ANN001
+    def forward(ctx, rows_NK, weight_EKM, group_ends_E, counts, impl):
         ctx.save_for_backward(rows_NK, weight_EKM, group_ends_E)
         ctx.counts, ctx.impl = counts, impl
         return grouped_matmul(rows_NK, weight_EKM, group_ends_E, counts, impl)
 
     @staticmethod
-    def backward(ctx, grad_NM):  # noqa: ANN001
+    def backward(ctx, grad_NM):
         rows_NK, weight_EKM, group_ends_E = ctx.saved_tensors
         grad_NM = grad_NM.contiguous()
         grad_rows = grouped_matmul(grad_NM, weight_EKM.transpose(1, 2), group_ends_E, ctx.counts, ctx.impl)
@@ -283,7 +283,7 @@ class SharedExperts(nn.Module):
         self.ffn = DenseFFN(
             config.d_model, config.shared_d_ff, config.activation, config.expert_dropout,
             config.swiglu_alpha, config.swiglu_limit,
-        )  # fmt: skip
+        )
         self.gate = nn.Linear(config.d_model, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(self, x_TD: Tensor) -> Tensor:

@@ -92,8 +92,8 @@ class _ExpertsUp(torch.autograd.Function):
     """act = activation(x[token of row] @ w_in[expert of row]): [N, F]."""
 
     @staticmethod
-    def forward(  # noqa: ANN205
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         x_TD: Tensor,
         w_in_EDH: Tensor,
         token_of_row_N: Tensor,
@@ -112,7 +112,7 @@ class _ExpertsUp(torch.autograd.Function):
         return act_NF
 
     @staticmethod
-    def backward(ctx, g_act_NF: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, g_act_NF: Tensor):
         x_rows_ND, h_NH, w_in_EDH, row_of_assignment_N, bag_offsets_T, group_ends_E = ctx.saved_tensors
         counts, impl = ctx.counts, ctx.impl
         needs_x, needs_w_in = ctx.needs_input_grad[:2]
@@ -131,8 +131,8 @@ class _ExpertsDownCombine(torch.autograd.Function):
     """y[t] = Σ over t's rows of weight · (act @ w_out[expert of row]): [T, D] in combine_dtype."""
 
     @staticmethod
-    def forward(  # noqa: ANN205
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         act_NF: Tensor,
         weight_N: Tensor,
         w_out_EFD: Tensor,
@@ -160,7 +160,7 @@ class _ExpertsDownCombine(torch.autograd.Function):
         return y_TD
 
     @staticmethod
-    def backward(ctx, g_y_TD: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, g_y_TD: Tensor):
         act_NF, weight_N, w_out_EFD, token_of_row_N, row_of_assignment_N, order_N, group_ends_E = ctx.saved_tensors
         counts, impl = ctx.counts, ctx.impl
         needs_act, needs_weight, needs_w_out = ctx.needs_input_grad[:3]

@@ -45,11 +45,11 @@ class _ContiguousGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor) -> Tensor:  # noqa: ANN001
+    def forward(ctx, y: Tensor) -> Tensor:
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> Tensor:
         return grad.contiguous()
 
 
@@ -203,7 +203,7 @@ class MoE(nn.Module):
             y_TD = fused_experts(
                 x_TD, assignments.weight_N, experts.w_in, experts.w_out, plan,
                 config.activation, experts.impl,
-            )  # fmt: skip
+            )
         else:
             x_rows_ND = self.dispatcher.dispatch(x_TD, plan)
             out_ND = experts(x_rows_ND, *self.dispatcher.expert_groups(plan))

@@ -79,7 +79,7 @@ def add_params(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--context", type=int, default=None, metavar="N",
         help="tokens of context for the attention FLOPs, >= 1 (default 4096)",
-    )  # fmt: skip
+    )
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_params)
 
@@ -98,7 +98,7 @@ def print_cost(cost: ModelCost, context: int) -> None:
     print(f"  active per token   {active:>20,}  ({_human(active)}, {active / total:.1%})")
     if cost.num_experts:
         print(f"  MoE layers         {cost.moe_layers} of {cost.num_layers}, {cost.num_experts} routed experts, "
-              f"top-{cost.top_k}")  # fmt: skip
+              f"top-{cost.top_k}")
     print(f"\n  {'component':<16}{'total':>20}{'active':>20}")
     active_parts = cost.active_components
     for name in COMPONENTS:
@@ -107,7 +107,7 @@ def print_cost(cost: ModelCost, context: int) -> None:
     flops = cost.forward_flops_per_token(context)
     print(f"\n  forward FLOPs      {flops:,} per token ({flops / 1e9:,.2f} GFLOP) at {context} tokens of context")
     print("  weight memory      " + "   ".join(
-        f"{dtype} {size / 1e9:,.1f} GB" for dtype, size in cost.memory_bytes().items()))  # fmt: skip
+        f"{dtype} {size / 1e9:,.1f} GB" for dtype, size in cost.memory_bytes().items()))
     print()
     import textwrap
 
@@ -150,7 +150,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--hf", required=True, metavar="OUT_DIR",
         help="folder to write: new or empty (a non-empty one needs --force; a moekit run directory never)",
-    )  # fmt: skip
+    )
     parser.add_argument("--force", action="store_true", help="write into a non-empty --hf folder")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_export)
@@ -228,16 +228,16 @@ def add_finetune(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--freeze", default="none", choices=("none", "router", "experts", "non-experts"))
     parser.add_argument("--expert-dropout", type=float, default=0.0, metavar="P",
-                        help="dropout inside the experts, in [0, 1) (default 0)")  # fmt: skip
+                        help="dropout inside the experts, in [0, 1) (default 0)")
     parser.add_argument("--steps", type=int, default=200, metavar="N", help="maximum optimizer steps (default 200)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, finite and > 0 (default 1e-3)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, default=None, metavar="N",
-                        help="training context (default: the model's)")  # fmt: skip
+                        help="training context (default: the model's)")
     parser.add_argument("--eval-interval", type=int, default=25, metavar="N",
-                        help="steps between validations (default 25)")  # fmt: skip
+                        help="steps between validations (default 25)")
     parser.add_argument("--patience", type=int, default=3, metavar="N",
-                        help="validations without improvement before stopping, >= 1 (default 3)")  # fmt: skip
+                        help="validations without improvement before stopping, >= 1 (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default 0)")
     parser.add_argument("--no-progress", action="store_true")
     add_json_flag(parser, document=True)
@@ -254,7 +254,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     _check_config_field(MoEConfig, "expert_dropout", args.expert_dropout, "--expert-dropout")
     for flag, field in (("--steps", "steps"), ("--lr", "lr"), ("--batch-size", "batch_size"),
-                        ("--eval-interval", "eval_interval")):  # fmt: skip
+                        ("--eval-interval", "eval_interval")):
         _check_config_field(TrainConfig, field, getattr(args, field), flag)
     if args.seq_len is not None:
         _check_config_field(LMConfig, "seq_len", args.seq_len, "--seq-len")
@@ -266,10 +266,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         args.source, args.data, args.out, args.freeze, args.expert_dropout, args.steps, args.lr,
         args.batch_size, args.seq_len, args.eval_interval, patience=args.patience, seed=args.seed,
         progress=not args.no_progress, loader=load_run_or_hf_folder,
-    )  # fmt: skip
+    )
     print(f"run {result.run_dir}: freeze={result.freeze}, expert dropout {result.expert_dropout}")
     print(f"  validation loss  {result.val_loss_before:.4f} -> {result.val_loss_after:.4f} (best at step "
-          f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")  # fmt: skip
+          f"{result.best_step} of {result.steps}{', stopped early' if result.stopped_early else ''})")
     print(f"  parameters       {result.trainable_params:,} trained, {result.frozen_params:,} frozen")
     if result.interrupted:
         print(f"  interrupted at step {result.steps}: the best weights so far (step {result.best_step}) are saved")
@@ -294,9 +294,9 @@ def add_upcycle(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--experts", type=int, default=8, metavar="N", help="routed experts per MoE layer (default 8)")
     parser.add_argument("--top-k", type=int, default=2, metavar="K", help="experts per token, <= --experts (default 2)")
     parser.add_argument("--moe-every", type=int, default=1, metavar="N",
-                        help="every n-th layer becomes MoE (default 1: all)")  # fmt: skip
+                        help="every n-th layer becomes MoE (default 1: all)")
     parser.add_argument("--router-std", type=float, default=1e-3, metavar="STD",
-                        help="std of the router's initial weights, finite and > 0 (default 1e-3)")  # fmt: skip
+                        help="std of the router's initial weights, finite and > 0 (default 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the routers' initial weights, >= 0 (default 0)")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_upcycle)

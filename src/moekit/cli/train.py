@@ -101,7 +101,7 @@ def config_flags() -> list[ConfigFlag]:
                 raise TypeError(f"{cls.__name__}.{field.name} has no metadata['help'] for its flag")
             choices = field.metadata.get("choices")
             flags.append(ConfigFlag(section, field.name, flag, kind, nullable, field.metadata["help"],
-                                    tuple(choices) if choices else None))  # fmt: skip
+                                    tuple(choices) if choices else None))
     names = [flag.flag for flag in flags]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -109,7 +109,7 @@ def config_flags() -> list[ConfigFlag]:
     return flags
 
 
-def _value_parser(flag: ConfigFlag):  # noqa: ANN202
+def _value_parser(flag: ConfigFlag):
     none_words = NONE_WORDS.get((flag.section, flag.field), ("none",)) if flag.nullable else ()
     expected = {int: "an integer", float: "a number", str: "a word"}[flag.kind]
     if none_words:
@@ -143,7 +143,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> list[ConfigFlag]:
         group = groups[flag.section]
         if flag.kind is bool:
             group.add_argument(flag.flag, dest=flag.dest, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)  # fmt: skip
+                               default=argparse.SUPPRESS, help=text)
             continue
         if (flag.section, flag.field) in FLAG_METAVARS:
             metavar = FLAG_METAVARS[flag.section, flag.field]
@@ -152,7 +152,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> list[ConfigFlag]:
         else:
             metavar = {int: "N", float: "X", str: "TEXT"}[flag.kind] + ("|none" if flag.nullable else "")
         group.add_argument(flag.flag, dest=flag.dest, type=_value_parser(flag), default=argparse.SUPPRESS,
-                           metavar=metavar, help=text)  # fmt: skip
+                           metavar=metavar, help=text)
     return flags
 
 
@@ -169,7 +169,7 @@ def flag_of(flags: list[ConfigFlag], owner: str, field: str) -> ConfigFlag | Non
     return next((flag for flag in flags if (flag.section, flag.field) == (section, field)), None)
 
 
-def configs_from_flags(base_model, base_train, given: dict[ConfigFlag, Any], flags: list[ConfigFlag]):  # noqa: ANN001, ANN201
+def configs_from_flags(base_model, base_train, given: dict[ConfigFlag, Any], flags: list[ConfigFlag]):
     """``base_model``/``base_train`` with the given flags applied, validated; a bad value is a
     ``UsageError`` naming the flag."""
     from dataclasses import replace
@@ -228,13 +228,13 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--resume", default=None, metavar="DIR",
         help="continue the run in DIR exactly; of the config flags only --steps may be given (the new total)",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--expert-parallel", type=positive_int, default=1, metavar="N",
         help="shard every MoE layer's experts over N ranks (launch with torchrun --nproc_per_node N); "
         "other weights are data-parallel",
-    )  # fmt: skip
+    )
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_train, config_flags=add_config_flags(parser))
 
@@ -250,7 +250,7 @@ def _same_value(flag: ConfigFlag, saved: Any, given: Any) -> bool:
     return saved == given
 
 
-def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # noqa: ANN202
+def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):
     """The run's saved configs; every given config flag but --steps must match them."""
     from moekit.config import ConfigError
     from moekit.models.lm import LMConfig
@@ -259,7 +259,7 @@ def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # 
 
     if args.out is not None:
         raise UsageError(f"--out {args.out} with --resume {args.resume}: a resumed run stays in its directory; "
-                         "drop --out")  # fmt: skip
+                         "drop --out")
     run_dir = Path(args.resume)
     config_path = run_dir / CONFIG_FILE
     saved = read_run_config(run_dir)  # CheckpointError naming the file
@@ -286,7 +286,7 @@ def _resume_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # 
     return model, train, run_dir
 
 
-def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  # noqa: ANN202
+def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):
     import time
     from dataclasses import replace
 
@@ -302,9 +302,9 @@ def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  #
         # The trainer sizes the vocabulary from the tokenizer; a different --vocab-size would be ignored.
         if train.tokenizer == "bpe":
             raise UsageError(f"--vocab-size {model.vocab_size} is invalid with --tokenizer bpe: the BPE tokenizer "
-                             "sets the vocabulary; use --bpe-vocab-size")  # fmt: skip
+                             "sets the vocabulary; use --bpe-vocab-size")
         check("--vocab-size", model.vocab_size, model.vocab_size == 256, "the bytes tokenizer has 256 tokens "
-              "(for another size use --tokenizer bpe --bpe-vocab-size N)")  # fmt: skip
+              "(for another size use --tokenizer bpe --bpe-vocab-size N)")
     if train.data is not None:
         check_input_path("--data", train.data)
     if args.expert_parallel > 1 and args.out is None:
@@ -317,7 +317,7 @@ def _new_run_configs(args: argparse.Namespace, given: dict[ConfigFlag, Any]):  #
         raise UsageError(f"--out {out}: is a file, not a directory")
     if (out / CONFIG_FILE).exists() or (out / CHECKPOINT_DIR).exists():
         raise UsageError(f"--out {out}: already holds a run; pass --resume {out} to continue it, or choose "
-                         "another --out (nothing was overwritten)")  # fmt: skip
+                         "another --out (nothing was overwritten)")
     return model, train, out
 
 
@@ -335,7 +335,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = trainer.train(
             model_config, train_config, out, resume=bool(args.resume), progress=not args.no_progress,
             expert_parallel=args.expert_parallel,
-        )  # fmt: skip
+        )
     except (ValueError, OSError) as err:
         return fail("train", f"data: {err}" if isinstance(err, DataError) else err)
     except (ExpertParallelError, trainer.TrainingDiverged) as err:
@@ -349,13 +349,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
-def _print_train_summary(result) -> None:  # noqa: ANN001
+def _print_train_summary(result) -> None:
     done = f"\nrun {result.run_dir}: {result.steps} steps in {result.train_seconds / 60:.1f} min"
     if result.stopped_by == "max_minutes":
         done += f", stopped by --max-minutes at step {result.steps} of {result.target_steps}"
     elif result.interrupted:
         done += (f", stopped by {result.stop_signal or 'an interrupt'} at step {result.steps} of "
-                 f"{result.target_steps}; continue with --resume {result.run_dir}")  # fmt: skip
+                 f"{result.target_steps}; continue with --resume {result.run_dir}")
     print(done)
     print(f"  validation loss  {result.val_loss:.4f} nats/token   {result.bits_per_byte:.4f} bits/byte")
     print(f"  train loss       {result.train_loss:.4f}")
@@ -404,17 +404,17 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default="\n", help="text to continue, at least one character (default: a newline)")
     parser.add_argument("--tokens", type=int, default=200, metavar="N", help="tokens to generate, >= 1 (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                        help="softmax temperature, finite and >= 0; 0 = greedy (default 0.8)")  # fmt: skip
+                        help="softmax temperature, finite and >= 0; 0 = greedy (default 0.8)")
     parser.add_argument("--top-k", type=_optional_int, default=None, metavar="K|none",
-                        help="sample among the K likeliest tokens; none = all (default)")  # fmt: skip
+                        help="sample among the K likeliest tokens; none = all (default)")
     parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="independent samples (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, >= 0 (default 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every token (moekit runs)")
     parser.add_argument("--greedy", action="store_true", help="always the likeliest token (= --temperature 0)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
-                        help="nucleus sampling in (0, 1] (transformers folders; moekit runs take --top-k)")  # fmt: skip
+                        help="nucleus sampling in (0, 1] (transformers folders; moekit runs take --top-k)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and activations (default float32)")  # fmt: skip
+                        help="weights and activations (default float32)")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
 
@@ -438,14 +438,14 @@ def _sample_hf_folder(args: argparse.Namespace) -> int:
     if args.top_k is not None or args.samples != 1 or args.no_cache:
         given = "--top-k" if args.top_k is not None else "--samples" if args.samples != 1 else "--no-cache"
         raise UsageError(f"{given} applies to moekit runs; for a transformers folder use --top-p, --greedy, "
-                         "--temperature")  # fmt: skip
+                         "--temperature")
     greedy = args.greedy or args.temperature == 0
     sampling = SamplingConfig(greedy=greedy, temperature=args.temperature if not greedy else 1.0,
-                              top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed)  # fmt: skip
+                              top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed)
     result, patched = generate_from_folder(args.run_dir, args.prompt, args.tokens, sampling, dtype=args.dtype)
     print(args.prompt + result.text)
     print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} "
-          f"tokens/s; {len(patched)} MoE blocks run as moekit layers", file=sys.stderr)  # fmt: skip
+          f"tokens/s; {len(patched)} MoE blocks run as moekit layers", file=sys.stderr)
     if args.json:
         print_json({**result.to_dict(), "patched_blocks": len(patched), "dtype": args.dtype})
     return 0
@@ -496,7 +496,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = model.generate(
         idx, args.tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
         use_cache=not args.no_cache, generator=generator,
-    )  # fmt: skip
+    )
     decode_s = max(1e-9, time.perf_counter() - started - prefill_s)
     texts = [tokenizer.decode(row.tolist()) for row in out]
     for i, text in enumerate(texts):
@@ -505,5 +505,5 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(text)
     if args.json:
         print_json({"samples": texts, "prefill_tokens_per_s": idx.numel() / max(prefill_s, 1e-9),
-                    "decode_tokens_per_s": args.tokens * args.samples / decode_s, "dtype": args.dtype})  # fmt: skip
+                    "decode_tokens_per_s": args.tokens * args.samples / decode_s, "dtype": args.dtype})
     return 0

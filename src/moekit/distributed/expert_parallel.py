@@ -75,7 +75,7 @@ def set_all_to_all_observer(observer: AllToAllObserver | None) -> AllToAllObserv
     return previous
 
 
-def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:  # noqa: ANN001
+def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:
     size, rank = group_size_rank(group)
     total = x.numel() * x.element_size()
     if input_splits is None:  # equal splits
@@ -85,7 +85,7 @@ def _bytes_to_others(x: Tensor, input_splits: list[int] | None, group) -> int:  
 
 
 def _all_to_all_single(
-    out: Tensor, x: Tensor, output_splits: list[int] | None, input_splits: list[int] | None, group, what: str  # noqa: ANN001
+    out: Tensor, x: Tensor, output_splits: list[int] | None, input_splits: list[int] | None, group, what: str
 ) -> Tensor:
     observer = _observer
     started = time.perf_counter()
@@ -104,13 +104,13 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable splits; its backward is the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:  # noqa: ANN001
+    def forward(ctx, x_ND: Tensor, output_splits: list[int], input_splits: list[int], group) -> Tensor:
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
         out_MD = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
         return _all_to_all_single(out_MD, x_ND.contiguous(), output_splits, input_splits, group, "all-to-all of rows")
 
     @staticmethod
-    def backward(ctx, grad_MD: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_MD: Tensor):
         grad_ND = grad_MD.new_empty(sum(ctx.input_splits), *grad_MD.shape[1:])
         _all_to_all_single(
             grad_ND, grad_MD.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group, "all-to-all of gradients"
@@ -118,7 +118,7 @@ class _AllToAll(torch.autograd.Function):
         return grad_ND, None, None, None
 
 
-def all_to_all(x_ND: Tensor, output_splits: list[int], input_splits: list[int], group=None) -> Tensor:  # noqa: ANN001
+def all_to_all(x_ND: Tensor, output_splits: list[int], input_splits: list[int], group=None) -> Tensor:
     """Rows ``input_splits[r]`` of x go to rank r; ``output_splits[r]`` rows arrive from rank r."""
     return _AllToAll.apply(x_ND, output_splits, input_splits, group)
 

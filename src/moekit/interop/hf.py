@@ -213,7 +213,7 @@ def lm_config_from_mixtral(config: Any) -> LMConfig:
             "(the other families convert block by block with from_hf_block)"
         )
     required = ("hidden_size", "num_attention_heads", "intermediate_size", "num_local_experts",
-                "num_experts_per_tok", "num_hidden_layers", "vocab_size", "max_position_embeddings")  # fmt: skip
+                "num_experts_per_tok", "num_hidden_layers", "vocab_size", "max_position_embeddings")
     for name in required:
         value = _get(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -454,7 +454,7 @@ def _expected_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
             p + "mlp.gate.weight": (E, D), p + "block_sparse_moe.gate.weight": (E, D),
             p + "mlp.experts.gate_up_proj": (E, 2 * F, D), p + "mlp.experts.down_proj": (E, D, F),
-        })  # fmt: skip
+        })
         for e in range(E):
             q = f"{p}block_sparse_moe.experts.{e}."
             shapes.update({q + "w1.weight": (F, D), q + "w3.weight": (F, D), q + "w2.weight": (D, F)})

@@ -206,7 +206,7 @@ def _cost_decoder(name: str, c: dict, family: str) -> ModelCost:
     return ModelCost(
         name, family, counts, layers, moe_count, num_experts, c["num_experts_per_tok"],
         vocab * d_model, attention_width, expert_params,
-    )  # fmt: skip
+    )
 
 
 def _sparse_layers(num_layers: int, num_sparse: int | None, step: int | None) -> int:
@@ -246,7 +246,7 @@ def _cost_switch(name: str, c: dict) -> ModelCost:
     return ModelCost(
         name, "switch_transformers", counts, enc + dec, sparse, num_experts, 1, vocab * d_model,
         (enc + 2 * dec) * heads * 2 * d_kv, expert_params,
-    )  # fmt: skip
+    )
 
 
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "switch_transformers")
@@ -299,7 +299,7 @@ def cost_from_lm_config(config: Any, name: str = "moekit") -> ModelCost:
         name, f"moekit/{config.arch}", counts, config.n_layer, moe_count, moe.num_experts if moe_count else 0,
         moe.top_k, config.vocab_size * config.d_model, config.n_layer * config.n_head * 2 * head_dim,
         counts["routed_experts"] // max(1, moe_count * moe.num_experts),
-    )  # fmt: skip
+    )
 
 
 def load_cost(spec: str) -> ModelCost:

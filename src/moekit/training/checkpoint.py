@@ -50,7 +50,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        handle = open(self.path, "a+")
         try:
             import fcntl
         except ImportError:  # no flock on this platform: the atomic config.json claim still holds
@@ -216,7 +216,7 @@ def load_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: missing training state file")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types on corruption
+    except Exception as error:
         raise CheckpointError(f"{path}: corrupt or truncated training state ({error})") from error
 
 

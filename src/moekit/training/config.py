@@ -56,7 +56,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
-                     "checkpoint_interval"):  # fmt: skip
+                     "checkpoint_interval"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 _fail(name, value, "must be an integer >= 1")

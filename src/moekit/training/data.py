@@ -77,7 +77,7 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
 

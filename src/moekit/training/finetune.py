@@ -158,7 +158,7 @@ def finetune(
     train_config = TrainConfig(
         data=str(Path(data).resolve()), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(20, steps // 10),
         eval_interval=eval_interval, eval_batches=eval_batches_count, seed=seed, max_minutes=None, device="cpu",
-    )  # fmt: skip
+    )
     train_config.validate()
     with claim_new_run(out), StopSignals() as stop:
         source_model, payload = loader(Path(source))
@@ -180,7 +180,7 @@ def finetune(
         )
         state = TrainState(sampler=torch.Generator().manual_seed(seed), total_steps=steps)
         trainer = Trainer(model, train_config, dataset, out, state, stop, progress=progress,
-                          desc=f"finetune ({freeze_mode})", save_periodically=False)  # fmt: skip
+                          desc=f"finetune ({freeze_mode})", save_periodically=False)
         best = KeepBest(model, trainer.evaluate(), patience)
         before = best.val_loss
         trainer.on_eval = best
@@ -191,7 +191,7 @@ def finetune(
             val_loss_before=before, val_loss_after=best.val_loss, best_step=best.step, steps=state.step,
             stopped_early=stopped_by == "early_stop", trainable_params=trainable, frozen_params=frozen,
             train_seconds=state.train_seconds, interrupted=stopped_by == "interrupt",
-        )  # fmt: skip
+        )
         with stop.deferred():
             save_checkpoint(out, model, {"finetune": result.to_dict()})
             write_metrics_csv(out, state.history)
@@ -208,7 +208,7 @@ def finetune(
 def upcycle_model(
     dense: MoETransformerLM, num_experts: int, top_k: int, moe_every: int = 1, router_std: float = 1e-3,
     seed: int = 0,
-) -> MoETransformerLM:  # fmt: skip
+) -> MoETransformerLM:
     """The sparse upcycling of a dense moekit LM: every expert a copy of the layer's dense FFN,
     routers N(0, router_std), top-k weights renormalized, dropless."""
     config = dense.config
@@ -225,7 +225,7 @@ def upcycle_model(
         "normalize_weights": True, "capacity_factor": None, "eval_capacity_factor": None, "expert_capacity": None,
         "routing_group": "batch", "num_shared_experts": 0, "shared_expert_d_ff": None, "shared_expert_gate": False,
         "n_group": 1, "topk_group": 1,
-    })  # fmt: skip
+    })
     upcycled_config = replace(config, arch="moe", moe_every=moe_every, dense_d_ff=width, moe=moe)
     upcycled_config.validate()
     torch.manual_seed(seed)
@@ -251,7 +251,7 @@ def upcycle_model(
 def upcycle(
     dense_run: str | Path, out: str | Path, num_experts: int, top_k: int, moe_every: int = 1,
     router_std: float = 1e-3, seed: int = 0,
-) -> MoETransformerLM:  # fmt: skip
+) -> MoETransformerLM:
     """Upcycle the dense run directory ``dense_run`` into a new MoE run directory ``out``."""
     out = Path(out)
     if (out / CONFIG_FILE).exists():

@@ -8,8 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_run(run_dir: Path, history: list[dict], layer_names: list[str]) -> list[Path]:
@@ -48,7 +48,7 @@ def plot_run(run_dir: Path, history: list[dict], layer_names: list[str]) -> list
             image = ax.imshow(
                 load_ET * num_experts, aspect="auto", cmap="viridis", vmin=0, vmax=2, interpolation="nearest",
                 extent=(load_steps[0], load_steps[-1], num_experts - 0.5, -0.5),
-            )  # fmt: skip
+            )
             name = layer_names[layer] if layer < len(layer_names) else f"layer {layer}"
             ax.set_ylabel(f"{name}\nexpert", fontsize=8)
             fig.colorbar(image, ax=ax, label="load × E (1 = even)")

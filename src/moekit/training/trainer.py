@@ -260,7 +260,7 @@ class TrainState:
 _SAVED_FIELDS = (
     "step", "total_steps", "calibrated", "calibration_start", "train_seconds", "tokens_seen", "history",
     "last_train_loss",
-)  # fmt: skip
+)
 
 
 class StopSignals:
@@ -347,7 +347,7 @@ class _NullWriter:
 def _tensorboard_writer(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - tensorboard missing or broken: log nothing
+    except Exception:
         return _NullWriter()
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
@@ -414,7 +414,7 @@ class Trainer:
         # NOTE: drawn on the CPU with the CPU sampler whatever the device, so the data order of
         # a seed is the same on every device.
         inputs, targets = random_batch(self.dataset.train_tokens, self.config.batch_size, self.seq_len,
-                                       self.state.sampler)  # fmt: skip
+                                       self.state.sampler)
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def evaluate(self) -> float:
@@ -548,7 +548,7 @@ class Trainer:
         if self.ranks.is_main:
             self.writer = _tensorboard_writer(self.run_dir)
         self._bar = tqdm(total=state.total_steps, initial=state.step, desc=self.desc, dynamic_ncols=True,
-                         disable=not (self.progress and self.ranks.is_main))  # fmt: skip
+                         disable=not (self.progress and self.ranks.is_main))
         self.model.train()
         try:
             while state.step < state.total_steps:
@@ -629,7 +629,7 @@ def _build_model(model_config: LMConfig, train_config: TrainConfig, ranks: Distr
 def _new_trainer(
     model_config: LMConfig, train_config: TrainConfig, run_dir: Path, stop: StopSignals, ranks: DistributedRun,
     device: torch.device, progress: bool,
-) -> tuple[Trainer, RunLock | None]:  # fmt: skip
+) -> tuple[Trainer, RunLock | None]:
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
         raise CheckpointError(
             f"{run_dir / CONFIG_FILE}: {run_dir} already holds a run; pass --resume {run_dir} "
@@ -666,7 +666,7 @@ def _new_trainer(
 def _resume_trainer(
     model_config: LMConfig, train_config: TrainConfig, run_dir: Path, stop: StopSignals, ranks: DistributedRun,
     device: torch.device, progress: bool,
-) -> tuple[Trainer, RunLock | None]:  # fmt: skip
+) -> tuple[Trainer, RunLock | None]:
     """The run's own configs rule; only the number of steps may change (be extended).
 
     Nothing is written before the checkpoint has loaded, so a failed resume leaves the run as
@@ -683,7 +683,7 @@ def _resume_trainer(
         # device and compile say where this process trains, not what the run is: they may change.
         budget = None if steps_changed else saved.max_minutes
         train_config = replace(saved, steps=train_config.steps, max_minutes=budget, device=train_config.device,
-                               compile=train_config.compile)  # fmt: skip
+                               compile=train_config.compile)
         tokenizer = tokenizer_from_dict(payload.get("tokenizer", {"kind": "bytes"}))
         dataset = TextDataset.load(train_config.data, model_config.seq_len, tokenizer)
         model = _build_model(model_config, train_config, ranks)
@@ -721,14 +721,14 @@ def _finish(trainer: Trainer, stopped_by: str) -> TrainResult:
     interrupted = stopped_by == "interrupt"
     history = state.history
     if not interrupted and state.step > 0 and not (history and history[-1]["step"] == state.step
-                                                    and "val_loss" in history[-1]):  # fmt: skip
+                                                    and "val_loss" in history[-1]):
         imbalance, dropped, loads = _layer_summaries(model)
         history.append({
             "step": state.step, "train_loss": state.last_train_loss,
             "lr": lr_at(state.step, config, state.total_steps), "load_imbalance": imbalance,
             "dropped_fraction": dropped, "train_seconds": state.train_seconds, "expert_load": loads,
             "val_loss": trainer.evaluate(),
-        })  # fmt: skip
+        })
     if not (interrupted and state.checkpoint_step == state.step):
         trainer.save()
     trainer.stop.saved = True
@@ -748,7 +748,7 @@ def _finish(trainer: Trainer, stopped_by: str) -> TrainResult:
     except KeyboardInterrupt:  # a second signal after the checkpoint is safe: skip the rest
         val_loss, plots = (val_rows[-1]["val_loss"] if val_rows else float("nan")), []
     last = {key: next((r[key] for r in reversed(history) if r.get(key) is not None), None)
-            for key in ("load_imbalance", "dropped_fraction")}  # fmt: skip
+            for key in ("load_imbalance", "dropped_fraction")}
     counts = count_parameters(model)
     result = TrainResult(
         run_dir=str(trainer.run_dir),

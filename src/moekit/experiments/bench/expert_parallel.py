@@ -100,12 +100,12 @@ class _Stamp(torch.autograd.Function):
     """Identity; its backward writes (clock, all-to-all seconds so far) under ``name``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stamps: dict, name: str, meter: AllToAllMeter) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, stamps: dict, name: str, meter: AllToAllMeter) -> torch.Tensor:
         ctx.stamps, ctx.name, ctx.meter = stamps, name, meter
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: torch.Tensor):
         ctx.stamps[ctx.name] = (time.perf_counter(), ctx.meter.seconds)
         return grad, None, None, None
 

@@ -62,7 +62,7 @@ class Probe:
     windows: list[np.ndarray] = field(default_factory=list)  # the windows, in probe order
 
 
-def load_probe(files: list[Path], tokenizer, seq_len: int, tokens_per_domain: int) -> Probe:  # noqa: ANN001
+def load_probe(files: list[Path], tokenizer, seq_len: int, tokens_per_domain: int) -> Probe:
     """Evenly spaced, non-overlapping windows of ``seq_len`` tokens from each file, at most
     ``tokens_per_domain`` tokens per file; a file shorter than one window is one short window."""
     from moekit.training.data import DataError, read_text
@@ -110,7 +110,7 @@ def capture_routing(model: nn.Module) -> Iterator[dict[str, list[RoutingResult]]
     captured: dict[str, list[RoutingResult]] = {}
     patched: list[MoE] = []
 
-    def wrap(name: str, layer: MoE):  # noqa: ANN202
+    def wrap(name: str, layer: MoE):
         original = layer.route  # the bound class method
 
         def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
@@ -295,7 +295,7 @@ def _block_index(name: str) -> int:
     return -1
 
 
-def token_pieces(tokens: list[int], tokenizer) -> list[tuple[str, int]]:  # noqa: ANN001
+def token_pieces(tokens: list[int], tokenizer) -> list[tuple[str, int]]:
     """Decoded text of consecutive tokens as (piece, index of its first token): tokens that
     only decode together (a UTF-8 character split over byte tokens) form one piece."""
     pieces: list[tuple[str, int]] = []
@@ -313,7 +313,7 @@ def token_pieces(tokens: list[int], tokenizer) -> list[tuple[str, int]]:  # noqa
     return pieces
 
 
-def piece_per_token(tokens: np.ndarray, tokenizer) -> list[str]:  # noqa: ANN001
+def piece_per_token(tokens: np.ndarray, tokenizer) -> list[str]:
     """One string per token for classification: each token's piece, repeated over the tokens
     that decode together."""
     out = [""] * len(tokens)
@@ -325,7 +325,7 @@ def piece_per_token(tokens: np.ndarray, tokenizer) -> list[str]:  # noqa: ANN001
     return out
 
 
-def vocab_piece(token_id: int, tokenizer) -> str:  # noqa: ANN001
+def vocab_piece(token_id: int, tokenizer) -> str:
     """A readable label of one token id: whitespace made visible, lone bytes as \\xNN."""
     if getattr(tokenizer, "kind", "") == "bytes" and token_id >= 128:
         return f"\\x{token_id:02x}"

@@ -18,10 +18,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from moekit.experiments.inspect.record import LayerRouting, Probe, token_pieces  # noqa: E402
+from moekit.experiments.inspect.record import LayerRouting, Probe, token_pieces
 
 CHOICE_TITLES = {
     "either": "either choice (all assignments)",
@@ -57,7 +57,7 @@ def _text_on(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
-def colored_pieces(tokens: np.ndarray, experts: np.ndarray, tokenizer) -> list[tuple[str, int]]:  # noqa: ANN001
+def colored_pieces(tokens: np.ndarray, experts: np.ndarray, tokenizer) -> list[tuple[str, int]]:
     """(text, first-choice expert) per decodable piece of ``tokens``."""
     return [(text, int(experts[first])) for text, first in token_pieces(tokens.tolist(), tokenizer)]
 
@@ -115,7 +115,7 @@ def terminal_text(
     probe: Probe,
     routings: list[LayerRouting],
     tokenizer,
-    sample_windows: int,  # noqa: ANN001
+    sample_windows: int,
 ) -> str:
     """The --terminal output: per chosen layer and domain, the sample coloured by first choice."""
     lines = []
@@ -135,7 +135,7 @@ def terminal_text(
     return "\n".join(lines)
 
 
-def _window_pieces(probe: Probe, rows: np.ndarray, routing: LayerRouting, tokenizer) -> list[tuple[str, int]]:  # noqa: ANN001
+def _window_pieces(probe: Probe, rows: np.ndarray, routing: LayerRouting, tokenizer) -> list[tuple[str, int]]:
     """Pieces of each window of ``rows``, with a visible break between windows."""
     pieces: list[tuple[str, int]] = []
     for sequence in np.unique(probe.sequence_T[rows]):
@@ -376,7 +376,7 @@ def write_report(
     results: dict[str, Any],
     probe: Probe,
     routings: list[LayerRouting],
-    tokenizer,  # noqa: ANN001
+    tokenizer,
     chosen: list[int],
     sample_windows: int,
     replacing: bool,
@@ -413,7 +413,7 @@ def _html(
     probe: Probe,
     routings: list[LayerRouting],
     tokenizer,
-    chosen: list[int],  # noqa: ANN001
+    chosen: list[int],
     sample_windows: int,
     figures: dict[str, Path],
 ) -> str:

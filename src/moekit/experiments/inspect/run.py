@@ -204,7 +204,7 @@ def analyse(
     routings: list[LayerRouting],
     tokenizer,
     seq_len: int,
-    chosen: list[int],  # noqa: ANN001
+    chosen: list[int],
 ) -> dict[str, Any]:
     """Every figure's numbers, per MoE block."""
     edges = metrics.position_buckets(seq_len)

@@ -210,7 +210,7 @@ def run_census(data: CensusData, settings: CensusSettings, progress: bool = True
     parts = run_parts(
         _train_architectures, [(data, settings, architectures)] if workers == 1 else
         [(data, settings, group) for group in groups], bar,
-    )  # fmt: skip
+    )
     bar.close()
     merged: dict[str, Any] = {key: {} for key in ("val", "test", "num_parameters", "gate_stats")}
     for part in parts:

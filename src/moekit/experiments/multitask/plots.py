@@ -13,9 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from moekit.models.multitask import GateStatistics  # noqa: E402
+from moekit.models.multitask import GateStatistics
 
 
 def plot_gate_statistics(stats: GateStatistics, path: Path, title: str = "gate weights per task") -> Path:

@@ -10,12 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from moekit.experiments.multitask.census import PAPER_AUC, CensusResult  # noqa: E402
-from moekit.experiments.multitask.plots import plot_gate_statistics  # noqa: E402
-from moekit.experiments.multitask.synthetic import BAYES_LOSS, SyntheticResult  # noqa: E402
+from moekit.experiments.multitask.census import PAPER_AUC, CensusResult
+from moekit.experiments.multitask.plots import plot_gate_statistics
+from moekit.experiments.multitask.synthetic import BAYES_LOSS, SyntheticResult
 
 LABELS = {
     "mmoe": "MMoE",
@@ -151,13 +151,13 @@ def write_synthetic_report(out: Path, result: SyntheticResult, summary: dict[str
             )
     if "mmoe_beats_omoe" in summary:
         lines += ["", "MMoE's test loss below one-gate MoE's, paired by seed: " + ", ".join(
-            f"{frac:.0%} at {corr}" for corr, frac in summary["mmoe_beats_omoe"].items()) + "."]  # fmt: skip
+            f"{frac:.0%} at {corr}" for corr, frac in summary["mmoe_beats_omoe"].items()) + "."]
     lines += ["", "| check | measured | target | met |", "|---|---:|---|---|"]
     for name, check in summary["checks"].items():
         value = f"{check['value']:+.3f}" if "value" in check else ""
         lines.append(f"| {name} | {value} | {check.get('target', '')} | {'yes' if check['met'] else 'NO'} |")
     lines += ["", "Gate distance: the mean over test samples of the total-variation distance "
-              "½‖g¹(x) − g²(x)‖₁ between the two tasks' gates (0 for one gate).", ""]  # fmt: skip
+              "½‖g¹(x) − g²(x)‖₁ between the two tasks' gates (0 for one gate).", ""]
     lines += [f"![{path.stem}]({path.name})" for path in figures]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     per_seed = {
@@ -185,7 +185,7 @@ def _plot_loss_vs_correlation(path: Path, result: SyntheticResult) -> Path:
         offset = (i - 1) * 0.008
         ax.plot(correlations + offset, loss.mean(axis=1), "o-", color=color, label=f"{LABELS.get(arch, arch)} mean")
         ax.plot(correlations + offset, np.median(loss, axis=1), "s--", color=color, alpha=0.7,
-                label=f"{LABELS.get(arch, arch)} median")  # fmt: skip
+                label=f"{LABELS.get(arch, arch)} median")
         q25, q75 = np.quantile(loss, 0.25, axis=1), np.quantile(loss, 0.75, axis=1)
         ax.vlines(correlations + offset, q25, q75, color=color, linewidth=4, alpha=0.35)
     ax.axhline(BAYES_LOSS, color="k", linestyle=":", label=f"Bayes loss {BAYES_LOSS}")
@@ -210,7 +210,7 @@ def _plot_loss_distribution(path: Path, result: SyntheticResult) -> Path:
         ax = axes[0, c]
         for i, arch in enumerate(_archs(result)):
             ax.hist(result.test_loss[arch][c].double().numpy(), bins=bins, histtype="step", linewidth=1.6,
-                    color=f"C{i}", label=LABELS.get(arch, arch))  # fmt: skip
+                    color=f"C{i}", label=LABELS.get(arch, arch))
         ax.axvline(result.settings.failed_threshold, color="r", linestyle="--", linewidth=1, label="failed above")
         ax.axvline(BAYES_LOSS, color="k", linestyle=":", linewidth=1, label="Bayes loss")
         ax.set_xscale("log")
@@ -237,7 +237,7 @@ def _plot_gate_distance(path: Path, result: SyntheticResult) -> Path:
         for c, corr in enumerate(correlations):
             ax.scatter(corr + jitter, dist[c], s=6, color=f"C{i}", alpha=0.4)
         ax.errorbar(correlations, dist.mean(axis=1), yerr=dist.std(axis=1), fmt="o-", color=f"C{i}", capsize=3,
-                    label=f"{LABELS.get(arch, arch)} (mean ± sd; dots: seeds)")  # fmt: skip
+                    label=f"{LABELS.get(arch, arch)} (mean ± sd; dots: seeds)")
     ax.set_xlabel("task correlation p")
     ax.set_ylabel("½‖g¹(x) − g²(x)‖₁, test mean")
     ax.set_title("distance between the two tasks' gates")
@@ -302,7 +302,7 @@ def write_census_report(out: Path, result: CensusResult, summary: dict[str, Any]
         )
     figures = [
         plot_gate_statistics(stats, out / f"census_gates_{arch}.png", title=f"{LABELS.get(arch, arch)} gate weights "
-                             f"on the test set (seed {settings.seeds[0]})")  # fmt: skip
+                             f"on the test set (seed {settings.seeds[0]})")
         for arch, stats in result.gate_stats.items()
     ]
     lines += ["", *[f"![{path.stem}]({path.name})" for path in figures]]

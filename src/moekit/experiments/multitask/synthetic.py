@@ -266,7 +266,7 @@ def run_synthetic(settings: SyntheticSettings, progress: bool = True, workers: i
     chunks = [seeds[i::workers] for i in range(workers)]
     chunks = [sorted(chunk, key=seeds.index) for chunk in chunks]
     bar = tqdm(total=settings.steps * workers, desc="multitask synthetic", unit="step", disable=not progress,
-               dynamic_ncols=True)  # fmt: skip
+               dynamic_ncols=True)
     parts = run_parts(_train_part, [(settings, chunk) for chunk in chunks], bar)
     bar.close()
     # reassemble the seeds in their order: chunk j holds seeds[j::workers]
@@ -281,7 +281,7 @@ def run_synthetic(settings: SyntheticSettings, progress: bool = True, workers: i
         arch: [sum(w * p["curves"][arch][i] for w, p in zip(weights, parts, strict=True))
                for i in range(len(parts[0]["curves"][arch]))]
         for arch in per_task
-    }  # fmt: skip
+    }
     log_every = max(1, settings.steps // 30)
     gate_stats = {key: value for p in parts for key, value in p["gate_stats"].items()}
     return SyntheticResult(
