@@ -36,14 +36,15 @@ per decoded token come from the config (``weight_bytes_per_token``; docs/bench_g
                 + biases and q/k norms where the family has them (+ H sinks for GPT-OSS);
                 for MLA (DeepSeek): D·r_q + r_q + r_q·H·(n+p) + D·(r_kv+p) + r_kv
                                     + r_kv·H·(n+v) + H·v·D
-    ffn (MoE layer) = E·D router (+ E router bias or selection bias)
+    ffn (MoE layer) = E·D router (+ E router bias, GPT-OSS)
                       + k·3·D·F        the k selected experts (gate, up, down)
                       (+ k·(2F + D)    their biases, GPT-OSS)
                       + shared experts (S·3·D·F_shared, + D for Qwen2-MoE's shared gate)
     ffn (dense layer) = 3·D·F_dense
 
-with b the bytes of the dtype. It leaves out the KV cache (its reads grow with the context)
-and activations: it is the weight traffic only.
+with b the bytes of the dtype, plus 4·E per MoE layer for the float32 selection bias of
+DeepSeek-V3 and GLM-4-MoE (kept in float32 as ``from_pretrained`` keeps it). It leaves out
+the KV cache (its reads grow with the context) and activations: it is the weight traffic only.
 
 Run: ``moekit bench generate`` (``moekit bench generate --help`` for options).
 """
@@ -84,6 +85,7 @@ WARMUP_NEW_TOKENS = 4
 BANDWIDTH_BUFFER_BYTES = 2**30  # the probe's buffer: far larger than a last-level cache
 QUICK_BANDWIDTH_BUFFER_BYTES = 2**27
 WEIGHT_BUFFERS = ("e_score_correction_bias",)  # buffers read per token like weights (selection bias)
+SELECTION_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe")  # hold it, in float32 at any dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +197,21 @@ def build_model(config: Any, dtype: torch.dtype, device: str | torch.device = "c
 
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # NOTE: from_pretrained keeps the tensors a family lists in _keep_in_fp32_modules_strict
+    # (DeepSeek-V3's and GLM-4-MoE's selection bias) in float32 at bfloat16; from_config does
+    # not always, so do it here: the model is then the one a checkpoint would load as.
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if keep_fp32 and dtype != torch.float32:
+        for module in model.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if name in keep_fp32 and buffer is not None:
+                    module._buffers[name] = buffer.float()
     return model.eval()
+
+
+def format_bytes(count: int) -> str:
+    """1.07 GB, or MB under 0.1 GB (the --quick models)."""
+    return f"{count / 1e9:.2f} GB" if count >= 10**8 else f"{count / 1e6:.3f} MB"
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -287,8 +303,8 @@ def _ffn_elements(config: Any, layer_idx: int) -> dict[str, int]:
     top_k = config.num_experts_per_tok
     d_ff = _field(config, "moe_intermediate_size", None) or config.intermediate_size
     parts = {"router": num_experts * d, "experts": top_k * 3 * d * d_ff, "shared": 0}
-    if model_type in ("gpt_oss", "deepseek_v3", "glm4_moe"):
-        parts["router"] += num_experts  # GPT-OSS: router bias; DeepSeek-V3/GLM: the selection bias
+    if model_type == "gpt_oss":
+        parts["router"] += num_experts  # the router's bias
     if model_type == "gpt_oss":
         parts["experts"] += top_k * (2 * d_ff + d)  # gate_up and down biases of the selected experts
     if model_type == "qwen2_moe":
@@ -303,7 +319,7 @@ def weight_bytes_per_token(config: Any, dtype: torch.dtype) -> dict[str, int]:
 
     Parts: embedding_row, head (output head + final norm), norms (two per layer), attention,
     router, experts (the top-k selected per layer), shared (shared experts), dense_ffn (the
-    dense layers). Every weight at ``dtype``'s size (as ``from_config(dtype=...)`` builds them).
+    dense layers). Every weight at ``dtype``'s size, the selection bias in float32 (``build_model``).
     """
     d, vocab = config.hidden_size, config.vocab_size
     elements = {"embedding_row": d, "head": vocab * d + d, "norms": 0, "attention": 0, "router": 0, "experts": 0,
@@ -315,6 +331,10 @@ def weight_bytes_per_token(config: Any, dtype: torch.dtype) -> dict[str, int]:
             elements[part] += count
     size = torch.empty((), dtype=dtype).element_size()
     parts = {part: count * size for part, count in elements.items()}
+    if config.model_type in SELECTION_BIAS_FAMILIES:
+        # the selection-only bias (DeepSeek-V3 eq. 16), E values per MoE layer, kept in float32
+        moe_layers = sum(_layer_is_moe(config, i) for i in range(config.num_hidden_layers))
+        parts["router"] += moe_layers * config.n_routed_experts * 4
     parts["total"] = sum(parts.values())
     return parts
 
@@ -543,8 +563,8 @@ class GenerateBenchReport:
         rows: list[tuple[str, ...]] = []
         for f in self.families:
             config = f.config
-            experts = next((config[n] for n in ("num_local_experts", "num_experts", "n_routed_experts") if n in config))
-            model = (f"{f.weight_bytes / 1e9:.2f} GB, {config['num_hidden_layers']} layers, E={experts} "
+            experts = next(config[n] for n in ("num_local_experts", "num_experts", "n_routed_experts") if n in config)
+            model = (f"{format_bytes(f.weight_bytes)}, {config['num_hidden_layers']} layers, E={experts} "
                      f"k={config['num_experts_per_tok']}")  # fmt: skip
             for i, r in enumerate(f.results):
                 share = "-" if r.share_of_bandwidth is None else f"{100 * r.share_of_bandwidth:.0f}%"
@@ -564,7 +584,8 @@ class GenerateBenchReport:
             f"moekit bench generate on {self.cpu}: torch {torch.__version__}, transformers {transformers_version()}, "
             f"{self.dtype}, {self.threads} threads",
             f"batch 1, greedy: prompt {self.prompt_tokens} tokens (prefill), {self.new_tokens} new tokens (decode: "
-            f"all but the first); median of {self.rounds} alternating rounds" + (" (--quick: tiny models)" if self.quick else ""),
+            f"all but the first); median of {self.rounds} alternating rounds"
+            + (" (--quick: tiny models)" if self.quick else ""),
             f"memory bandwidth: {self.bandwidth:.2f} GB/s (sum of a {self.bandwidth_buffer_bytes / 1e9:.2f} GB buffer, "
             f"median of {len(self.bandwidth_gbps)} runs); weights GB/s = MB/token x decode tok/s, "
             "of bw = its share of that",
@@ -612,15 +633,15 @@ def run_family(
     torch.manual_seed(seed)
     model = build_model(config, torch_dtype)
     size = weight_bytes(model)
-    log(f"{family.name}: {size / 1e9:.3f} GB of weights ({config.num_hidden_layers} layers, {dtype}); patching a copy")
+    log(f"{family.name}: {format_bytes(size)} of weights ({config.num_hidden_layers} layers, {dtype}); patching a copy")
     patched = copy.deepcopy(model)
     patch_moe(patched)
     models: dict[str, nn.Module] = {TRANSFORMERS: model, PATCHED: patched}
     steps: dict[str, Step] = {TRANSFORMERS: transformers_step(model), PATCHED: transformers_step(patched)}
     skipped = {}
     if family.name == "mixtral":
-        lm = from_hf_model(model).eval()
-        models[MOEKIT_LM], steps[MOEKIT_LM] = lm, moekit_lm_step(lm)
+        models[MOEKIT_LM] = from_hf_model(model).eval()
+        steps[MOEKIT_LM] = moekit_lm_step(models[MOEKIT_LM])
     else:
         skipped[MOEKIT_LM] = "only Mixtral converts to moekit's own LM (interop.hf.from_hf_model)"
     impls = list(steps)
@@ -639,7 +660,7 @@ def run_family(
     mismatch: dict[str, int | None] = dict.fromkeys(impls)
     for r in range(rounds):
         probes += memory_bandwidth_gbps(bandwidth_buffer_bytes, runs=1)
-        order = impls[r % len(impls):] + impls[: r % len(impls)]  # rotate who goes first
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate who goes first
         for impl in order:
             figures[impl].append(generate(impl, new_tokens))
         reference = figures[TRANSFORMERS][-1].tokens
@@ -684,7 +705,9 @@ def run_family(
         bandwidth_gbps=probes,
     )
     # At most one family's models alive at a time: drop them before the next family is built.
-    del model, patched, models, steps
+    models.clear()
+    steps.clear()
+    del model, patched
     gc.collect()
     return result
 
