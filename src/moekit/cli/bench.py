@@ -228,7 +228,7 @@ columns (per family; batch 1, greedy; one model with random weights, >= 1 GB at 
                   experts (+ shared experts) per layer + one embedding row + output head
                   (the formula: docs/bench_generate.md)
   weights GB/s    MB/token x decode tok/s, beside the memory bandwidth measured in the same
-                  run (sum of a 1 GB buffer); "of bw" is its share
+                  run (sum of a 1 GiB buffer); "of bw" is its share
   tokens          whether the greedy tokens equal transformers' (--strict: exit 1 if not)
 
 implementations: transformers as loaded; a deep copy after moekit.interop.patch_moe;

@@ -214,6 +214,10 @@ def format_bytes(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 10**8 else f"{count / 1e6:.3f} MB"
 
 
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f}" if count >= 10**6 else f"{count / 1e6:.4f}"
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights: its parameters and the buffers read like weights."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -572,7 +576,7 @@ class GenerateBenchReport:
                     f.family.name if i == 0 else "", model if i == 0 else "", r.impl,
                     f"{r.prefill_tokens_per_s:.1f}", f"{r.prefill_vs_transformers:.2f}x",
                     f"{r.decode_tokens_per_s:.2f}", f"{r.decode_vs_transformers:.2f}x",
-                    f"{f.bytes_per_token['total'] / 1e6:.1f}" if i == 0 else "", f"{r.weight_read_gb_per_s:.2f}", share,
+                    _megabytes(f.bytes_per_token["total"]) if i == 0 else "", f"{r.weight_read_gb_per_s:.2f}", share,
                     "same" if r.identical_tokens else f"DIFFER at {r.first_mismatch}",
                 ))  # fmt: skip
         widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
