@@ -54,8 +54,9 @@ examples:
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: MoE cost as a ratio to the dense equivalent",
-        description="Benchmarks. Every figure is a ratio to the dense equivalent.",
+        help="benchmarks: MoE cost as a ratio to the dense equivalent; generation tokens/s",
+        description="Benchmarks. The layer figures are ratios to the dense equivalent; generate reports "
+        "tokens/s of whole models and their ratios to transformers.",
         epilog=EPILOG_BENCH,
         formatter_class=help_formatter,
     )
@@ -261,15 +262,15 @@ def add_bench_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
         help="prefill and decode tokens/s of transformers MoE models, as loaded, after patch_moe, and moekit's LM",
-        description="Generation speed (batch 1, greedy) of one model per MoE family with random weights: "
-        "transformers as loaded, the same model after patch_moe, and moekit's own LM where the family "
+        description="Generation speed (batch 1, greedy) of one model per MoE family with random weights:\n"
+        "transformers as loaded, the same model after patch_moe, and moekit's own LM where the family\n"
         "converts; the weights read per decoded token beside the measured memory bandwidth.",
         epilog=EPILOG_GENERATE,
         formatter_class=help_formatter,
     )
     parser.add_argument(
         "--families", type=_family_list, default=None, metavar="LIST",
-        help=f"families to run, comma-separated (default: all of {','.join(FAMILIES)})",
+        help=f"families to run, comma-separated (default: all of {', '.join(FAMILIES)})",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="weights and compute (default float32)"
