@@ -14,6 +14,7 @@ examples:
   moekit bench layer
   moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
   moekit bench layer --quick --no-hf
+  moekit bench generate --families mixtral,qwen3_moe --dtype bfloat16   prefill/decode tokens/s
 """
 
 EPILOG_BENCH_LAYER = """\
@@ -53,8 +54,9 @@ examples:
 def add_bench(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench",
-        help="benchmarks: MoE cost as a ratio to the dense equivalent",
-        description="Benchmarks. Every figure is a ratio to the dense equivalent.",
+        help="benchmarks: MoE cost as a ratio to the dense equivalent; generation tokens/s",
+        description="Benchmarks. The layer figures are ratios to the dense equivalent; generate reports "
+        "tokens/s of whole models and their ratios to transformers.",
         epilog=EPILOG_BENCH,
         formatter_class=help_formatter,
     )
@@ -62,6 +64,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
     add_bench_layer(bench_sub)
     add_bench_ep(bench_sub)
+    add_bench_generate(bench_sub)
 
 
 def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
@@ -214,4 +217,113 @@ def cmd_bench_ep(args: argparse.Namespace) -> int:
     print(table(rows), file=human)
     if args.json:
         print_json({"case": asdict(case), "rows": [asdict(row) for row in rows]})
+    return 0
+
+
+EPILOG_GENERATE = """\
+columns (per family; batch 1, greedy; one model with random weights, >= 1 GB at --dtype):
+  prefill tok/s   prompt tokens / time of the prompt's forward and the first new token
+  decode tok/s    new tokens after the first / their time (one forward each, KV cache)
+  x tf            median of the per-round ratios to transformers as loaded
+  MB/token        weights one decoded token reads: attention + norms + router + the k selected
+                  experts (+ shared experts) per layer + one embedding row + output head
+                  (the formula: docs/bench_generate.md)
+  weights GB/s    MB/token x decode tok/s, beside the memory bandwidth measured in the same
+                  run (sum of a 1 GiB buffer); "of bw" is its share
+  tokens          whether the greedy tokens equal transformers' (--strict: exit 1 if not)
+
+implementations: transformers as loaded; a deep copy after moekit.interop.patch_moe;
+moekit's own MoETransformerLM where the family converts (Mixtral, via from_hf_model). Each
+round runs each once, the order rotated from round to round; figures are medians over rounds.
+One family's models are alive at a time.
+
+examples:
+  moekit bench generate                                    every family, float32, 3 rounds
+  moekit bench generate --families mixtral,gpt_oss --dtype bfloat16 --rounds 5
+  moekit bench generate --prompt-tokens 128 --new-tokens 64 --json > gen.json   stdout: one JSON document
+  moekit bench generate --quick                            tiny models, 2 rounds: a smoke test
+"""
+
+
+def _family_list(text: str) -> list[str]:
+    from moekit.experiments.bench.generate import FAMILIES
+
+    names = [name.strip() for name in text.replace(" ", ",").split(",") if name.strip()]
+    unknown = [name for name in names if name not in FAMILIES]
+    if not names or unknown:
+        shown_names = ", ".join(unknown) if unknown else repr(text)
+        raise argparse.ArgumentTypeError(f"unknown family {shown_names}: choose from {', '.join(FAMILIES)}")
+    return names
+
+
+def add_bench_generate(subparsers: argparse._SubParsersAction) -> None:
+    from moekit.experiments.bench.generate import DTYPES, FAMILIES
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="prefill and decode tokens/s of transformers MoE models, as loaded, after patch_moe, and moekit's LM",
+        description="Generation speed (batch 1, greedy) of one model per MoE family with random weights:\n"
+        "transformers as loaded, the same model after patch_moe, and moekit's own LM where the family\n"
+        "converts; the weights read per decoded token beside the measured memory bandwidth.",
+        epilog=EPILOG_GENERATE,
+        formatter_class=help_formatter,
+    )
+    parser.add_argument(
+        "--families", type=_family_list, default=None, metavar="LIST",
+        help=f"families to run, comma-separated (default: all of {', '.join(FAMILIES)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="weights and compute (default float32)"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=positive_int, default=None, metavar="N",
+        help="prompt length (default 512; 16 with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--new-tokens", type=positive_int, default=None, metavar="N",
+        help="greedy new tokens, >= 2 (default 128; 8 with --quick)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=positive_int, default=None, metavar="N", help="alternating rounds (default 3; 2 with --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny models (2 layers, d=32): a smoke test in seconds")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights and the prompt")
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when any greedy tokens differ from transformers'"
+    )
+    add_json_flag(parser, document=True)
+    parser.set_defaults(func=cmd_bench_generate)
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from moekit.experiments.bench.generate import bench_generate
+
+    # stdout holds the JSON document alone with --json: main runs this inside json_output, so
+    # the table printed here goes to stderr then.
+    try:
+        report = bench_generate(
+            families=args.families,
+            dtype=args.dtype,
+            prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 512),
+            new_tokens=args.new_tokens if args.new_tokens is not None else (8 if args.quick else 128),
+            rounds=args.rounds if args.rounds is not None else (2 if args.quick else 3),
+            quick=args.quick,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        print(f"moekit bench generate: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit bench generate: interrupted; nothing was reported", file=sys.stderr)
+        return 130
+    print(report.table())
+    if args.json:
+        print_json(report.to_dict())
+    if not report.identical_tokens:
+        print(
+            "moekit bench generate: WARNING: greedy tokens differ from transformers' (see the tokens column)"
+            + ("; exit status 1 (--strict)" if args.strict else ""),
+            file=sys.stderr,
+        )
+        return 1 if args.strict else 0
     return 0
