@@ -24,13 +24,13 @@ from moekit.cli.main import main
 
 pytest.importorskip("transformers")
 
-from moekit.experiments.bench import generate as bench  # noqa: E402  (needs transformers)
+from moekit.experiments.bench import generate as bench
 
 COLUMNS = {
     "impl", "label", "prefill_tokens_per_s", "decode_tokens_per_s", "prefill_vs_transformers",
     "decode_vs_transformers", "weight_read_gb_per_s", "share_of_bandwidth", "identical_tokens", "first_mismatch",
     "round_prefill_tokens_per_s", "round_decode_tokens_per_s", "tokens",
-}  # fmt: skip
+}
 
 
 def test_quick_bench_json_has_every_column_and_identical_tokens(capsys):
@@ -111,7 +111,7 @@ def test_bytes_per_token_by_hand_on_a_tiny_mixtral():
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (97, 32, 2)
     parts = bench.weight_bytes_per_token(config, torch.float32)
     assert parts == {"embedding_row": 4 * 32, "head": 4 * 3136, "norms": 4 * 128, "attention": 4 * 6144,
-                     "router": 4 * 256, "experts": 4 * 6144, "shared": 0, "dense_ffn": 0, "total": 63360}  # fmt: skip
+                     "router": 4 * 256, "experts": 4 * 6144, "shared": 0, "dense_ffn": 0, "total": 63360}
     assert bench.weight_bytes_per_token(config, torch.bfloat16)["total"] == 63360 // 2
 
 

@@ -84,7 +84,7 @@ def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rounds", type=positive_int, default=None, metavar="N", help="timed rounds per implementation "
         "(default 7; 2 with --quick)",
-    )  # fmt: skip
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparisons")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for weights and inputs")
@@ -197,7 +197,7 @@ def cmd_bench_ep(args: argparse.Namespace) -> int:
     )
     try:
         MoEConfig(d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts, top_k=case.top_k,
-                  capacity_factor=case.capacity_factor)  # fmt: skip
+                  capacity_factor=case.capacity_factor)
         for name in ("tokens", "steps"):
             if getattr(case, name) < 1:
                 raise ValueError(f"--{name} {getattr(case, name)} is invalid: must be >= 1")
@@ -271,18 +271,18 @@ def add_bench_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--families", type=_family_list, default=None, metavar="LIST",
         help=f"families to run, comma-separated (default: all of {', '.join(FAMILIES)})",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="weights and compute (default float32)"
     )
     parser.add_argument(
         "--prompt-tokens", type=positive_int, default=None, metavar="N",
         help="prompt length (default 512; 16 with --quick)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--new-tokens", type=positive_int, default=None, metavar="N",
         help="greedy new tokens, >= 2 (default 128; 8 with --quick)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--rounds", type=positive_int, default=None, metavar="N", help="alternating rounds (default 3; 2 with --quick)"
     )

@@ -88,7 +88,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
                 continue
             print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
-                  f"{row['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+                  f"{row['tokens_per_s']:,.0f} tok/s")
     if args.json:
         print_json(summary)
     return 0

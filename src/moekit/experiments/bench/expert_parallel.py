@@ -163,7 +163,7 @@ def _worker(rank: int, num_ranks: int, store: str, case: EPCase, out_dir: str) -
         config = MoEConfig(
             d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts, top_k=case.top_k,
             capacity_factor=case.capacity_factor, balance_loss_coef=0.0, z_loss_coef=0.0,
-        )  # fmt: skip
+        )
         layer = expert_parallel(MoE(config))
         generator = torch.Generator().manual_seed(1000 + rank)
         x_TD = torch.randn(case.tokens, case.d_model, generator=generator)

@@ -105,13 +105,13 @@ class GenerateFamily:
 
 # Shared by every full-size config: a Llama-sized vocabulary and 16 heads of 64 at d_model 1024.
 FULL_COMMON = dict(vocab_size=32000, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
-                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 QUICK_COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)  # fmt: skip
+                    tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 FULL_MLA = dict(num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
-                v_head_dim=64)  # fmt: skip
+                v_head_dim=64)
 QUICK_MLA = dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                 v_head_dim=8)  # fmt: skip
+                 v_head_dim=8)
 
 FAMILIES: dict[str, GenerateFamily] = {
     family.name: family
@@ -175,7 +175,7 @@ FAMILIES: dict[str, GenerateFamily] = {
                        sliding_window=8),
         ),
     )
-}  # fmt: skip
+}
 # NOTE: Qwen3-Next (its linear-attention layers run a slow pure-torch path without the fla
 # kernels) and Switch Transformers (an encoder-decoder) are patchable but not benchmarked here.
 
@@ -303,7 +303,7 @@ def _ffn_elements(config: Any, layer_idx: int) -> dict[str, int]:
         bias = 2 * config.intermediate_size + d if getattr(config, "mlp_bias", False) else 0
         return {"dense_ffn": 3 * d * config.intermediate_size + bias}
     num_experts = next(_field(config, name) for name in ("num_local_experts", "num_experts", "n_routed_experts")
-                       if _field(config, name))  # fmt: skip
+                       if _field(config, name))
     top_k = config.num_experts_per_tok
     d_ff = _field(config, "moe_intermediate_size", None) or config.intermediate_size
     parts = {"router": num_experts * d, "experts": top_k * 3 * d * d_ff, "shared": 0}
@@ -327,7 +327,7 @@ def weight_bytes_per_token(config: Any, dtype: torch.dtype) -> dict[str, int]:
     """
     d, vocab = config.hidden_size, config.vocab_size
     elements = {"embedding_row": d, "head": vocab * d + d, "norms": 0, "attention": 0, "router": 0, "experts": 0,
-                "shared": 0, "dense_ffn": 0}  # fmt: skip
+                "shared": 0, "dense_ffn": 0}
     for layer_idx in range(config.num_hidden_layers):
         elements["norms"] += 2 * d
         elements["attention"] += _attention_elements(config)
@@ -475,7 +475,7 @@ class FamilyResult:
 def _sizing_fields(config: Any) -> dict[str, Any]:
     names = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
              "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts", "n_routed_experts",
-             "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace")  # fmt: skip
+             "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace")
     return {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}
 
 
@@ -563,13 +563,13 @@ class GenerateBenchReport:
 
     def table(self) -> str:
         header = ("family", "model", "implementation", "prefill tok/s", "x tf", "decode tok/s", "x tf",
-                  "MB/token", "weights GB/s", "of bw", "tokens")  # fmt: skip
+                  "MB/token", "weights GB/s", "of bw", "tokens")
         rows: list[tuple[str, ...]] = []
         for f in self.families:
             config = f.config
             experts = next(config[n] for n in ("num_local_experts", "num_experts", "n_routed_experts") if n in config)
             model = (f"{format_bytes(f.weight_bytes)}, {config['num_hidden_layers']} layers, E={experts} "
-                     f"k={config['num_experts_per_tok']}")  # fmt: skip
+                     f"k={config['num_experts_per_tok']}")
             for i, r in enumerate(f.results):
                 share = "-" if r.share_of_bandwidth is None else f"{100 * r.share_of_bandwidth:.0f}%"
                 rows.append((
@@ -578,7 +578,7 @@ class GenerateBenchReport:
                     f"{r.decode_tokens_per_s:.2f}", f"{r.decode_vs_transformers:.2f}x",
                     _megabytes(f.bytes_per_token["total"]) if i == 0 else "", f"{r.weight_read_gb_per_s:.2f}", share,
                     "same" if r.identical_tokens else f"DIFFER at {r.first_mismatch}",
-                ))  # fmt: skip
+                ))
         widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
 
         def fmt(row: tuple[str, ...]) -> str:
@@ -598,7 +598,7 @@ class GenerateBenchReport:
             fmt(header),
             "  ".join("-" * w for w in widths),
             *(fmt(row) for row in rows),
-        ]  # fmt: skip
+        ]
         lines += [f"note: {note}" for note in self.notes()]
         return "\n".join(lines)
 
@@ -673,7 +673,7 @@ def run_family(
             if position is not None and mismatch[impl] is None:
                 mismatch[impl] = position
         log(f"{family.name}: round {r + 1}/{rounds} " + ", ".join(
-            f"{impl} {figures[impl][-1].decode_tokens_per_s:.2f} decode tok/s" for impl in impls))  # fmt: skip
+            f"{impl} {figures[impl][-1].decode_tokens_per_s:.2f} decode tok/s" for impl in impls))
     bytes_per_token = weight_bytes_per_token(config, torch_dtype)
     reference_prefill = [g.prefill_tokens_per_s for g in figures[TRANSFORMERS]]
     reference_decode = [g.decode_tokens_per_s for g in figures[TRANSFORMERS]]
@@ -696,7 +696,7 @@ def run_family(
             round_prefill_tokens_per_s=prefill,
             round_decode_tokens_per_s=decode,
             tokens=figures[impl][-1].tokens,
-        ))  # fmt: skip
+        ))
     result = FamilyResult(
         family=family,
         config=_sizing_fields(config),
@@ -741,7 +741,7 @@ def bench_generate(
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype} is invalid: choose from {', '.join(DTYPES)}")
     for flag, value, minimum in (("--prompt-tokens", prompt_tokens, 1), ("--new-tokens", new_tokens, 2),
-                                 ("--rounds", rounds, 1)):  # fmt: skip
+                                 ("--rounds", rounds, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             why = " (decode is timed from the second new token on)" if flag == "--new-tokens" else ""
             raise ValueError(f"{flag} {value} is invalid: must be an integer >= {minimum}{why}")

@@ -717,7 +717,7 @@ class LayerBenchReport:
         reuse_column = self.has_reuse_column
         ratio_header = "malloc reuse" if self.headline == REUSE_MALLOC else "default malloc"
         header = ("case", "implementation", ratio_header, *(("malloc reuse",) if reuse_column else ()),
-                  "target", "status", "impl", "dense")  # fmt: skip
+                  "target", "status", "impl", "dense")
         rows: list[tuple[str, ...]] = []
         for case_result in self.cases:
             case = case_result.case

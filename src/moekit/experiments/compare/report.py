@@ -71,7 +71,7 @@ def write_report(
             "|---|---|---|---|---|---|---|",
         ]
         for name, label in (("moe", "MoE top-2"), ("dense", "dense, equal steps"),
-                            ("dense-equal-time", "dense, equal wall time")):  # fmt: skip
+                            ("dense-equal-time", "dense, equal wall time")):
             row = summary[name]
             lines.append(
                 f"| {label} | {row['total_params']:,} | {row['active_params']:,} | {row['steps']:.0f} | "
@@ -96,7 +96,7 @@ def write_report(
         ]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name, label in (("moe", "MoE top-2"), ("dense", "dense (equal steps)"),
-                            ("dense-equal-time", "dense (equal time)")):  # fmt: skip
+                            ("dense-equal-time", "dense (equal time)")):
             xs, ys = _mean_curve(results[name], "val_loss")
             if name != "dense-equal-time":
                 axes[0].plot(xs, ys, "o-", label=label)
@@ -148,7 +148,7 @@ def write_report(
         axes[0].bar(labels, [summary[n]["dropped_fraction"] or 0.0 for n, _ in names])
         axes[0].set_ylabel("dropped fraction (end of training)")
         axes[1].bar(labels, [summary[n]["val_loss_mean"] for n, _ in names],
-                    yerr=[summary[n]["val_loss_sd"] for n, _ in names])  # fmt: skip
+                    yerr=[summary[n]["val_loss_sd"] for n, _ in names])
         low = min(summary[n]["val_loss_mean"] for n, _ in names)
         axes[1].set_ylim(low - 0.05, None)
         axes[1].set_ylabel("validation loss")
@@ -181,7 +181,7 @@ def write_report(
     if "e" in experiments:
         names = [("moe-top2", "topk (k=2)"), ("switch-top1", "switch (k=1)"), ("gshard", "gshard (cf 2.0)"),
                  ("noisy-topk", "noisy_topk (k=2)"), ("expert-choice", "expert_choice (cf 1.0)"),
-                 ("aux-free", "aux_free (k=2, no aux loss)")]  # fmt: skip
+                 ("aux-free", "aux_free (k=2, no aux loss)")]
         lines += [
             "## (e) routers side by side",
             "",
@@ -197,7 +197,7 @@ def write_report(
         lines += ["", "![routers](e_routers.png)", ""]
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar([label for _, label in names], [summary[n]["val_loss_mean"] for n, _ in names],
-               yerr=[summary[n]["val_loss_sd"] for n, _ in names])  # fmt: skip
+               yerr=[summary[n]["val_loss_sd"] for n, _ in names])
         ax.set_ylim(min(summary[n]["val_loss_mean"] for n, _ in names) - 0.05, None)
         ax.set_ylabel("validation loss")
         ax.tick_params(axis="x", rotation=20)
@@ -211,7 +211,7 @@ def write_report(
 
 
 FFN_WIDTH_ROWS = (("dense", "dense, matched width (1x)"), ("dense-ffn-2x", "dense, 2x FFN width"),
-                  ("dense-ffn-4x", "dense, 4x FFN width"), ("moe", "MoE top-2 (for reference)"))  # fmt: skip
+                  ("dense-ffn-4x", "dense, 4x FFN width"), ("moe", "MoE top-2 (for reference)"))
 
 
 def _ffn_width_section(summary: dict[str, Any], results: dict[str, list[dict]]) -> list[str]:
@@ -254,7 +254,7 @@ def _ffn_width_figure(summary: dict[str, Any], path: Path) -> str:
         row = summary[name]
         marker = "s" if name == "moe" else "o"
         ax.errorbar(row["active_params"], row["val_loss_mean"], yerr=row["val_loss_sd"], fmt=marker,
-                    capsize=4, label=label)  # fmt: skip
+                    capsize=4, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("active parameters per token")
     ax.set_ylabel("validation loss (mean ± sd over seeds)")
