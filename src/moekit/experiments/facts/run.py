@@ -227,7 +227,7 @@ def calibrate(grid: FactsGrid, models_by_name: dict[str, LMConfig]) -> tuple[int
 
     From ``calibration_start``, the count is multiplied by ``calibration_factor`` while the
     dense model stores more than the target and divided while it stores less, until two
-    measured counts bracket the target or ``calibration_runs`` runs are done. Returns the
+    measured counts bracket the target (or one hits it) or ``calibration_runs`` runs are done. Returns the
     chosen count and the table (facts → the dense model's exact match and value CE).
     """
     c = grid.config
@@ -235,11 +235,12 @@ def calibrate(grid: FactsGrid, models_by_name: dict[str, LMConfig]) -> tuple[int
     count = c.calibration_start
     while len(table) < c.calibration_runs and count >= 1 and count not in table:
         table[count] = grid.run(DENSE, models_by_name[DENSE], count, seed=0)
-        above = [n for n, r in table.items() if r.metrics["exact_match"] >= c.target_exact_match]
-        below = [n for n, r in table.items() if r.metrics["exact_match"] < c.target_exact_match]
-        if above and below:
+        stored = [r.metrics["exact_match"] for r in table.values()]
+        if c.target_exact_match in stored or (max(stored) > c.target_exact_match > min(stored)):
             break
-        count = count * c.calibration_factor if below == [] else count // c.calibration_factor
+        # Stores more than the target: more facts; less: fewer.
+        more = stored[-1] > c.target_exact_match
+        count = count * c.calibration_factor if more else count // c.calibration_factor
     chosen = min(table, key=lambda n: (abs(table[n].metrics["exact_match"] - c.target_exact_match), -n))
     rows = [
         {"facts": n, "exact_match": r.metrics["exact_match"], "value_ce": r.metrics["value_ce"], "chosen": n == chosen}
@@ -372,13 +373,14 @@ def acceptance_checks(config: FactsConfig, rows: dict[str, Any], paired: dict[st
     best_margins = [-d for d in paired[best]["value_ce_diff"]]
     falling = [f"moe-e{e}" for e in config.experts if e <= 16]
     means = [rows[n]["value_ce_mean"] for n in falling]
+    falls = len(means) > 1 and all(a > b for a, b in zip(means[:-1], means[1:], strict=True))
     recovered = paired[f"moe-e{config.wide_experts}"]["gap_recovered"]
     distance = max(row["heldout_distance"] for row in rows.values())
     return {
         "best_moe": best,
         "best_moe_margin_per_seed": best_margins,
         "best_moe_beats_dense_by_0.3_every_seed": all(m >= 0.3 for m in best_margins),
-        "value_ce_falls_with_experts_up_to_16": len(means) > 1 and all(a > b for a, b in zip(means[:-1], means[1:], strict=True)),
+        "value_ce_falls_with_experts_up_to_16": falls,
         "gap_recovered": recovered,
         "recovers_60_percent_of_gap": recovered is not None and recovered >= 0.6,
         "max_heldout_distance": distance,
