@@ -45,6 +45,7 @@ from moekit.experiments.facts.run import (
     calibrate,
     default_config,
     models,
+    summarize,
     train_config,
 )
 from moekit.models.lm import MoETransformerLM
@@ -203,6 +204,52 @@ def test_calibration_brackets_the_target_and_picks_the_closest(start, counts, ch
     assert picked == chosen
     assert [row["facts"] for row in table] == sorted(counts)
     assert [row["facts"] for row in table if row["chosen"]] == [chosen]
+
+
+def synthetic_runs(value_ce: dict[str, float], heldout_ce: float = 3.26, heldout_accuracy: float = 1 / 26):
+    """Three seeds per model; seed s shifts every model's value CE by 0.01·s (paired noise)."""
+    runs = []
+    for seed in range(3):
+        for name, ce in value_ce.items():
+            metrics = {"value_ce": ce + 0.01 * seed, "exact_match": 1 - ce / 4, "byte_accuracy": 1 - ce / 5}
+            heldout = {"value_ce": heldout_ce, "exact_match": 0.0, "byte_accuracy": heldout_accuracy}
+            train = {"total_params": 1, "active_params": 1, "train_seconds": 60.0}
+            runs.append(FactsRun(name, seed, 1000, metrics, heldout, train))
+    return runs
+
+
+GOOD = {DENSE: 2.0, "moe-e4": 1.8, "moe-e8": 1.6, "moe-e16": 1.5, "moe-e32": 1.55, WIDE: 1.2}
+
+
+def test_summary_pairs_seeds_and_evaluates_the_acceptance_checks():
+    config = FactsConfig()
+    summary = summarize(config, synthetic_runs(GOOD), 1000, [], models(config))
+    assert summary["facts"]["chosen_by"] == "--facts" and summary["seeds"] == 3
+    assert summary["facts"]["total_bits"] == pytest.approx(1000 * 6 * math.log2(26))
+    dense = summary["models"][DENSE]
+    assert dense["value_ce"] == pytest.approx([2.0, 2.01, 2.02]) and dense["value_ce_mean"] == pytest.approx(2.01)
+    assert dense["value_ce_sd"] == pytest.approx(0.01)
+    assert summary["paired"]["moe-e16"]["value_ce_diff"] == pytest.approx([-0.5, -0.5, -0.5])
+    assert summary["paired"]["moe-e16"]["gap_recovered"] == pytest.approx(0.5 / 0.8)
+    checks = summary["checks"]
+    assert checks["best_moe"] == "moe-e16" and checks["best_moe_margin_per_seed"] == pytest.approx([0.5] * 3)
+    assert checks["best_moe_beats_dense_by_0.3_every_seed"] and checks["value_ce_falls_with_experts_up_to_16"]
+    assert checks["recovers_60_percent_of_gap"]
+    assert checks["heldout_within_0.05_of_uniform"] and checks["heldout_ce_not_below_uniform"]
+    assert checks["heldout_byte_accuracy_at_chance"]
+
+
+def test_acceptance_checks_fail_where_the_results_do():
+    config = FactsConfig()
+    worse = {**GOOD, "moe-e8": 1.85, "moe-e16": 1.75, "moe-e32": 1.9}  # E=8 above E=4; best margin 0.25
+    checks = summarize(config, synthetic_runs(worse, heldout_ce=7.0), 1000, [], models(config))["checks"]
+    assert not checks["best_moe_beats_dense_by_0.3_every_seed"]
+    assert not checks["value_ce_falls_with_experts_up_to_16"] and not checks["recovers_60_percent_of_gap"]
+    # Overconfident on unseen keys: far from ln 26, but above it: no sign of leakage.
+    assert not checks["heldout_within_0.05_of_uniform"] and checks["heldout_ce_not_below_uniform"]
+    leaky = summarize(config, synthetic_runs(GOOD, heldout_ce=3.0, heldout_accuracy=0.06), 1000, [],
+                      models(config))["checks"]  # fmt: skip
+    assert not leaky["heldout_ce_not_below_uniform"] and not leaky["heldout_byte_accuracy_at_chance"]
 
 
 def test_non_expert_weights_differ_between_moe_and_dense_at_one_seed():

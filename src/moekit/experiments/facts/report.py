@@ -96,13 +96,13 @@ def write_facts_report(out: Path, summary: dict[str, Any], command: str) -> Path
         "",
         "Per seed (seeds " + ", ".join(str(s) for s in rows["dense"]["seeds"]) + "):",
         "",
-        "| model | value CE | exact match | held-out CE |",
-        "|---|---|---|---|",
+        "| model | value CE | exact match | held-out CE | held-out byte accuracy |",
+        "|---|---|---|---|---|",
     ]
     for name in order:
         row = rows[name]
         lines.append(f"| {_label(name, row)} | {_per_seed(row['value_ce'])} | {_per_seed(row['exact_match'])} | "
-                     f"{_per_seed(row['heldout_ce'])} |")  # fmt: skip
+                     f"{_per_seed(row['heldout_ce'])} | {_per_seed(row['heldout_byte_accuracy'], 4)} |")  # fmt: skip
     lines += [
         "",
         "Paired differences MoE − dense, per seed (same facts, same batches):",
@@ -130,6 +130,19 @@ def write_facts_report(out: Path, summary: dict[str, Any], command: str) -> Path
         f"({'no gap' if recovered is None else f'{100 * recovered:.0f}%'})",
         f"- held-out CE within 0.05 of ln 26 for every model and seed: "
         f"{_yes(checks['heldout_within_0.05_of_uniform'])} (largest distance {checks['max_heldout_distance']:.3f})",
+        "",
+        "  Leakage, the reason for the held-out keys: held-out values are uniform letters the model never saw, "
+        "so any model's expected held-out CE is ln 26 plus the KL divergence from uniform letters to its "
+        "prediction (Gibbs' inequality): only leakage brings it below ln 26, while a model that guesses "
+        "confidently for unseen keys (as memorizing models do) lies above. Leakage checks that "
+        "overconfidence cannot fail:",
+        f"  - held-out CE not below ln 26 − 0.05 for any model and seed: "
+        f"{_yes(checks['heldout_ce_not_below_uniform'])} (lowest {checks['min_heldout_ce']:.3f})",
+        f"  - held-out byte accuracy (teacher-forced argmax) at chance, 1/26 = "
+        f"{checks['heldout_byte_accuracy_chance']:.4f}, within 3 binomial sd "
+        f"(3 × {checks['heldout_byte_accuracy_chance_sd']:.4f}) for every model and seed: "
+        f"{_yes(checks['heldout_byte_accuracy_at_chance'])} (largest gap "
+        f"{checks['max_heldout_byte_accuracy_gap']:.4f})",
         f"- (g) ran within {RUNTIME_BUDGET_MINUTES} minutes: {_yes(minutes <= RUNTIME_BUDGET_MINUTES)} "
         f"({minutes:.1f} minutes of this command; runs it reused from an earlier one cost it nothing)",
         "",

@@ -52,6 +52,7 @@ from moekit.experiments.compare.run import (
     _sigterm_as_interrupt,
 )
 from moekit.experiments.facts.data import (
+    ALPHABET,
     UNIFORM_VALUE_CE,
     Facts,
     facts_text,
@@ -74,7 +75,7 @@ class FactsConfig:
     # Facts and text.
     key_len: int = 4
     value_len: int = 6
-    heldout: int = 500  # held-out facts for the leakage check
+    heldout: int = 500  # held-out facts for the leakage check (3,000 value bytes: accuracy sd 0.0034)
     passes: int = 100  # freshly shuffled passes in the training text
     # Model: the measurement (d_model 32, 1 layer, 2 heads, context 64, batch 16, the
     # default expert width 256).
@@ -327,9 +328,10 @@ def summarize(
             "seeds": [r.seed for r in model_runs],
             "train_seconds": statistics.mean(r.train["train_seconds"] for r in model_runs),
         }
-        for metric, source in (("value_ce", "metrics"), ("exact_match", "metrics"), ("byte_accuracy", "metrics"),
-                               ("heldout_ce", "heldout")):  # fmt: skip
-            key = "value_ce" if metric == "heldout_ce" else metric
+        for metric, source, key in (("value_ce", "metrics", "value_ce"), ("exact_match", "metrics", "exact_match"),
+                                    ("byte_accuracy", "metrics", "byte_accuracy"),
+                                    ("heldout_ce", "heldout", "value_ce"),
+                                    ("heldout_byte_accuracy", "heldout", "byte_accuracy")):  # fmt: skip
             values = [getattr(r, source)[key] for r in model_runs]
             row[metric], (row[f"{metric}_mean"], row[f"{metric}_sd"]) = values, _mean_sd(values)
         row["heldout_distance"] = max(abs(v - UNIFORM_VALUE_CE) for v in row["heldout_ce"])
@@ -376,6 +378,12 @@ def acceptance_checks(config: FactsConfig, rows: dict[str, Any], paired: dict[st
     falls = len(means) > 1 and all(a > b for a, b in zip(means[:-1], means[1:], strict=True))
     recovered = paired[f"moe-e{config.wide_experts}"]["gap_recovered"]
     distance = max(row["heldout_distance"] for row in rows.values())
+    lowest_heldout = min(min(row["heldout_ce"]) for row in rows.values())
+    # Held-out byte accuracy of a model that knows nothing of these values: 1/26, with the
+    # binomial sd of heldout · value_len bytes; leakage would lift it.
+    chance = 1 / len(ALPHABET)
+    chance_sd = math.sqrt(chance * (1 - chance) / (config.heldout * config.value_len))
+    accuracy_gap = max(abs(a - chance) for row in rows.values() for a in row["heldout_byte_accuracy"])
     return {
         "best_moe": best,
         "best_moe_margin_per_seed": best_margins,
@@ -385,4 +393,11 @@ def acceptance_checks(config: FactsConfig, rows: dict[str, Any], paired: dict[st
         "recovers_60_percent_of_gap": recovered is not None and recovered >= 0.6,
         "max_heldout_distance": distance,
         "heldout_within_0.05_of_uniform": distance <= 0.05 and math.isfinite(distance),
+        # Expected held-out CE is >= ln 26 for any model (Gibbs); only leakage brings it below.
+        "min_heldout_ce": lowest_heldout,
+        "heldout_ce_not_below_uniform": lowest_heldout >= UNIFORM_VALUE_CE - 0.05,
+        "heldout_byte_accuracy_chance": chance,
+        "heldout_byte_accuracy_chance_sd": chance_sd,
+        "max_heldout_byte_accuracy_gap": accuracy_gap,
+        "heldout_byte_accuracy_at_chance": accuracy_gap <= 3 * chance_sd,
     }
