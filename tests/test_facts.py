@@ -153,10 +153,10 @@ def test_models_are_at_equal_active_compute_and_wide_has_the_moe_total_width():
     grid = models(config)
     assert list(grid) == [DENSE, "moe-e4", "moe-e8", "moe-e16", "moe-e32", WIDE]
     moes = [grid[f"moe-e{e}"] for e in config.experts]
-    assert all(m.arch == "moe" and m.moe.top_k == 2 and m.moe.d_ff == 256 for m in moes)
-    # Dense: k·d_ff + E/3 (router share) of the E=16 MoE = 512 + 5.3 -> 517, as experiment (a).
-    assert grid[DENSE].arch == "dense" and grid[DENSE].ffn_width(0) == 517
-    assert grid[WIDE].arch == "dense" and grid[WIDE].ffn_width(0) == 16 * 256
+    assert all(m.arch == "moe" and m.moe.top_k == 2 and m.moe.d_ff == 64 for m in moes)
+    # Dense: k·d_ff + E/3 (router share) of the E=16 MoE = 128 + 5.3 -> 133, as experiment (a).
+    assert grid[DENSE].arch == "dense" and grid[DENSE].ffn_width(0) == 133
+    assert grid[WIDE].arch == "dense" and grid[WIDE].ffn_width(0) == 16 * 64
     sizes = {name: sum(p.numel() for n, p in MoETransformerLM(m).named_parameters() if "ffn" in n and "norm" not in n)
              for name, m in (("moe", grid["moe-e16"]), ("wide", grid[WIDE]))}  # fmt: skip
     router = 16 * config.d_model
