@@ -233,8 +233,8 @@ def calibrate(grid: FactsGrid, models_by_name: dict[str, LMConfig]) -> tuple[int
 
     From ``calibration_start``, the count is multiplied by ``calibration_factor`` while the
     dense model stores more than the target and divided while it stores less, until two
-    measured counts bracket the target (or one hits it) or ``calibration_runs`` runs are done. Returns the
-    chosen count and the table (facts → the dense model's exact match and value CE).
+    measured counts bracket the target (or one hits it) or ``calibration_runs`` runs are done.
+    Returns the chosen count and the table (facts → the dense model's exact match and value CE).
     """
     c = grid.config
     table: dict[int, FactsRun] = {}
@@ -295,8 +295,10 @@ def run_facts(
             from moekit.experiments.facts.report import write_facts_report
 
             write_facts_report(out, summary, command)
-        except GridInterrupted as interrupted:  # the trainer caught it and saved the run's checkpoint
-            raise GridInterrupted(interrupted.run, interrupted.run_dir, received[0]) from None
+        except GridInterrupted as interrupted:  # the trainer caught the signal and saved the run's checkpoint
+            if received[0] != "SIGINT":  # SIGTERM arrived outside the trainer's own handler
+                raise GridInterrupted(interrupted.run, interrupted.run_dir, received[0]) from None
+            raise
         except KeyboardInterrupt:  # outside a training loop: corpus, evaluation, report
             spec = grid.current
             raise GridInterrupted(spec.key if spec else None, grid.current_dir, received[0]) from None
