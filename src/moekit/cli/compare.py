@@ -16,6 +16,9 @@ experiments:
   d  balance loss on vs off: load imbalance over training
   e  the routers side by side
   f  control for (a): the dense baseline at 2x and 4x its FFN width, same steps
+  g  memorizing random facts (key -> value): dense vs MoE with 4/8/16/32 experts vs a dense
+     model with the E=16 MoE's total FFN width; value cross-entropy, exact match, held-out
+     keys; the number of facts calibrated so the dense model stores about half (results_g.md)
 
 runs are reused only when their whole specification matches (model and train configs, every
 field, and the training text): each lives in runs/<name>-s<seed>-<spec hash>/ with spec.json.
@@ -25,6 +28,7 @@ then continues: finished runs are reused, the interrupted one trains again.
 examples:
   moekit compare --out runs/compare                 the whole grid (results.md + PNGs)
   moekit compare --experiments a --seeds 3 --steps-a 1000
+  moekit compare --experiments g --steps-g 8000     experiment (g) alone (docs/facts.md)
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
 """
 
@@ -42,7 +46,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
     parser.add_argument(
-        "--seeds", type=positive_int, default=3, help="seeds of experiments a and f (b-e use at most 2)"
+        "--seeds", type=positive_int, default=3, help="seeds of experiments a, f and g (b-e use at most 2)"
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="steps per run of (b)-(e) (default 400; 30 --quick)"
@@ -50,26 +54,57 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps-a", type=positive_int, default=None, help="steps per run of (a) and (f) (default 600; 30 --quick)"
     )
+    parser.add_argument(
+        "--steps-g", type=positive_int, default=None, help="steps per run of (g) (default 8000; 20 --quick)"
+    )
+    parser.add_argument(
+        "--facts", type=positive_int, default=None, metavar="N",
+        help="facts of (g): skip its calibration and memorize N facts",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     add_json_flag(parser)
     parser.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from moekit.experiments.compare.run import GridInterrupted, GridRunError, run_compare
+    from moekit.experiments.compare.run import EXPERIMENTS, GridInterrupted, GridRunError, run_compare
 
+    experiments = args.experiments or [*EXPERIMENTS, "g"]
+    unknown = sorted(set(experiments) - {*EXPERIMENTS, "g"})
+    error = None
+    if unknown:
+        error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join([*EXPERIMENTS, 'g'])}"
+    elif experiments == ["g"] and (args.steps is not None or args.steps_a is not None):
+        error = "--steps and --steps-a set the steps of (a)-(f), which --experiments g does not run; use --steps-g"
+    elif "g" not in experiments and (args.steps_g is not None or args.facts is not None):
+        error = "--steps-g and --facts set experiment (g): add g to --experiments"
+    if error:
+        print(f"moekit compare: error: {error}", file=sys.stderr)
+        return 2
+    grid = [name for name in experiments if name != "g"]
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
+    summary: dict = {}
+    results_file = "results.md"
     # With --json, stdout holds the JSON document alone: everything else goes to stderr.
     human = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with human:
         try:
-            summary = run_compare(args.out, args.experiments, args.seeds, steps, args.quick, command, headline_steps)
+            if grid:
+                summary = run_compare(args.out, grid, args.seeds, steps, args.quick, command, headline_steps)
+                print(f"wrote {args.out}/results.md")
+            if "g" in experiments:
+                # Experiment (g) lives in its own package (it builds on this grid's run machinery).
+                from moekit.experiments.facts.run import run_facts
+
+                results_file = "results_g.md"
+                summary["g"] = run_facts(args.out, args.seeds, args.steps_g, args.quick, args.facts, command)
+                print(f"wrote {args.out}/results_g.md")
         except GridInterrupted as stop:
             during = f" during run {stop.run} ({stop.run_dir})" if stop.run else ""
             print(
-                f"moekit compare: interrupted by {stop.signal_name}{during}; no results.md was written. "
+                f"moekit compare: interrupted by {stop.signal_name}{during}; no {results_file} was written. "
                 "Run the same command again to continue: finished runs are reused"
                 + (", this one trains again from its start." if stop.run else "."),
                 file=sys.stderr,
@@ -81,8 +116,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 2
-        print(f"wrote {args.out}/results.md")
         for name, row in summary.items():
+            if name == "g":
+                _print_facts(row)
+                continue
             if name == "throughput":
                 ratio = row["ratio_to_baseline"]["moe"]
                 print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
@@ -92,3 +129,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     return 0
+
+
+def _print_facts(summary: dict) -> None:
+    facts = summary["facts"]
+    print(f"  (g) {facts['num_facts']:,} facts ({facts['chosen_by']}), {summary['steps']} steps:")
+    for name, row in summary["models"].items():
+        print(f"  {name:18s} value CE {row['value_ce_mean']:.3f} ± {row['value_ce_sd']:.3f}  "
+              f"exact match {row['exact_match_mean']:.3f}  held-out CE {row['heldout_ce_mean']:.3f}")  # fmt: skip

@@ -1,0 +1,327 @@
+"""Experiment (g) of ``moekit compare``: random facts, their evaluation, and the grid.
+
+Verified: the facts generator is deterministic, its keys unique and its held-out keys disjoint
+from the trained ones; a fact holds value_len · log2 26 bits; every pass of the training text
+is a permutation of the facts, and passes differ. The value metrics are checked on stub models
+whose answers are known exactly: an oracle scores CE 0 and exact match 1, a uniform byte model
+ln 256, a model uniform over letters ln 26, one that knows the first half of every value
+(ln 26)/2 and exact match 0 (so an off-by-one in the value positions fails). The models stand
+at equal active compute (dense = the E=16 MoE's matched width, dense-wide = its total FFN
+width); seeds are paired (one data file and one TrainConfig.seed per seed); the calibration
+brackets the target exact match. End to end (slow): ``moekit compare --experiments g --quick``
+stops with 130 on Ctrl-C, then writes results_g.md and g_facts.png, then reuses every run.
+
+Run: ``python -m pytest tests/test_facts.py``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit.experiments.compare.run as compare_run
+from moekit.cli.main import main
+from moekit.experiments.facts.data import (
+    MIN_PASSES,
+    UNIFORM_VALUE_CE,
+    encode_prompts,
+    fact_bits,
+    facts_text,
+    make_facts,
+    value_metrics,
+)
+from moekit.experiments.facts.run import (
+    DENSE,
+    WIDE,
+    FactsConfig,
+    FactsGrid,
+    FactsRun,
+    calibrate,
+    default_config,
+    models,
+    summarize,
+    train_config,
+)
+from moekit.models.lm import MoETransformerLM
+
+
+def test_generator_is_deterministic_and_keys_unique():
+    facts = make_facts(300, key_len=3, value_len=5, heldout=50, seed=7)
+    assert facts == make_facts(300, key_len=3, value_len=5, heldout=50, seed=7)
+    assert facts.keys != make_facts(300, key_len=3, value_len=5, heldout=50, seed=8).keys
+    assert len(set(facts.keys)) == 300 and len(facts.values) == 300
+    assert all(len(k) == 3 and k.isalpha() and k.islower() for k in facts.keys)
+    assert all(len(v) == 5 and v.isalpha() and v.islower() for v in facts.values + facts.heldout_values)
+    assert len(set(facts.values)) > 290  # values are drawn independently: collisions are rare
+
+
+def test_heldout_keys_are_disjoint_from_trained_keys():
+    facts = make_facts(600, key_len=2, value_len=4, heldout=76, seed=0)  # all 26^2 = 676 keys used
+    assert len(facts.heldout_keys) == 76 and len(set(facts.heldout_keys)) == 76
+    assert not set(facts.heldout_keys) & set(facts.keys)
+    with pytest.raises(ValueError, match="only 26\\^2 = 676 distinct keys"):
+        make_facts(600, key_len=2, heldout=77)
+
+
+def test_bits_per_fact_is_log2_of_the_value_space():
+    assert fact_bits(6) == pytest.approx(math.log2(26**6)) == pytest.approx(28.2026, abs=1e-4)
+    facts = make_facts(1000, value_len=6, heldout=0)
+    assert facts.total_bits == pytest.approx(1000 * math.log2(26**6))
+
+
+def test_every_pass_is_a_fresh_permutation_of_the_facts():
+    facts = make_facts(50, key_len=3, value_len=4, heldout=5, seed=1)
+    lines = facts.lines()
+    text = facts_text(facts, passes=12, seed=1)
+    assert text == facts_text(facts, passes=12, seed=1)
+    all_lines = text.splitlines(keepends=True)
+    passes = [all_lines[i : i + 50] for i in range(0, len(all_lines), 50)]
+    assert len(passes) == 12
+    assert all(sorted(p) == sorted(lines) for p in passes)
+    assert len({tuple(p) for p in passes}) == 12  # each pass in its own order
+    heldout_lines = {f"{k}:" for k in facts.heldout_keys}
+    assert not any(line[:4] in heldout_lines for line in all_lines)
+    with pytest.raises(ValueError, match=f"passes=9 is invalid: must be an integer >= {MIN_PASSES}"):
+        facts_text(facts, passes=9, seed=1)
+
+
+class Oracle:
+    """Knows ``known`` leading bytes of every value (all of them by default); logits 0 elsewhere,
+    except ``letters_only``, which puts -inf on every non-letter byte."""
+
+    def __init__(self, facts: dict[str, str], known: int | None = None, letters_only: bool = False) -> None:
+        self.facts, self.known, self.letters_only = facts, known, letters_only
+
+    def __call__(self, idx_NS: torch.Tensor):
+        logits_NSV = torch.zeros(*idx_NS.shape, 256)
+        if self.letters_only:
+            logits_NSV.fill_(float("-inf"))
+            logits_NSV[..., ord("a") : ord("z") + 1] = 0.0
+        for n, row in enumerate(idx_NS.tolist()):
+            for p in range(len(row)):
+                text = bytes(row[: p + 1]).decode()
+                if ":" not in text:
+                    continue
+                key, partial = text[1:].split(":")
+                value = self.facts.get(key)
+                if value is None:
+                    continue
+                known = len(value) if self.known is None else self.known
+                if len(partial) < known:
+                    logits_NSV[n, p, ord(value[len(partial)])] = 60.0
+        return logits_NSV, None
+
+
+def test_value_metrics_of_an_oracle_are_perfect():
+    facts = make_facts(40, key_len=3, value_len=5, heldout=10, seed=3)
+    oracle = Oracle(dict(zip(facts.keys, facts.values, strict=True)))
+    metrics = value_metrics(oracle, facts.keys, facts.values, batch_size=16)
+    assert metrics.value_ce == pytest.approx(0.0, abs=1e-6)
+    assert metrics.exact_match == 1.0 and metrics.byte_accuracy == 1.0 and metrics.count == 40
+    # The oracle knows nothing of the held-out keys: it is a uniform byte model there.
+    heldout = value_metrics(oracle, facts.heldout_keys, facts.heldout_values)
+    assert heldout.value_ce == pytest.approx(math.log(256)) and heldout.exact_match == 0.0
+
+
+def test_value_ce_is_over_all_256_bytes_and_only_over_value_bytes():
+    facts = make_facts(30, key_len=3, value_len=6, heldout=0, seed=4)
+    assert "aaaaaa" not in facts.values
+    letters = Oracle({}, letters_only=True)
+    metrics = value_metrics(letters, facts.keys, facts.values)
+    assert metrics.value_ce == pytest.approx(UNIFORM_VALUE_CE) == pytest.approx(math.log(26))
+    assert metrics.exact_match == 0.0  # greedy picks "a" every time
+    half = Oracle(dict(zip(facts.keys, facts.values, strict=True)), known=3, letters_only=True)
+    metrics = value_metrics(half, facts.keys, facts.values)
+    assert metrics.value_ce == pytest.approx(math.log(26) / 2, abs=1e-6)
+    assert metrics.byte_accuracy == pytest.approx(0.5, abs=0.05) and metrics.exact_match == 0.0
+
+
+def test_prompts_start_at_a_line_start():
+    prompts = encode_prompts(["abc"], ["xyz"])
+    assert bytes(prompts[0].tolist()) == b"\nabc:xyz"
+    assert bytes(encode_prompts(["abc"])[0].tolist()) == b"\nabc:"
+
+
+def test_models_are_at_equal_active_compute_and_wide_has_the_moe_total_width():
+    config = FactsConfig()
+    grid = models(config)
+    assert list(grid) == [DENSE, "moe-e4", "moe-e8", "moe-e16", "moe-e32", WIDE]
+    moes = [grid[f"moe-e{e}"] for e in config.experts]
+    assert all(m.arch == "moe" and m.moe.top_k == 2 and m.moe.d_ff == 64 for m in moes)
+    # Dense: k·d_ff + E/3 (router share) of the E=16 MoE = 128 + 5.3 -> 133, as experiment (a).
+    assert grid[DENSE].arch == "dense" and grid[DENSE].ffn_width(0) == 133
+    assert grid[WIDE].arch == "dense" and grid[WIDE].ffn_width(0) == 16 * 64
+    sizes = {name: sum(p.numel() for n, p in MoETransformerLM(m).named_parameters() if "ffn" in n and "norm" not in n)
+             for name, m in (("moe", grid["moe-e16"]), ("wide", grid[WIDE]))}  # fmt: skip
+    router = 16 * config.d_model
+    assert sizes["wide"] == sizes["moe"] - router  # the wide FFN holds exactly the experts' parameters
+
+
+def test_seeds_are_paired_one_data_file_and_one_train_seed(tmp_path):
+    config = default_config(quick=True)
+    grid = FactsGrid(tmp_path, config)
+    facts0, path0, _ = grid.corpus(40, 0)
+    facts1, path1, _ = grid.corpus(40, 1)
+    assert facts0.keys != facts1.keys and path0 != path1
+    train0 = {name: train_config(config, path0, 0) for name in models(config)}
+    assert len({(t.data, t.seed, t.steps) for t in train0.values()}) == 1
+    assert train_config(config, path1, 1).seed != train_config(config, path0, 0).seed
+    assert all(t.max_minutes is None and t.device == "cpu" for t in train0.values())
+    # The written text is exactly the facts' passes, and the file is kept on a second call.
+    assert path0.read_text() == facts_text(facts0, config.passes, 0)
+    assert FactsGrid(tmp_path, config).corpus(40, 0)[1] == path0
+
+
+class FakeGrid:
+    """Dense exact match falls with the number of facts: 1 at 500, 0.5 at 1000, ..."""
+
+    def __init__(self, config: FactsConfig) -> None:
+        self.config, self.counts = config, []
+
+    def run(self, name, model, num_facts, seed):
+        assert name == DENSE and seed == 0
+        self.counts.append(num_facts)
+        em = min(1.0, 500 / num_facts)
+        return FactsRun(name, seed, num_facts, {"exact_match": em, "value_ce": 1 - em}, {})
+
+
+@pytest.mark.parametrize(
+    "start,counts,chosen",
+    [(2000, [2000, 1000], 1000), (250, [250, 500, 1000], 1000), (300, [300, 600, 1200], 1200), (64000, [64000, 32000,
+     16000, 8000], 8000)],
+)  # fmt: skip
+def test_calibration_brackets_the_target_and_picks_the_closest(start, counts, chosen):
+    config = replace(FactsConfig(), calibration_start=start, calibration_runs=4)
+    grid = FakeGrid(config)
+    picked, table = calibrate(grid, models(config))
+    assert grid.counts == counts  # stops once two counts bracket 50%, or after 4 runs
+    assert picked == chosen
+    assert [row["facts"] for row in table] == sorted(counts)
+    assert [row["facts"] for row in table if row["chosen"]] == [chosen]
+
+
+def synthetic_runs(value_ce: dict[str, float], heldout_ce: float = 3.26, heldout_accuracy: float = 1 / 26):
+    """Three seeds per model; seed s shifts every model's value CE by 0.01·s (paired noise)."""
+    runs = []
+    for seed in range(3):
+        for name, ce in value_ce.items():
+            metrics = {"value_ce": ce + 0.01 * seed, "exact_match": 1 - ce / 4, "byte_accuracy": 1 - ce / 5}
+            heldout = {"value_ce": heldout_ce, "exact_match": 0.0, "byte_accuracy": heldout_accuracy}
+            train = {"total_params": 1, "active_params": 1, "train_seconds": 60.0}
+            runs.append(FactsRun(name, seed, 1000, metrics, heldout, train))
+    return runs
+
+
+GOOD = {DENSE: 2.0, "moe-e4": 1.8, "moe-e8": 1.6, "moe-e16": 1.5, "moe-e32": 1.55, WIDE: 1.2}
+
+
+def test_summary_pairs_seeds_and_evaluates_the_acceptance_checks():
+    config = FactsConfig()
+    summary = summarize(config, synthetic_runs(GOOD), 1000, [], models(config))
+    assert summary["facts"]["chosen_by"] == "--facts" and summary["seeds"] == 3
+    assert summary["facts"]["total_bits"] == pytest.approx(1000 * 6 * math.log2(26))
+    dense = summary["models"][DENSE]
+    assert dense["value_ce"] == pytest.approx([2.0, 2.01, 2.02]) and dense["value_ce_mean"] == pytest.approx(2.01)
+    assert dense["value_ce_sd"] == pytest.approx(0.01)
+    assert summary["paired"]["moe-e16"]["value_ce_diff"] == pytest.approx([-0.5, -0.5, -0.5])
+    assert summary["paired"]["moe-e16"]["gap_recovered"] == pytest.approx(0.5 / 0.8)
+    checks = summary["checks"]
+    assert checks["best_moe"] == "moe-e16" and checks["best_moe_margin_per_seed"] == pytest.approx([0.5] * 3)
+    assert checks["best_moe_beats_dense_by_0.3_every_seed"] and checks["value_ce_falls_with_experts_up_to_16"]
+    assert checks["recovers_60_percent_of_gap"]
+    assert checks["heldout_within_0.05_of_uniform"] and checks["heldout_ce_not_below_uniform"]
+    assert checks["heldout_byte_accuracy_at_chance"]
+
+
+def test_acceptance_checks_fail_where_the_results_do():
+    config = FactsConfig()
+    worse = {**GOOD, "moe-e8": 1.85, "moe-e16": 1.75, "moe-e32": 1.9}  # E=8 above E=4; best margin 0.25
+    checks = summarize(config, synthetic_runs(worse, heldout_ce=7.0), 1000, [], models(config))["checks"]
+    assert not checks["best_moe_beats_dense_by_0.3_every_seed"]
+    assert not checks["value_ce_falls_with_experts_up_to_16"] and not checks["recovers_60_percent_of_gap"]
+    # Overconfident on unseen keys: far from ln 26, but above it: no sign of leakage.
+    assert not checks["heldout_within_0.05_of_uniform"] and checks["heldout_ce_not_below_uniform"]
+    leaky = summarize(config, synthetic_runs(GOOD, heldout_ce=3.0, heldout_accuracy=0.06), 1000, [],
+                      models(config))["checks"]  # fmt: skip
+    assert not leaky["heldout_ce_not_below_uniform"] and not leaky["heldout_byte_accuracy_at_chance"]
+
+
+def test_non_expert_weights_differ_between_moe_and_dense_at_one_seed():
+    # docs/facts.md says so: the FFN is constructed before the final re-initialization draws the
+    # embeddings, so its size shifts the random stream. If this changes, update the docs.
+    grid = models(default_config(quick=True))
+    torch.manual_seed(0)
+    moe = MoETransformerLM(grid["moe-e4"])
+    torch.manual_seed(0)
+    dense = MoETransformerLM(grid[DENSE])
+    assert not torch.equal(moe.embed.weight, dense.embed.weight)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--experiments", "g,z"], "--experiments z is invalid: choose from a,b,c,d,e,f,g"),
+        (["--experiments", "g", "--steps", "5"], "use --steps-g"),
+        (["--experiments", "a", "--facts", "10"], "add g to --experiments"),
+    ],
+)
+def test_compare_g_flags_are_checked(tmp_path, capsys, args, message):
+    assert main(["compare", "--quick", "--out", str(tmp_path / "cmp"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_compare_g_quick_end_to_end(tmp_path, capsys, monkeypatch):
+    real_train = compare_run.train
+    calls: list[str] = []
+    interrupt = {"next": True}
+
+    def counting_train(model_config, train_config, out, **kwargs):
+        calls.append(os.path.basename(out))
+        stop, interrupt["next"] = interrupt["next"], False
+
+        def on_step(step, row):
+            if stop:
+                raise KeyboardInterrupt
+
+        return real_train(model_config, train_config, out, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(compare_run, "train", counting_train)
+    out = tmp_path / "cmp"
+    args = ["compare", "--experiments", "g", "--quick", "--seeds", "1", "--out", str(out), "--json"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT during run dense-s0" in err and "no results_g.md was written" in err
+    assert not (out / "results_g.md").exists()
+
+    calls.clear()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)["g"]
+    # Calibration (2 dense runs, the interrupted one again first), then the MoEs and dense-wide;
+    # the seed-0 dense run of the chosen count is the calibration's.
+    assert len(calls) == 2 + 3
+    assert set(summary["models"]) == {DENSE, "moe-e4", "moe-e8", WIDE}
+    assert summary["facts"]["chosen_by"] == "calibration" and len(summary["calibration"]) == 2
+    for row in summary["models"].values():
+        assert 0 <= row["exact_match_mean"] <= 1 and 0 < row["value_ce_mean"] < 10
+        assert len(row["value_ce"]) == 1 and len(row["heldout_ce"]) == 1
+    assert set(summary["paired"]) == {"moe-e4", "moe-e8"}
+    text = (out / "results_g.md").read_text()
+    for part in ("## Calibration", "## Results", "Paired differences", "acceptance checks", "g_facts.png"):
+        assert part in text
+    assert (out / "g_facts.png").stat().st_size > 0
+
+    calls.clear()
+    assert main([*args, "--facts", str(summary["facts"]["num_facts"])]) == 0
+    again = json.loads(capsys.readouterr().out)["g"]
+    assert calls == []  # every run reused: same facts, same specs
+    assert again["models"][DENSE]["value_ce"] == summary["models"][DENSE]["value_ce"]
+    assert again["facts"]["chosen_by"] == "--facts" and again["calibration"] == []
+    assert Path(out / "results_g.md").exists()
