@@ -158,7 +158,7 @@ def test_models_are_at_equal_active_compute_and_wide_has_the_moe_total_width():
     assert grid[DENSE].arch == "dense" and grid[DENSE].ffn_width(0) == 133
     assert grid[WIDE].arch == "dense" and grid[WIDE].ffn_width(0) == 16 * 64
     sizes = {name: sum(p.numel() for n, p in MoETransformerLM(m).named_parameters() if "ffn" in n and "norm" not in n)
-             for name, m in (("moe", grid["moe-e16"]), ("wide", grid[WIDE]))}  # fmt: skip
+             for name, m in (("moe", grid["moe-e16"]), ("wide", grid[WIDE]))}
     router = 16 * config.d_model
     assert sizes["wide"] == sizes["moe"] - router  # the wide FFN holds exactly the experts' parameters
 
@@ -195,7 +195,7 @@ class FakeGrid:
     "start,counts,chosen",
     [(2000, [2000, 1000], 1000), (250, [250, 500, 1000], 1000), (300, [300, 600, 1200], 1200), (64000, [64000, 32000,
      16000, 8000], 8000)],
-)  # fmt: skip
+)
 def test_calibration_brackets_the_target_and_picks_the_closest(start, counts, chosen):
     config = replace(FactsConfig(), calibration_start=start, calibration_runs=4)
     grid = FakeGrid(config)
@@ -248,7 +248,7 @@ def test_acceptance_checks_fail_where_the_results_do():
     # Overconfident on unseen keys: far from ln 26, but above it: no sign of leakage.
     assert not checks["heldout_within_0.05_of_uniform"] and checks["heldout_ce_not_below_uniform"]
     leaky = summarize(config, synthetic_runs(GOOD, heldout_ce=3.0, heldout_accuracy=0.06), 1000, [],
-                      models(config))["checks"]  # fmt: skip
+                      models(config))["checks"]
     assert not leaky["heldout_ce_not_below_uniform"] and not leaky["heldout_byte_accuracy_at_chance"]
 
 

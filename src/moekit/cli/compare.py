@@ -60,7 +60,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--facts", type=positive_int, default=None, metavar="N",
         help="facts of (g): skip its calibration and memorize N facts",
-    )  # fmt: skip
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     add_json_flag(parser)
     parser.set_defaults(func=cmd_compare)
@@ -136,4 +136,4 @@ def _print_facts(summary: dict) -> None:
     print(f"  (g) {facts['num_facts']:,} facts ({facts['chosen_by']}), {summary['steps']} steps:")
     for name, row in summary["models"].items():
         print(f"  {name:18s} value CE {row['value_ce_mean']:.3f} ± {row['value_ce_sd']:.3f}  "
-              f"exact match {row['exact_match_mean']:.3f}  held-out CE {row['heldout_ce_mean']:.3f}")  # fmt: skip
+              f"exact match {row['exact_match_mean']:.3f}  held-out CE {row['heldout_ce_mean']:.3f}")

@@ -95,7 +95,7 @@ def make_facts(num_facts: int, key_len: int = 4, value_len: int = 6, heldout: in
     keys never occur among the trained ones; values are independent and uniform.
     """
     for name, value, least in (("num_facts", num_facts, 1), ("key_len", key_len, 1),
-                               ("value_len", value_len, 1), ("heldout", heldout, 0)):  # fmt: skip
+                               ("value_len", value_len, 1), ("heldout", heldout, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"facts {name}={value!r} is invalid: must be an integer >= {least}")
     key_space = len(ALPHABET) ** key_len
@@ -111,7 +111,7 @@ def make_facts(num_facts: int, key_len: int = 4, value_len: int = 6, heldout: in
     return Facts(
         tuple(keys[:num_facts]), tuple(values[:num_facts]), tuple(keys[num_facts:]), tuple(values[num_facts:]),
         key_len, value_len,
-    )  # fmt: skip
+    )
 
 
 def pass_orders(num_facts: int, passes: int, seed: int) -> list[list[int]]:
@@ -168,7 +168,7 @@ class ValueMetrics:
 
     def to_dict(self) -> dict[str, float | int]:
         return {"value_ce": self.value_ce, "exact_match": self.exact_match,
-                "byte_accuracy": self.byte_accuracy, "count": self.count}  # fmt: skip
+                "byte_accuracy": self.byte_accuracy, "count": self.count}
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from moekit.experiments.compare.report import _machine  # noqa: E402
-from moekit.experiments.facts.data import UNIFORM_VALUE_CE  # noqa: E402
+from moekit.experiments.compare.report import _machine
+from moekit.experiments.facts.data import UNIFORM_VALUE_CE
 
 RESULTS_FILE = "results_g.md"
 FIGURE_FILE = "g_facts.png"
@@ -102,7 +102,7 @@ def write_facts_report(out: Path, summary: dict[str, Any], command: str) -> Path
     for name in order:
         row = rows[name]
         lines.append(f"| {_label(name, row)} | {_per_seed(row['value_ce'])} | {_per_seed(row['exact_match'])} | "
-                     f"{_per_seed(row['heldout_ce'])} | {_per_seed(row['heldout_byte_accuracy'], 4)} |")  # fmt: skip
+                     f"{_per_seed(row['heldout_ce'])} | {_per_seed(row['heldout_byte_accuracy'], 4)} |")
     lines += [
         "",
         "Paired differences MoE − dense, per seed (same facts, same batches):",
@@ -114,7 +114,7 @@ def write_facts_report(out: Path, summary: dict[str, Any], command: str) -> Path
         diff = paired[name]
         recovered = "-" if diff["gap_recovered"] is None else f"{100 * diff['gap_recovered']:.0f}%"
         lines.append(f"| {_label(name, rows[name])} | {_per_seed(diff['value_ce_diff'], signed=True)} | "
-                     f"{_per_seed(diff['exact_match_diff'], signed=True)} | {recovered} |")  # fmt: skip
+                     f"{_per_seed(diff['exact_match_diff'], signed=True)} | {recovered} |")
     recovered = checks["gap_recovered"]
     lines += [
         "",
@@ -160,13 +160,13 @@ def _figure(path: Path, config: dict[str, Any], rows: dict[str, Any]) -> None:
     moe_rows = [rows[f"moe-e{e}"] for e in experts]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, ylabel in ((axes[0], "value_ce", "value CE (nats per value byte)"),
-                               (axes[1], "exact_match", "exact match")):  # fmt: skip
+                               (axes[1], "exact_match", "exact match")):
         means = [r[f"{metric}_mean"] for r in moe_rows]
         sds = [r[f"{metric}_sd"] for r in moe_rows]
         ax.errorbar(experts, means, yerr=sds, fmt="o-", capsize=3, label=f"MoE top-{config['top_k']}")
         for name, style in (("dense", "--"), ("dense-wide", ":")):
             ax.axhline(rows[name][f"{metric}_mean"], linestyle=style, color="gray" if name == "dense" else "black",
-                       label=_label(name, rows[name]))  # fmt: skip
+                       label=_label(name, rows[name]))
         if metric == "value_ce":
             heldout = [r["heldout_ce_mean"] for r in moe_rows]
             ax.plot(experts, heldout, "x", color="red", label="MoE, held-out keys")

@@ -113,7 +113,7 @@ class FactsConfig:
 
     def validate(self) -> None:
         for name in ("key_len", "value_len", "passes", "d_model", "n_layer", "n_head", "seq_len", "d_ff", "top_k",
-                     "steps", "batch_size", "calibration_start", "calibration_runs", "eval_batch_size"):  # fmt: skip
+                     "steps", "batch_size", "calibration_start", "calibration_runs", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"FactsConfig.{name}={value!r} is invalid: must be an integer >= 1")
@@ -135,7 +135,7 @@ def default_config(steps: int | None = None, quick: bool = False) -> FactsConfig
             config, key_len=3, heldout=20, passes=10, d_model=16, seq_len=32, d_ff=32, experts=(4, 8),
             wide_experts=8, steps=20, batch_size=4, warmup_steps=3, calibration_start=40, calibration_runs=2,
             eval_batch_size=64,
-        )  # fmt: skip
+        )
     return config if steps is None else replace(config, steps=steps)
 
 
@@ -143,7 +143,7 @@ def moe_model(config: FactsConfig, experts: int) -> LMConfig:
     moe = MoEConfig(
         d_model=config.d_model, d_ff=config.d_ff, num_experts=experts, top_k=config.top_k,
         balance_loss_coef=config.balance_loss_coef, z_loss_coef=config.z_loss_coef,
-    )  # fmt: skip
+    )
     return LMConfig(
         d_model=config.d_model, n_layer=config.n_layer, n_head=config.n_head, seq_len=config.seq_len, moe=moe
     )
@@ -156,7 +156,7 @@ def models(config: FactsConfig) -> dict[str, LMConfig]:
     grid.update({f"moe-e{e}": moe_model(config, e) for e in config.experts})
     # One "expert" of width E·d_ff taken by every token: matched_d_ff = 1·E·d_ff + 1/3 → E·d_ff.
     wide = replace(reference, moe=replace(reference.moe, d_ff=config.wide_experts * config.d_ff,
-                                          num_experts=1, top_k=1))  # fmt: skip
+                                          num_experts=1, top_k=1))
     grid[WIDE] = wide.as_dense()
     return grid
 
@@ -165,7 +165,7 @@ def train_config(config: FactsConfig, data: Path, seed: int) -> TrainConfig:
     base = TrainConfig(
         data=str(data), batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
         seed=SEED_OFFSET + seed, device="cpu", eval_batches=4,
-    )  # fmt: skip
+    )
     return _fixed_steps(base, config.steps)
 
 
@@ -283,7 +283,7 @@ def run_facts(
     calibration_runs = 0 if num_facts is not None else config.calibration_runs
     total = calibration_runs + seeds * len(grid_models)
     with _sigterm_as_interrupt() as received, tqdm(total=total, desc="compare g", unit="run",
-                                                   dynamic_ncols=True) as progress:  # fmt: skip
+                                                   dynamic_ncols=True) as progress:
         grid = FactsGrid(out, config, progress)
         try:
             calibration: list[dict[str, Any]] = []
@@ -291,7 +291,7 @@ def run_facts(
                 num_facts, calibration = calibrate(grid, grid_models)
                 progress.total = len(calibration) + seeds * len(grid_models)
             runs = [grid.run(name, model, num_facts, seed) for seed in range(seeds)
-                    for name, model in grid_models.items()]  # fmt: skip
+                    for name, model in grid_models.items()]
             summary = summarize(config, runs, num_facts, calibration, grid_models)
             summary["seconds"] = time.time() - started
             from moekit.experiments.facts.report import write_facts_report
@@ -340,7 +340,7 @@ def summarize(
         for metric, source, key in (("value_ce", "metrics", "value_ce"), ("exact_match", "metrics", "exact_match"),
                                     ("byte_accuracy", "metrics", "byte_accuracy"),
                                     ("heldout_ce", "heldout", "value_ce"),
-                                    ("heldout_byte_accuracy", "heldout", "byte_accuracy")):  # fmt: skip
+                                    ("heldout_byte_accuracy", "heldout", "byte_accuracy")):
             values = [getattr(r, source)[key] for r in model_runs]
             row[metric], (row[f"{metric}_mean"], row[f"{metric}_sd"]) = values, _mean_sd(values)
         row["heldout_distance"] = max(abs(v - UNIFORM_VALUE_CE) for v in row["heldout_ce"])
