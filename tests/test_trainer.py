@@ -79,6 +79,15 @@ def send_sigint() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """A shell that starts the suite in the background ignores SIGINT, and the trainer leaves an
+    ignored signal ignored; these tests send SIGINT, so they give it Python's default handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 # ---------------------------------------------------------------------------------------
 # Exact resume, whatever the moment of the interrupt
 # ---------------------------------------------------------------------------------------
@@ -164,6 +173,16 @@ def test_stop_signals_defer_during_a_write_and_end_at_once_after_the_save():
         with pytest.raises(KeyboardInterrupt):
             send_sigint()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_ignored_at_start_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        send_sigint()
+        assert not stop.requested
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_train_state_round_trips(corpus):

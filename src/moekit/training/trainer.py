@@ -269,8 +269,8 @@ class StopSignals:
 
     A second signal while a checkpoint is written waits until the write is complete; once
     the stop's checkpoint is on disk, a second signal ends the process at once (raises
-    KeyboardInterrupt). Outside the main thread signals cannot be caught, and the flag is
-    only set by ``request``.
+    KeyboardInterrupt). A signal that the process was started with ignored stays ignored. Outside
+    the main thread signals cannot be caught, and the flag is only set by ``request``.
     """
 
     def __init__(self) -> None:
@@ -304,6 +304,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us (a background job, nohup-like wrappers): stays so
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
