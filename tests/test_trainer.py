@@ -417,3 +417,21 @@ def test_ctrl_c_outside_any_saving_command_exits_130_without_traceback(capsys, m
     monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
     assert cli_main.main(["params", "mixtral-8x7b"]) == 130
     assert capsys.readouterr().err.strip() == "moekit: interrupted; nothing more was written"
+
+
+@pytest.mark.parametrize(("flags", "budget"), [([], 5.0), (["--steps", "7"], None),
+                                              (["--steps", "7", "--max-minutes", "2"], 2.0)])
+def test_an_explicit_step_count_is_the_budget_unless_max_minutes_is_given(tmp_path, corpus, monkeypatch, flags,
+                                                                         budget):
+    import importlib
+
+    cli_main = importlib.import_module("moekit.cli.main")
+    seen = {}
+
+    def capture(model_config, train_config, out, **kwargs):
+        seen["max_minutes"] = train_config.max_minutes
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(trainer_module, "train", capture)
+    assert cli_main.main(["train", "--data", str(corpus), "--out", str(tmp_path / "run"), *flags]) == 2
+    assert seen["max_minutes"] == budget
