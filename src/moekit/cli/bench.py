@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 
-from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_help, print_json
+from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_help, print_json, split_list
 
 EPILOG_BENCH = """\
 examples:
@@ -143,7 +143,7 @@ examples:
 
 def _rank_list(text: str) -> list[int]:
     try:
-        ranks = [int(part) for part in text.replace(" ", ",").split(",") if part.strip()]
+        ranks = [int(part) for part in split_list(text)]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected rank counts such as 1,2,4, got {text!r}") from error
     if not ranks or any(rank < 1 for rank in ranks):
@@ -248,7 +248,7 @@ examples:
 def _family_list(text: str) -> list[str]:
     from moekit.experiments.bench.generate import FAMILIES
 
-    names = [name.strip() for name in text.replace(" ", ",").split(",") if name.strip()]
+    names = split_list(text)
     unknown = [name for name in names if name not in FAMILIES]
     if not names or unknown:
         shown_names = ", ".join(unknown) if unknown else repr(text)

@@ -174,8 +174,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def split_list(text: str) -> list[str]:
+    """``"1,2 4"`` → ``["1", "2", "4"]``: the items of a comma- or space-separated flag value."""
+    return [key.strip() for key in text.replace(" ", ",").split(",") if key.strip()]
+
+
 def case_list(text: str) -> list[str]:
-    keys = [key.strip() for key in text.replace(" ", ",").split(",") if key.strip()]
+    keys = split_list(text)
     if not keys:
         raise argparse.ArgumentTypeError("expected case numbers such as 1,3")
     return keys

@@ -19,6 +19,7 @@ from moekit.cli.common import (
     fail_on_bad_input,
     help_formatter,
     print_json,
+    split_list,
 )
 
 EPILOG_MULTITASK = """\
@@ -61,14 +62,14 @@ def _no_benchmark(parser: argparse.ArgumentParser) -> int:
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.replace(" ", ",").split(",") if v]
+        return [int(v) for v in split_list(text)]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected integers such as 0,1,2, got {text!r}") from err
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.replace(" ", ",").split(",") if v]
+        values = [float(v) for v in split_list(text)]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected numbers such as 1,0.9,0.5, got {text!r}") from err
     if not values:

@@ -395,8 +395,9 @@ def _optional_int(text: str) -> int | None:
 def add_sample(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sample",
-        help="generate text from a trained run (KV cache)",
-        description="Generate text from the latest checkpoint of a run directory.",
+        help="generate text from a trained run or a local transformers MoE folder",
+        description="Generate text from the latest checkpoint of a run directory, or from a local "
+        "transformers MoE folder whose MoE blocks then run as moekit layers.",
         epilog=EPILOG_SAMPLE,
         formatter_class=help_formatter,
     )
