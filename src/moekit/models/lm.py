@@ -291,35 +291,54 @@ class MoETransformerLM(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        # One draw from the global generator, the same whatever the FFN: every weight below is
+        # then initialized from generators seeded by it (``_init_weights``), so a dense and an
+        # MoE model built after the same torch.manual_seed share their non-expert weights
+        # exactly (paired comparisons), although their modules consume different amounts of
+        # the global stream while they are constructed.
+        init_seed = int(torch.randint(0, 2**62, (1,)).item())
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._init_weights()
+        self._init_weights(init_seed)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, init_seed: int) -> None:
         # GPT-2 style: N(0, 0.02) for embeddings and attention projections, residual output
         # projections scaled by 1/sqrt(2·n_layer) so the residual stream does not grow with depth.
+        # Two streams: the non-expert weights (embeddings, attention) from one, the FFNs (dense
+        # FFN, experts, router, shared experts) from the other, so the first does not depend on
+        # the FFN's size.
         std = 0.02
         residual_std = std / math.sqrt(2 * self.config.n_layer)
-        nn.init.normal_(self.embed.weight, std=std)
+        device = self.embed.weight.device
+        if device.type == "meta":  # nothing to draw: the weights are loaded later
+            return
+        non_expert = torch.Generator(device=device).manual_seed(init_seed)
+        ffn_stream = torch.Generator(device=device).manual_seed(init_seed + 1)
+
+        def normal_(tensor: Tensor, std: float, generator: torch.Generator) -> None:
+            nn.init.normal_(tensor, std=std, generator=generator)
+
+        normal_(self.embed.weight, std, non_expert)
         if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            normal_(self.lm_head.weight, std, non_expert)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=std)
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            normal_(block.attn.qkv.weight, std, non_expert)
+            normal_(block.attn.proj.weight, residual_std, non_expert)
+        for block in self.blocks:
             ffn = block.ffn
             experts = ffn.experts if isinstance(ffn, MoE) else ffn
             if hasattr(experts, "w_in"):
-                nn.init.normal_(experts.w_in, std=std)
-                nn.init.normal_(experts.w_out, std=residual_std)
+                normal_(experts.w_in, std, ffn_stream)
+                normal_(experts.w_out, residual_std, ffn_stream)
             if isinstance(ffn, MoE):
-                nn.init.normal_(ffn.router.weight, std=std)
+                normal_(ffn.router.weight, std, ffn_stream)
                 if ffn.shared_experts is not None:
-                    nn.init.normal_(ffn.shared_experts.ffn.w_in, std=std)
-                    nn.init.normal_(ffn.shared_experts.ffn.w_out, std=residual_std)
+                    normal_(ffn.shared_experts.ffn.w_in, std, ffn_stream)
+                    normal_(ffn.shared_experts.ffn.w_out, residual_std, ffn_stream)
 
     def forward(
         self, idx_BS: Tensor, targets_BS: Tensor | None = None, cache: KVCache | None = None
