@@ -45,6 +45,7 @@ from moekit.experiments.facts.run import (
     calibrate,
     default_config,
     models,
+    run_facts,
     summarize,
     train_config,
 )
@@ -331,3 +332,20 @@ def test_compare_g_quick_end_to_end(tmp_path, capsys, monkeypatch):
     assert again["models"][DENSE]["value_ce"] == summary["models"][DENSE]["value_ce"]
     assert again["facts"]["chosen_by"] == "--facts" and again["calibration"] == []
     assert Path(out / "results_g.md").exists()
+
+
+@pytest.mark.slow
+def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, monkeypatch):
+    # --jobs 2 trains the grid in two worker processes; a second, serial call on the same --out
+    # finds every run complete under its specification and trains nothing.
+    out = tmp_path / "g"
+    parallel = run_facts(out, seeds=1, quick=True, num_facts=20, jobs=2)
+    trained: list[str] = []
+    real_train = compare_run.train
+    monkeypatch.setattr(compare_run, "train", lambda *a, **k: trained.append(str(a[2])) or real_train(*a, **k))
+    serial = run_facts(out, seeds=1, quick=True, num_facts=20, jobs=1)
+    assert trained == []
+    assert parallel["models"].keys() == serial["models"].keys()
+    for name, row in parallel["models"].items():
+        assert row["value_ce"] == serial["models"][name]["value_ce"], name
+        assert row["heldout_ce"] == serial["models"][name]["heldout_ce"], name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_json
@@ -61,6 +62,10 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         "--facts", type=positive_int, default=None, metavar="N",
         help="facts of (g): skip its calibration and memorize N facts",
     )
+    parser.add_argument(
+        "--jobs", type=positive_int, default=None, metavar="N",
+        help="runs of (g) trained at once, one process each (default: the CPU cores, %s here)" % (os.cpu_count() or 1),
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     add_json_flag(parser)
     parser.set_defaults(func=cmd_compare)
@@ -77,8 +82,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join([*EXPERIMENTS, 'g'])}"
     elif experiments == ["g"] and (args.steps is not None or args.steps_a is not None):
         error = "--steps and --steps-a set the steps of (a)-(f), which --experiments g does not run; use --steps-g"
-    elif "g" not in experiments and (args.steps_g is not None or args.facts is not None):
-        error = "--steps-g and --facts set experiment (g): add g to --experiments"
+    elif "g" not in experiments and (args.steps_g is not None or args.facts is not None or args.jobs is not None):
+        error = "--steps-g, --facts and --jobs set experiment (g): add g to --experiments"
     if error:
         print(f"moekit compare: error: {error}", file=sys.stderr)
         return 2
@@ -100,7 +105,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 from moekit.experiments.facts.run import run_facts
 
                 results_file = "results_g.md"
-                summary["g"] = run_facts(args.out, args.seeds, args.steps_g, args.quick, args.facts, command)
+                jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+                summary["g"] = run_facts(args.out, args.seeds, args.steps_g, args.quick, args.facts, command,
+                                         jobs=jobs)
                 print(f"wrote {args.out}/results_g.md")
         except GridInterrupted as stop:
             during = f" during run {stop.run} ({stop.run_dir})" if stop.run else ""

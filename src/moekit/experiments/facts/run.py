@@ -34,8 +34,12 @@ complete, by the machinery of ``moekit.experiments.compare.run`` (spec-hash dire
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import signal
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -230,6 +234,87 @@ class FactsGrid:
         return run
 
 
+def _worker_init() -> None:
+    # Between tasks a worker ignores Ctrl-C (the terminal sends it to the whole process group):
+    # an idle worker must not die with a traceback; ``_train_and_evaluate`` listens while it works.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _train_and_evaluate(
+    out: Path, config: FactsConfig, name: str, model: LMConfig, num_facts: int, seed: int, threads: int
+) -> tuple[str, Any]:
+    """One run of the grid in a worker process: ("done", FactsRun) or ("interrupted", (run, dir)).
+
+    An interrupt is returned, not raised: GridInterrupted does not survive pickling back to the
+    parent, and the parent decides what the whole grid does."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    grid = FactsGrid(out, config)
+    try:
+        return "done", grid.run(name, model, num_facts, seed)
+    except GridInterrupted as stop:
+        return "interrupted", (stop.run, stop.run_dir)
+    except KeyboardInterrupt:  # before or after the trainer listened: the run is redone next time
+        spec = grid.current
+        return "interrupted", (spec.key if spec else None, grid.current_dir)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_parallel(
+    grid: FactsGrid, tasks: list[tuple[str, LMConfig, int, int]], jobs: int, received: list[str]
+) -> list[FactsRun]:
+    """Train and evaluate ``tasks`` (name, model, facts, seed) in ``jobs`` worker processes of
+    ``cpu_count // jobs`` threads each, in ``tasks`` order as results; finished runs are reused.
+
+    The models of (g) are so small that one thread per run leaves most of a core idle in
+    Python overhead, so separate processes, not threads, fill the machine. At most ``jobs``
+    tasks are handed out at a time (no queued task can start after a stop). Ctrl-C reaches the
+    workers from the terminal; SIGTERM (``received``) reaches only this process, which passes
+    it on as SIGINT; each worker's trainer then saves its checkpoint, and GridInterrupted is
+    raised once every running task has returned."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: dict[int, FactsRun] = {}
+    pending = list(enumerate(tasks))
+    running: dict[Future, int] = {}
+    interrupted: tuple[str | None, Path | None] | None = None
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    index, (name, model, num_facts, seed) = pending.pop(0)
+                    grid.corpus(num_facts, seed)  # written once here, not raced by the workers
+                    future = pool.submit(_train_and_evaluate, grid.out, grid.config, name, model, num_facts, seed,
+                                         threads)
+                    running[future] = index
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    status, value = future.result()
+                    if status == "interrupted":
+                        interrupted = interrupted or value
+                        pending.clear()
+                    else:
+                        results[index] = value
+                        if grid.progress is not None:
+                            grid.progress.set_postfix_str(f"{value.name} s{value.seed} done, {len(running)} running")
+                            grid.progress.update(1)
+        except KeyboardInterrupt:
+            pending.clear()
+            if received[0] == "SIGTERM":
+                for process in list(pool._processes.values()):
+                    os.kill(process.pid, signal.SIGINT)
+            for future in running:  # each trainer saves its checkpoint and returns
+                status, value = future.result()
+                if status == "interrupted":
+                    interrupted = interrupted or value
+            interrupted = interrupted or (None, None)
+    if interrupted is not None:
+        raise GridInterrupted(interrupted[0], interrupted[1], received[0])
+    return [results[i] for i in range(len(tasks))]
+
+
 def calibrate(grid: FactsGrid, models_by_name: dict[str, LMConfig]) -> tuple[int, list[dict[str, Any]]]:
     """The number of facts whose seed-0 dense run reaches exact match closest to the target.
 
@@ -265,6 +350,7 @@ def run_facts(
     num_facts: int | None = None,
     command: str = "moekit compare --experiments g",
     config: FactsConfig | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Calibrate (unless ``num_facts``), train and evaluate the grid; write results_g.md and
     g_facts.png into ``out``; return the summary. Ctrl-C or SIGTERM raises ``GridInterrupted``."""
@@ -276,6 +362,8 @@ def run_facts(
         raise ValueError(f"--seeds {seeds} is invalid: must be >= 1")
     if num_facts is not None and num_facts < 1:
         raise ValueError(f"--facts {num_facts} is invalid: must be >= 1")
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs} is invalid: must be >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     grid_models = models(config)
@@ -290,8 +378,15 @@ def run_facts(
             if num_facts is None:
                 num_facts, calibration = calibrate(grid, grid_models)
                 progress.total = len(calibration) + seeds * len(grid_models)
-            runs = [grid.run(name, model, num_facts, seed) for seed in range(seeds)
-                    for name, model in grid_models.items()]
+            tasks = [(name, model, num_facts, seed) for seed in range(seeds) for name, model in grid_models.items()]
+            if jobs == 1:
+                runs = [grid.run(*task) for task in tasks]
+            else:
+                # The calibration's runs are already evaluated in this process: only the rest go out.
+                fresh = [i for i, (name, _, count, seed) in enumerate(tasks)
+                         if (name, count, seed) not in grid._evaluated]
+                trained = dict(zip(fresh, run_parallel(grid, [tasks[i] for i in fresh], jobs, received), strict=True))
+                runs = [trained[i] if i in trained else grid.run(*task) for i, task in enumerate(tasks)]
             summary = summarize(config, runs, num_facts, calibration, grid_models)
             summary["seconds"] = time.time() - started
             from moekit.experiments.facts.report import write_facts_report
