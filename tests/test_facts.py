@@ -349,3 +349,27 @@ def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, monkeypatch)
     for name, row in parallel["models"].items():
         assert row["value_ce"] == serial["models"][name]["value_ce"], name
         assert row["heldout_ce"] == serial["models"][name]["heldout_ce"], name
+
+
+def test_noisy_text_keeps_every_fact_once_per_pass_and_never_reuses_a_known_key():
+    from moekit.experiments.facts.probe import noisy_facts_text
+
+    facts = make_facts(30, 3, 4, 10, seed=5)
+    text = noisy_facts_text(facts, passes=10, seed=5, noise=0.5)
+    lines = text.splitlines(keepends=True)
+    assert len(lines) == 10 * (30 + 15)
+    trained = set(facts.lines())
+    known = set(facts.keys) | set(facts.heldout_keys)
+    for line in trained:
+        assert lines.count(line) == 10
+    fresh = [line for line in lines if line not in trained]
+    assert len(fresh) == 10 * 15 and not {line.split(":")[0] for line in fresh} & known
+
+
+def test_probe_prints_a_learning_curve(capsys):
+    from moekit.experiments.facts.probe import main as probe
+
+    curve = probe(["--model", "moe-e4", "--facts", "20", "--steps", "4", "--every", "2", "--scale", "2"])
+    assert [row[0] for row in curve] == [2, 4]
+    assert all(math.isfinite(value) for row in curve for value in row[1:])
+    assert capsys.readouterr().out.count("moe-e4 step") == 2

@@ -29,7 +29,7 @@ then continues: finished runs are reused, the interrupted one trains again.
 examples:
   moekit compare --out runs/compare                 experiments a-f (results.md + PNGs)
   moekit compare --experiments a --seeds 3 --steps-a 1000
-  moekit compare --experiments g --steps-g 8000     experiment (g), only when asked (docs/facts.md)
+  moekit compare --experiments g --steps-g 6000     experiment (g), only when asked (docs/facts.md)
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
 """
 
@@ -56,7 +56,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         "--steps-a", type=positive_int, default=None, help="steps per run of (a) and (f) (default 600; 30 --quick)"
     )
     parser.add_argument(
-        "--steps-g", type=positive_int, default=None, help="steps per run of (g) (default 8000; 20 --quick)"
+        "--steps-g", type=positive_int, default=None, help="steps per run of (g) (default 6000; 20 --quick)"
     )
     parser.add_argument(
         "--facts", type=positive_int, default=None, metavar="N",
