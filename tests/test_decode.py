@@ -7,6 +7,8 @@ attention, and the MoE layer's one-token routing against the router's general pa
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -115,3 +117,55 @@ def test_grouped_query_decode_attention_equals_repeated_kv_heads(n_kv_head):
 def test_kv_cache_refuses_a_bad_capacity():
     with pytest.raises(ValueError, match=r"capacity=0 is invalid"):
         KVCache(2, capacity=0)
+
+
+# ---------------------------------------------------------------------------------------
+# bf16: a patched model routes exactly as the original (the gate's rounding included)
+# ---------------------------------------------------------------------------------------
+
+# transformers runs these families' gate matmul in the activation dtype, the others in float32
+GATE_IN_ACTIVATION_DTYPE = {"mixtral": True, "qwen2_moe": True, "qwen3_moe": True, "olmoe": True, "gpt_oss": True,
+                            "qwen3_next": True, "deepseek_v3": False, "deepseek_v2": False, "glm4_moe": False}
+
+# These families' transformers blocks round the combine weights to bf16 before combining
+# (Qwen, OLMoE: ``router_top_value.to(router_logits.dtype)``; GPT-OSS also its biases and clamped
+# SwiGLU), where moekit combines with float32 weights: their gates match, their logits do not
+# bit for bit.
+BF16_EXPERTS_ROUND_DIFFERENTLY = {"gpt_oss", "olmoe", "qwen2_moe", "qwen3_moe", "qwen3_next"}
+
+
+@pytest.mark.parametrize("family", sorted(GATE_IN_ACTIVATION_DTYPE))
+def test_patched_bf16_model_gives_the_original_logits_exactly(family):
+    from moekit.interop.patch import patch_moe
+    from tests.test_patch_moe import build
+
+    original = build(family).to(torch.bfloat16)
+    model = copy.deepcopy(original)
+    patched = patch_moe(model)
+    assert all(
+        model.get_submodule(p.path).router.gate_in_activation_dtype == GATE_IN_ACTIVATION_DTYPE[family]
+        for p in patched
+    )
+    ids = torch.randint(2, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = original(ids).logits, model(ids).logits
+        for p in patched:  # the router in float32, as moekit's own layers run it, rounds differently
+            model.get_submodule(p.path).router.gate_in_activation_dtype = False
+        float32_gate = model(ids).logits
+    if family in BF16_EXPERTS_ROUND_DIFFERENTLY:
+        return
+    assert torch.equal(got, want)
+    if GATE_IN_ACTIVATION_DTYPE[family]:
+        assert not torch.equal(float32_gate, want)
+
+
+def test_router_gate_in_activation_dtype_rounds_the_logits_to_that_dtype():
+    from moekit.routing import build_router
+
+    router = build_router(MoEConfig(d_model=64, d_ff=32, num_experts=8, top_k=2)).to(torch.bfloat16)
+    x_TD = torch.randn(5, 64).to(torch.bfloat16)
+    assert torch.equal(router.compute_logits(x_TD), torch.nn.functional.linear(x_TD.float(), router.weight.float()))
+    router.gate_in_activation_dtype = True
+    logits_TE = router.compute_logits(x_TD)
+    assert logits_TE.dtype == torch.float32
+    assert torch.equal(logits_TE, torch.nn.functional.linear(x_TD, router.weight).float())
