@@ -169,3 +169,27 @@ def test_router_gate_in_activation_dtype_rounds_the_logits_to_that_dtype():
     logits_TE = router.compute_logits(x_TD)
     assert logits_TE.dtype == torch.float32
     assert torch.equal(logits_TE, torch.nn.functional.linear(x_TD, router.weight).float())
+
+
+def test_moekit_lm_from_bf16_mixtral_differs_from_transformers_only_by_the_gates_rounding():
+    # moekit's LM routes with the gate in float32; with it in bf16, as transformers' Mixtral
+    # router runs it, the prompt's logits are transformers' bit for bit (docs/bench_generate.md).
+    from moekit.interop.hf import from_hf_model
+    from moekit.routing import Router
+    from tests.test_patch_moe import build
+
+    original = build("mixtral")
+    rotary = original.model.rotary_emb
+    inv_freq = rotary.inv_freq.clone()
+    original.to(torch.bfloat16)
+    rotary.inv_freq = inv_freq  # float32, as from_pretrained(dtype=bfloat16) keeps it
+    lm = from_hf_model(original).eval()
+    ids = torch.randint(2, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = original(ids).logits
+        float32_gate, _ = lm(ids)
+        for router in (m for m in lm.modules() if isinstance(m, Router)):
+            router.gate_in_activation_dtype = True
+        bf16_gate, _ = lm(ids)
+    assert lm.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(bf16_gate, want) and not torch.equal(float32_gate, want)
