@@ -446,12 +446,14 @@ class MoETransformerLM(nn.Module):
         seq_len = self.config.seq_len
         tokens = idx_BS
         start = max(0, tokens.shape[1] - seq_len)
-        cache = KVCache(self.config.n_layer) if use_cache else None
+        # The context never exceeds seq_len (restarts below), nor the prompt plus the new tokens.
+        capacity = max(1, min(seq_len, tokens.shape[1] - start + max_new_tokens))
+        cache = KVCache(self.config.n_layer, capacity) if use_cache else None
         step_input = tokens[:, start:]
         for _ in range(max_new_tokens):
             if tokens.shape[1] - start > seq_len:
                 start = tokens.shape[1] - seq_len // 2
-                cache = KVCache(self.config.n_layer) if use_cache else None
+                cache = KVCache(self.config.n_layer, capacity) if use_cache else None
                 step_input = tokens[:, start:]
             if cache is None:
                 logits_BSV, _ = self(tokens[:, start:], logits_to_keep=1)
