@@ -459,7 +459,8 @@ def generate_from_folder(
         raise ValueError(f"prompt={prompt!r} encodes to no tokens")
 
     def step(input_ids_BS: Tensor, cache: Any) -> tuple[Tensor, Any]:
-        out = model(input_ids=input_ids_BS, past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: the output head at the last position only, as transformers' generate
+        out = model(input_ids=input_ids_BS, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     result = timed_generate(
