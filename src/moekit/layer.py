@@ -168,6 +168,9 @@ class MoE(nn.Module):
                 y_TD = y_TD + self.shared_experts(x_TD)
             tokens_per_expert_E = torch.bincount(assignments.expert_idx_N, minlength=config.num_experts)
             self._record(routing, num_routed, tokens_per_expert_E, assignments.token_idx_N, num_tokens, None)
+            # No gradient to make contiguous under no_grad/inference_mode: skip the Function call.
+            if not torch.is_grad_enabled():
+                return y_TD.reshape(x.shape)
             return _ContiguousGrad.apply(y_TD.reshape(x.shape))
         capacity = routing.capacity
         if routing.capacity is None and (capacity_factor is not None or config.expert_capacity is not None):

@@ -128,7 +128,15 @@ class Router(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    # True: the gate's matmul runs in the activation dtype and its logits are then made float32,
+    # as the routers of transformers' Mixtral, Qwen-MoE, OLMoE and GPT-OSS do; set by
+    # ``moekit.interop.patch_moe`` so a patched bf16 model routes exactly as the original.
+    gate_in_activation_dtype = False
+
     def compute_logits(self, x_TD: Tensor) -> Tensor:
+        if self.gate_in_activation_dtype:
+            bias_E = self.bias.to(x_TD.dtype) if self.bias is not None else None
+            return F.linear(x_TD, self.weight.to(x_TD.dtype), bias_E).float()
         # NOTE: the gate runs in float32 even for bf16 activations (selective precision).
         bias_E = self.bias.float() if self.bias is not None else None
         return F.linear(x_TD.float(), self.weight.float(), bias_E)

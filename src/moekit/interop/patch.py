@@ -287,20 +287,23 @@ class Family:
     name: str  # config.model_type of the models that hold this block
     block: str  # the transformers class name of the MoE block
     convert: Callable[[nn.Module, Any], MoE]
+    # The family's router runs its gate matmul in the activation dtype (bf16 logits, then
+    # float32 softmax); moekit's routers run it in float32 unless told (Router.gate_in_activation_dtype).
+    gate_in_activation_dtype: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     family.block: family
     for family in (
-        Family("mixtral", "MixtralSparseMoeBlock", _via_from_hf_block()),
-        Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _via_from_hf_block()),
-        Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _via_from_hf_block()),
-        Family("qwen3_next", "Qwen3NextSparseMoeBlock", _convert_qwen3_next),
-        Family("olmoe", "OlmoeSparseMoeBlock", _via_from_hf_block()),
+        Family("mixtral", "MixtralSparseMoeBlock", _via_from_hf_block(), gate_in_activation_dtype=True),
+        Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _via_from_hf_block(), gate_in_activation_dtype=True),
+        Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _via_from_hf_block(), gate_in_activation_dtype=True),
+        Family("qwen3_next", "Qwen3NextSparseMoeBlock", _convert_qwen3_next, gate_in_activation_dtype=True),
+        Family("olmoe", "OlmoeSparseMoeBlock", _via_from_hf_block(), gate_in_activation_dtype=True),
         Family("deepseek_v2", "DeepseekV2Moe", _convert_deepseek_v2),
         Family("deepseek_v3", "DeepseekV3MoE", _via_from_hf_block()),
         Family("glm4_moe", "Glm4MoeMoE", _convert_glm4_moe),
-        Family("gpt_oss", "GptOssMLP", _convert_gpt_oss),
+        Family("gpt_oss", "GptOssMLP", _convert_gpt_oss, gate_in_activation_dtype=True),
         Family("switch_transformers", "SwitchTransformersSparseMLP", _convert_switch),
     )
 }
@@ -379,6 +382,9 @@ def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
         warnings.warn(f"patch_moe left a block unconverted: {problem}", stacklevel=2)
     patched = []
     for path, family, moe in replacements:
+        # Route as the replaced block did, rounding included: at bf16 the gate's logits in
+        # bf16 (Mixtral, Qwen, OLMoE, GPT-OSS) or float32 (DeepSeek, GLM, Switch).
+        moe.router.gate_in_activation_dtype = family.gate_in_activation_dtype
         _replace(model, path, moe)
         patched.append(PatchedBlock(path, family.name, family.block, moe.config))
     return patched
@@ -453,7 +459,8 @@ def generate_from_folder(
         raise ValueError(f"prompt={prompt!r} encodes to no tokens")
 
     def step(input_ids_BS: Tensor, cache: Any) -> tuple[Tensor, Any]:
-        out = model(input_ids=input_ids_BS, past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: the output head at the last position only, as transformers' generate
+        out = model(input_ids=input_ids_BS, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     result = timed_generate(

@@ -183,6 +183,29 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device: torch.devic
     return angles_SK.cos(), angles_SK.sin()
 
 
+class RotaryTables:
+    """``rotary_tables`` for any range of positions, computed once and grown by doubling.
+
+    NOTE: an entry depends only on its own position (arange(n)[p] is p for every n), so a
+    slice of a longer table equals the table computed for that range: rows past ``seq_len``
+    are computed when asked for, the same way as rows before it.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self._cos_SK: Tensor | None = None
+        self._sin_SK: Tensor | None = None
+
+    def __call__(self, start: int, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions start..end-1: [end - start, K/2] each (float32)."""
+        cos_SK = self._cos_SK
+        if cos_SK is None or cos_SK.shape[0] < end or cos_SK.device != device:
+            length = max(end, 2 * (cos_SK.shape[0] if cos_SK is not None else 0), 256)
+            self._cos_SK, self._sin_SK = rotary_tables(length, self.head_dim, self.theta, device)
+        assert self._cos_SK is not None and self._sin_SK is not None
+        return self._cos_SK[start:end], self._sin_SK[start:end]
+
+
 def apply_rotary(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
     """Rotate pairs (first half, second half) of each head's features by the position angle.
 
@@ -196,11 +219,26 @@ def apply_rotary(x_BHSK: Tensor, cos_SK: Tensor, sin_SK: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer: [B, H, S, K] each."""
+    """Keys and values of the positions seen so far, per layer: [B, H, S, K] each.
 
-    def __init__(self, n_layer: int) -> None:
-        self.keys: list[Tensor | None] = [None] * n_layer
-        self.values: list[Tensor | None] = [None] * n_layer
+    Each layer's keys and values live in a preallocated buffer [B, H, capacity, K]; a forward
+    writes its positions in place and attends over a view of the first ``length`` positions.
+    When a forward needs more positions than the buffer holds, the buffer is replaced by one
+    of twice the size (one copy, so a long generation copies each position O(1) times on
+    average, against a ``torch.cat`` of the whole cache per token). ``capacity`` is the first
+    allocation (at least the first forward's length; None: ``MIN_CAPACITY``); give the prompt
+    plus the new tokens to never grow. There is no upper limit other than memory.
+    """
+
+    MIN_CAPACITY = 256
+
+    def __init__(self, n_layer: int, capacity: int | None = None) -> None:
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"KVCache capacity={capacity!r} is invalid: must be None or an integer >= 1")
+        self.capacity = capacity
+        self._keys: list[Tensor | None] = [None] * n_layer
+        self._values: list[Tensor | None] = [None] * n_layer
+        self._lengths = [0] * n_layer
 
     @property
     def length(self) -> int:
@@ -208,16 +246,37 @@ class KVCache:
         return self.length_of(0)
 
     def length_of(self, layer_idx: int) -> int:
-        keys = self.keys[layer_idx]
-        return 0 if keys is None else keys.shape[2]
+        return self._lengths[layer_idx]
+
+    @property
+    def keys(self) -> list[Tensor | None]:
+        """Each layer's cached keys [B, H, length, K] (views of the buffers), None before its first forward."""
+        return [None if k is None else k[:, :, :n] for k, n in zip(self._keys, self._lengths, strict=True)]
+
+    @property
+    def values(self) -> list[Tensor | None]:
+        return [None if v is None else v[:, :, :n] for v, n in zip(self._values, self._lengths, strict=True)]
 
     def append(self, layer_idx: int, k_BHSK: Tensor, v_BHSK: Tensor) -> tuple[Tensor, Tensor]:
-        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        if old_k is not None and old_v is not None:
-            k_BHSK = torch.cat([old_k, k_BHSK], dim=2)
-            v_BHSK = torch.cat([old_v, v_BHSK], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k_BHSK, v_BHSK
-        return k_BHSK, v_BHSK
+        """Write the new positions after the cached ones; the keys and values of every
+        position so far: [B, H, length + S, K] views of the layer's buffers."""
+        past, seq = self._lengths[layer_idx], k_BHSK.shape[2]
+        end = past + seq
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if keys is None or values is None or keys.shape[2] < end:
+            capacity = max(end, self.MIN_CAPACITY if self.capacity is None else self.capacity)
+            if keys is not None:
+                capacity = max(capacity, 2 * keys.shape[2])
+            new_keys = k_BHSK.new_empty(*k_BHSK.shape[:2], capacity, k_BHSK.shape[3])
+            new_values = v_BHSK.new_empty(*v_BHSK.shape[:2], capacity, v_BHSK.shape[3])
+            if keys is not None and values is not None and past:
+                new_keys[:, :, :past] = keys[:, :, :past]
+                new_values[:, :, :past] = values[:, :, :past]
+            self._keys[layer_idx], self._values[layer_idx] = keys, values = new_keys, new_values
+        keys[:, :, past:end] = k_BHSK
+        values[:, :, past:end] = v_BHSK
+        self._lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -245,13 +304,21 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length_of(self.layer_idx)
             k_BHSK, v_BHSK = cache.append(self.layer_idx, k_BHSK, v_BHSK)
-        if self.n_kv_head != self.n_head:
+        dropout = self.dropout if self.training else 0.0
+        n_rep = self.n_head // self.n_kv_head
+        if past > 0 and seq == 1 and dropout == 0.0:
+            # Decode: one query per head sees every cached key, so no mask is needed, and with
+            # grouped-query attention the n_rep query heads of kv head j are attended as n_rep
+            # queries of that one head ([B, G, n_rep, K]): the cache is read as it is, never
+            # repeated per query head.
+            q_BGRK = q_BHSK.reshape(batch, self.n_kv_head, n_rep, self.head_dim)
+            y = F.scaled_dot_product_attention(q_BGRK, k_BHSK, v_BHSK).reshape(batch, self.n_head, 1, self.head_dim)
+            return self.proj(y.transpose(1, 2).reshape(batch, seq, d_model))
+        if n_rep > 1:
             # Grouped-query attention (Ainslie et al. 2023): kv head j serves query heads
             # j·n_rep ... (j+1)·n_rep - 1, as transformers' repeat_kv does.
-            n_rep = self.n_head // self.n_kv_head
             k_BHSK = k_BHSK.repeat_interleave(n_rep, dim=1)
             v_BHSK = v_BHSK.repeat_interleave(n_rep, dim=1)
-        dropout = self.dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSK, dropout_p=dropout, is_causal=True)
         else:
@@ -303,6 +370,7 @@ class MoETransformerLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.rotary = RotaryTables(config.d_model // config.n_head, config.rope_theta)
         self._init_weights(init_seed)
 
     def _init_weights(self, init_seed: int) -> None:
@@ -341,18 +409,33 @@ class MoETransformerLM(nn.Module):
                     normal_(ffn.shared_experts.ffn.w_out, residual_std, ffn_stream)
 
     def forward(
-        self, idx_BS: Tensor, targets_BS: Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx_BS: Tensor,
+        targets_BS: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, S, V] and the loss when ``targets_BS`` is given.
+
+        ``cache`` continues from the positions it holds (any number, also past ``seq_len``).
+        ``logits_to_keep=n`` computes the output head at the last n positions only ([B, n, V];
+        0 = all), as transformers' argument of that name: generation needs the last one, and
+        the head is the largest matmul of a prefill.
+        """
         if idx_BS.dim() != 2:
             raise ValueError(f"token ids must be [batch, seq], got shape {tuple(idx_BS.shape)}")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} is invalid: must be an integer >= 0 (0 = all)")
+        if targets_BS is not None and logits_to_keep:
+            raise ValueError("logits_to_keep applies without targets: the loss needs every position's logits")
         seq = idx_BS.shape[1]
         past = cache.length if cache is not None else 0
-        head_dim = self.config.d_model // self.config.n_head
-        cos_SK, sin_SK = rotary_tables(past + seq, head_dim, self.config.rope_theta, idx_BS.device)
-        cos_SK, sin_SK = cos_SK[past:], sin_SK[past:]
+        cos_SK, sin_SK = self.rotary(past, past + seq, idx_BS.device)
         x_BSD = self.embed(idx_BS)
         for block in self.blocks:
             x_BSD = block(x_BSD, cos_SK, sin_SK, cache)
+        if logits_to_keep:
+            x_BSD = x_BSD[:, -logits_to_keep:]
         logits_BSV = self.lm_head(self.norm(x_BSD))
         loss = None
         if targets_BS is not None:
@@ -382,17 +465,19 @@ class MoETransformerLM(nn.Module):
         seq_len = self.config.seq_len
         tokens = idx_BS
         start = max(0, tokens.shape[1] - seq_len)
-        cache = KVCache(self.config.n_layer) if use_cache else None
+        # The context never exceeds seq_len (restarts below), nor the prompt plus the new tokens.
+        capacity = max(1, min(seq_len, tokens.shape[1] - start + max_new_tokens))
+        cache = KVCache(self.config.n_layer, capacity) if use_cache else None
         step_input = tokens[:, start:]
         for _ in range(max_new_tokens):
             if tokens.shape[1] - start > seq_len:
                 start = tokens.shape[1] - seq_len // 2
-                cache = KVCache(self.config.n_layer) if use_cache else None
+                cache = KVCache(self.config.n_layer, capacity) if use_cache else None
                 step_input = tokens[:, start:]
             if cache is None:
-                logits_BSV, _ = self(tokens[:, start:])
+                logits_BSV, _ = self(tokens[:, start:], logits_to_keep=1)
             else:
-                logits_BSV, _ = self(step_input, cache=cache)
+                logits_BSV, _ = self(step_input, cache=cache, logits_to_keep=1)
             logits_BV = logits_BSV[:, -1, :].float()
             if temperature == 0:
                 next_B1 = logits_BV.argmax(dim=-1, keepdim=True)

@@ -13,8 +13,8 @@ Implementations, all in this process and with the same weights:
   implementations; the step asks for the last position's logits only, as ``generate`` does);
 - ``patch_moe``: a deep copy of that model with every MoE block replaced by ``moekit.MoE``;
 - ``moekit_lm``: moekit's own ``MoETransformerLM`` where the family converts
-  (``interop.hf.from_hf_model``: Mixtral). NOTE: its forward computes the logits of every
-  prompt position (it has no ``logits_to_keep``), so its prefill pays the output head S times.
+  (``interop.hf.from_hf_model``: Mixtral), with its preallocated ``KVCache`` and the last
+  position's logits only (``logits_to_keep=1``), as the transformers step.
 
 Rounds: every round runs each implementation once, the order rotated from round to round so
 that drift within a round favours none; before the rounds each one runs a warm-up (the full
@@ -397,7 +397,8 @@ def transformers_step(model: nn.Module) -> Step:
 def moekit_lm_step(lm: nn.Module) -> Step:
     def step(input_ids_BS: Tensor, cache: KVCache | None) -> tuple[Tensor, Any]:
         cache = KVCache(lm.config.n_layer) if cache is None else cache
-        logits_BSV, _ = lm(input_ids_BS, cache=cache)
+        # logits_to_keep=1: the last position's logits only, as the transformers step
+        logits_BSV, _ = lm(input_ids_BS, cache=cache, logits_to_keep=1)
         return logits_BSV[:, -1], cache
 
     return step
@@ -517,8 +518,6 @@ class GenerateBenchReport:
             for impl, why in f.skipped.items():
                 skipped.setdefault((impl, why), []).append(f.family.name)
         notes += [f"{impl} not measured for {', '.join(names)}: {why}" for (impl, why), names in skipped.items()]
-        if any(MOEKIT_LM not in f.skipped for f in self.families):
-            notes.append("moekit_lm's prefill computes the logits of every prompt position (transformers: the last)")
         if self.cache_bytes is not None and self.bandwidth_buffer_bytes < 4 * self.cache_bytes:
             notes.append(
                 f"the bandwidth probe's buffer ({self.bandwidth_buffer_bytes / 2**20:.0f} MiB) is under 4x the "
