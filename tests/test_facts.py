@@ -302,7 +302,9 @@ def test_compare_g_quick_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(compare_run, "train", counting_train)
     out = tmp_path / "cmp"
-    args = ["compare", "--experiments", "g", "--quick", "--seeds", "1", "--out", str(out), "--json"]
+    # --jobs 1: every run trains in this process, where the counting patch is (the parallel
+    # path has its own test).
+    args = ["compare", "--experiments", "g", "--quick", "--seeds", "1", "--out", str(out), "--json", "--jobs", "1"]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "interrupted by SIGINT during run dense-s0" in err and "no results_g.md was written" in err

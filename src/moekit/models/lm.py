@@ -363,7 +363,7 @@ class MoETransformerLM(nn.Module):
         # MoE model built after the same torch.manual_seed share their non-expert weights
         # exactly (paired comparisons), although their modules consume different amounts of
         # the global stream while they are constructed.
-        init_seed = int(torch.randint(0, 2**62, (1,)).item())
+        init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # on CPU also under a meta device
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
