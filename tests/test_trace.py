@@ -126,9 +126,9 @@ def test_simulate_trace_sums_layers_and_converts_bytes_to_experts():
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_lm() -> MoETransformerLM:
+def tiny_lm(vocab_size: int = 64) -> MoETransformerLM:
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32,
+    config = LMConfig(vocab_size=vocab_size, seq_len=16, n_layer=2, n_head=2, d_model=32,
                       moe=MoEConfig(d_model=32, d_ff=16, num_experts=6, top_k=2))
     return MoETransformerLM(config).eval()
 
@@ -223,3 +223,85 @@ def test_patched_transformers_model_records_through_its_moe_layers():
     trace = record_trace(model, ids_T, 10, source="random init", trained=False, model_name="tiny Mixtral", text="t")
     assert len(trace.layers) == 2 and all(layer.experts_TK.shape == (10, 2) for layer in trace.layers)
     assert trace.metadata["num_experts"] == [4, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# moekit trace / moekit trace simulate
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_run(path):
+    import dataclasses
+
+    from moekit.training.checkpoint import save_checkpoint, write_json_atomic
+    from moekit.training.config import TrainConfig
+
+    model = tiny_lm(vocab_size=256)  # byte tokens
+    path.mkdir(parents=True)
+    payload = {"model": model.config.to_dict(), "train": dataclasses.asdict(TrainConfig())}
+    payload["tokenizer"] = {"kind": "bytes"}
+    write_json_atomic(path / "config.json", payload)
+    save_checkpoint(path, model, {"step": 0})
+    return path
+
+
+def test_trace_cli_records_and_simulates_with_one_json_document_each(tmp_path, capsys):
+    import json
+
+    from moekit.cli.main import main
+
+    run = tiny_run(tmp_path / "run")
+    data = tmp_path / "held_out.txt"
+    data.write_text("To be, or not to be, that is the question. " * 4)
+    out = tmp_path / "t.npz"
+    assert main(["trace", str(run), "--data", str(data), "--out", str(out), "--max-tokens", "100", "--json"]) == 0
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert document["trace"] == str(out) and out.exists()
+    meta = document["metadata"]
+    assert meta["num_tokens"] == 100 and meta["trained"] is False
+    assert str(run) in meta["source"] and "step 0" in meta["source"] and "held_out.txt" in meta["text"]
+
+    # one expert: (32·32 + 16·32)·4 = 6144 bytes, so 12 KiB per layer holds 2
+    assert main(["trace", "simulate", str(out), "--capacity", "2,6", "--capacity-bytes", "12KiB", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["results"]
+    assert "untrained model" in captured.err
+    assert [(r["capacity"], r["policy"]) for r in rows] == [(c, p) for c in (2, 6, 2) for p in POLICIES]
+    assert rows[6:] == [{**row, "capacity_given": "12KiB"} for row in rows[:3]]
+    by_capacity = {r["capacity"]: r for r in rows if r["policy"] == "lru"}
+    assert by_capacity[6]["hit_rate"] == pytest.approx(1 - by_capacity[6]["cold_misses"] / by_capacity[6]["requests"])
+    assert all(r["gap_to_belady"] >= 0 for r in rows)
+
+    assert main(["trace", "simulate", str(out), "--capacity", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "belady" in table and "gap to belady" in table
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "{out}", "--capacity", "1"], "--capacity 1 is invalid: 1 experts per layer is below top_k=2"),
+        (["simulate", "{out}", "--capacity", "x"], "--capacity x is invalid: must be an integer >= 1"),
+        (["simulate", "{out}", "--capacity-bytes", "4parsecs"], "--capacity-bytes 4parsecs is invalid"),
+        (["simulate", "{out}"], "give --capacity"),
+        (["simulate", "{out}", "--capacity", "2", "--policies", "fifo"], "--policies fifo is invalid"),
+        (["simulate", "{tmp}/none.npz", "--capacity", "2"], "TRACE {tmp}/none.npz: no such file"),
+        (["simulate"], "TRACE is missing"),
+        (["{run}", "--out", "{out}"], "--out {out}: exists"),
+        (["{run}"], "--out TRACE.npz is required"),
+        (["{run}", "--out", "{tmp}/t.json"], "must end in .npz"),
+        (["{tmp}/norun", "--out", "{tmp}/n.npz"], "RUN {tmp}/norun: no such directory"),
+        (["{run}", "--out", "{tmp}/n.npz", "--capacity", "2"], "--capacity belongs to moekit trace simulate"),
+    ],
+)
+def test_trace_cli_refuses_bad_input_by_name(tmp_path, capsys, argv, message):
+    from moekit.cli.main import main
+
+    run = tiny_run(tmp_path / "run")
+    out = tmp_path / "t.npz"
+    record_trace(tiny_lm(), torch.arange(8), 8, source="random init", trained=False, model_name="m", text="t").save(out)
+    fill = {"out": str(out), "run": str(run), "tmp": str(tmp_path)}
+    assert main(["trace", *[a.format(**fill) for a in argv]]) == 2
+    captured = capsys.readouterr()
+    assert message.format(**fill) in captured.err and "Traceback" not in captured.err
