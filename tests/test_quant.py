@@ -368,3 +368,30 @@ def test_quality_report_compares_against_the_unquantized_model():
         assert report.perplexity_change == pytest.approx(report.perplexity / report.reference_perplexity - 1)
     assert reports[0].top1_agreement >= 0.95 and abs(reports[0].perplexity_change) < 0.01
     assert isinstance(model.blocks[0].ffn.experts, quant.GroupedExperts)  # the model itself is unchanged
+
+
+def test_quality_of_a_run_on_held_out_text_as_one_json_document(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from moekit.experiments.quant import main
+    from moekit.training.checkpoint import save_checkpoint, write_json_atomic
+    from moekit.training.config import TrainConfig
+
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=256, seq_len=32, n_layer=1, n_head=2, d_model=128,
+                      moe=MoEConfig(d_model=128, d_ff=128, num_experts=4, top_k=2))
+    run = tmp_path / "run"
+    run.mkdir()
+    payload = {"model": config.to_dict(), "train": dataclasses.asdict(TrainConfig()), "tokenizer": {"kind": "bytes"}}
+    write_json_atomic(run / "config.json", payload)
+    save_checkpoint(run, MoETransformerLM(config), {"step": 7})
+    data = tmp_path / "held_out.txt"
+    data.write_text("Now is the winter of our discontent made glorious summer. " * 3)
+    assert main([str(run), "--data", str(data), "--max-tokens", "64"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["tokens"] == 64 and document["trained"] is True and "step 7" in document["source"]
+    assert [r["scheme"] for r in document["results"]] == ["int8", "int4"]
+    assert all(0 <= r["top1_agreement"] <= 1 for r in document["results"])
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
