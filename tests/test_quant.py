@@ -393,5 +393,10 @@ def test_quality_of_a_run_on_held_out_text_as_one_json_document(tmp_path, capsys
     assert document["tokens"] == 64 and document["trained"] is True and "step 7" in document["source"]
     assert [r["scheme"] for r in document["results"]] == ["int8", "int4"]
     assert all(0 <= r["top1_agreement"] <= 1 for r in document["results"])
+    assert main([str(run), "--data", str(data), "--max-tokens", "32", "--dtype", "bfloat16"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["dtype"] == "bfloat16" and document["tokens"] == 32
+    assert main([str(run), "--dtype", "float16"]) == 2
+    assert "--dtype float16 is invalid" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing")]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -10,7 +10,7 @@ last 10% of tokens, which training never sees); with ``data``, that whole file.
 
 Script use (one JSON document on stdout):
 
-    python -m moekit.experiments.quant runs/my [--data FILE] [--max-tokens 16384]
+    python -m moekit.experiments.quant runs/my [--data FILE] [--max-tokens 16384] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -100,11 +100,17 @@ def run_quality(
     data: str | Path | None = None,
     max_tokens: int = 16384,
     schemes: tuple[str, ...] = ("int8", "int4"),
+    dtype: str = "float32",
 ) -> dict:
-    """The quality of int8 / int4 experts on a run's model, as one JSON-able document."""
+    """The quality of int8 / int4 experts on a run's model, as one JSON-able document. With
+    ``dtype="bfloat16"`` the reference is the model cast to bf16, and the quantized experts
+    run their kernels with bf16 activations."""
     from moekit.inference.quant import kernel_status, quantization_quality
 
+    if dtype not in ("float32", "bfloat16"):
+        raise RunInputError(f"--dtype {dtype} is invalid: use float32 or bfloat16")
     run = load_run(run_dir)
+    run.model.to(getattr(torch, dtype))
     tokens_T, text = held_out_tokens(run, data)
     batches = windows(tokens_T, run.model.config.seq_len, max_tokens)
     reports = quantization_quality(run.model, batches, schemes)
@@ -114,6 +120,7 @@ def run_quality(
         "trained": run.trained,
         "text": text,
         "tokens": reports[0].tokens if reports else 0,
+        "dtype": dtype,
         "kernels": kernel_status(),
         "threads": torch.get_num_threads(),
         "results": [report.to_dict() for report in reports],
@@ -149,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=None, metavar="FILE", help="held-out text (default: the run's validation split)"
     )
     parser.add_argument("--max-tokens", type=int, default=16384, metavar="N", help="tokens compared (default 16384)")
+    parser.add_argument("--dtype", default="float32", metavar="DTYPE", help="float32 (default) or bfloat16")
     args = parser.parse_args(argv)
     if args.max_tokens < 1:
         print(f"error: --max-tokens {args.max_tokens} is invalid: must be >= 1", file=sys.stderr)
         return 2
     try:
-        result = run_quality(args.run, args.data, args.max_tokens)
+        result = run_quality(args.run, args.data, args.max_tokens, dtype=args.dtype)
     except RunInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
