@@ -36,7 +36,7 @@ examples:
   moekit trace simulate runs/q/trace.npz --capacity 2,4,8,12
   moekit trace simulate runs/q/trace.npz --capacity-bytes 1MiB --json
 
-A trace from an untrained model (random router weights) has no locality; simulate says so.
+A trace from an untrained model (random router weights) does not route as a trained one; simulate says so.
 """
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -163,7 +163,7 @@ def _simulate(args: argparse.Namespace) -> int:
         if not trace.trained:
             print(
                 f"warning: {args.trace} comes from an untrained model ({meta.get('source')}): a random "
-                "router has no locality, so these hit rates say nothing about a trained model's",
+                "router's choices are not a trained one's, so these hit rates say nothing about a trained model's",
                 file=sys.stderr,
             )
         rows = []

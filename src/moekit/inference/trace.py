@@ -13,8 +13,10 @@ Tokens are recorded in the order a forward flattens them (batch-major), so recor
 ``eval_capacity_factor`` (dropless, the inference default) they are exactly the experts run.
 
 Where the weights came from is part of the trace (``source``, ``trained``): a router with
-random weights sends consecutive tokens to unrelated experts, so a trace from an untrained
-model says nothing about the locality an expert cache can exploit.
+random weights routes by accident, not by what the tokens are (on moekit's init it piles most
+tokens onto a few experts, which makes caching look easier than on the trained model: see
+docs/offload.md), so a trace from an untrained model says nothing about the locality an expert
+cache meets in use.
 
 File format (``np.savez_compressed``; read with ``allow_pickle=False``):
     metadata            0-d str: JSON (format, version, model, source, trained, text,
@@ -178,7 +180,7 @@ class RoutingRecorder:
     ) -> RoutingTrace:
         """The recorded routing as a trace. ``source`` says where the weights came from (a run
         directory and step, a transformers folder, "random init"), ``trained`` whether they were
-        trained (a random router has no locality), ``model`` what the model is, ``text`` what
+        trained (a random router's choices are not a trained one's), ``model`` what the model is, ``text`` what
         ran through it; ``tokens`` the ids in the recorded order, when known."""
         if not source or not model or not text:
             raise TraceError("a trace needs a non-empty source, model and text: they say what the trace is")
