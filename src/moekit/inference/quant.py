@@ -252,7 +252,7 @@ class QuantizedLinear:
 
 
 def quantize_linear(weight_NK: Tensor, scheme: str, group_size: int = 128) -> QuantizedLinear:
-    """Quantize a linear layer's weight [N, out rows, K in] (see the module docstring)."""
+    """Quantize a linear layer's weight [N outputs, K inputs] (see the module docstring)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} is invalid: use {' or '.join(SCHEMES)}")
     if weight_NK.dim() != 2 or not weight_NK.is_floating_point():
