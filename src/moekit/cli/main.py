@@ -24,6 +24,7 @@ from moekit.cli.compare import add_compare
 from moekit.cli.inspect import add_inspect
 from moekit.cli.interop import add_interop
 from moekit.cli.multitask import add_multitask
+from moekit.cli.trace import add_trace
 from moekit.cli.train import add_sample, add_train
 
 EPILOG_MAIN = """\
@@ -39,6 +40,7 @@ examples: (one per command)
   moekit finetune --from runs/my --data new.txt --out runs/ft --freeze experts
   moekit upcycle runs/dense --out runs/up --experts 8 --top-k 2
   moekit multitask synthetic --out runs/mt        MMoE vs one-gate MoE vs shared-bottom
+  moekit trace runs/my --out t.npz                which experts each token used; then: trace simulate t.npz --capacity 4
 
 Every command takes --json (one JSON document on stdout) and --help (its flags and examples).
 """
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_interop(subparsers)
     add_multitask(subparsers)
     add_inspect(subparsers)
+    add_trace(subparsers)
     return parser
 
 
