@@ -32,9 +32,9 @@ cp1252 and counted (``PreparedGcide.non_utf8_bytes``).
 
 The prepared text keeps dictionary order (``00``, ``1`` ... ``Zythum``), so the trainer's
 last-10% validation split is the end of the alphabet: held-out entries whose headwords the
-model never trained on. It is cached as ``<cache>/gcide-prose-v1.txt`` with its SHA-256 in
-``gcide-prose-v1.txt.sha256``; a cached file whose hash does not match is prepared again from
-the .deb.
+model never trained on. It is cached as ``<cache>/gcide-prose-v1.txt`` with its SHA-256 (and
+the .deb's) in ``gcide-prose-v1.txt.sha256``; a cached file whose hash does not match is
+prepared again from the .deb.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def _by_hand(cache: Path) -> str:
     )
 
 
-def verify_deb(path: Path, expected_sha256: str = GCIDE_DEB_SHA256) -> None:
-    """Raise ValueError unless ``path`` is a file with the expected SHA-256."""
+def verify_deb(path: Path, expected_sha256: str | None = None) -> None:
+    """Raise ValueError unless ``path`` is a file with the expected SHA-256 (default: GCIDE_DEB_SHA256)."""
+    expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
     if not path.is_file():
         raise ValueError(f"--gcide-deb {path}: no such file")
     actual = sha256_of(path)
@@ -105,7 +106,7 @@ def verify_deb(path: Path, expected_sha256: str = GCIDE_DEB_SHA256) -> None:
         )
 
 
-def fetch_gcide_deb(cache: Path, deb: Path | None = None, expected_sha256: str = GCIDE_DEB_SHA256) -> Path:
+def fetch_gcide_deb(cache: Path, deb: Path | None = None, expected_sha256: str | None = None) -> Path:
     """The checked .deb: ``deb`` (else ``$MOEKIT_GCIDE_DEB``) when given, else the one in
     ``cache``, else downloaded into ``cache`` with ``apt-get download``. Raises
     ``GcideUnavailable`` when the download fails and ValueError when a checksum differs."""
@@ -177,7 +178,8 @@ def read_deb_member(deb: Path, member: str) -> bytes:
 
 
 def decode_dictd_number(text: str) -> int:
-    """dictd's index numbers: base 64, most significant digit first (``"BQ+"`` = 1086)."""
+    """dictd's index numbers: base 64 (A-Z a-z 0-9 + /), most significant digit first
+    (``"5I"`` = 57·64 + 8 = 3656)."""
     value = 0
     for char in text:
         digit = _DICTD_B64.find(char)
@@ -342,19 +344,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def prepare_gcide(
-    cache_dir: Path | None = None, deb: Path | None = None, expected_sha256: str = GCIDE_DEB_SHA256
+    cache_dir: Path | None = None, deb: Path | None = None, expected_sha256: str | None = None
 ) -> PreparedGcide:
     """The prepared prose in ``cache_dir`` (default ~/.cache/moekit/gcide), made on first use.
 
-    A cached text is reused when its SHA-256 matches the one stored beside it and no ``deb`` is
-    given; otherwise the .deb (``fetch_gcide_deb``) is checked, read and stripped."""
+    A .deb given (``deb`` or ``$MOEKIT_GCIDE_DEB``) is always checked. The cached text is reused
+    when its SHA-256 matches the one stored beside it and it was prepared from a .deb of the
+    expected SHA-256; otherwise the .deb (``fetch_gcide_deb``) is read and stripped."""
+    expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    given = deb if deb is not None else (Path(os.environ[GCIDE_DEB_ENV]) if os.environ.get(GCIDE_DEB_ENV) else None)
+    if given is not None:
+        verify_deb(given, expected_sha256)
     path, digest_path = cache / PREPARED_NAME, cache / (PREPARED_NAME + ".sha256")
-    if deb is None and path.exists() and digest_path.exists():
-        stored = digest_path.read_text().split()[0]
-        if sha256_of(path) == stored:
-            return PreparedGcide(path, stored, path.stat().st_size, None)
-    source = fetch_gcide_deb(cache, deb, expected_sha256)
+    if path.exists() and digest_path.exists():
+        # "<text sha256>  gcide-prose-v1.txt" then "<.deb sha256>  <.deb name>"
+        stored = [line.split()[0] for line in digest_path.read_text().splitlines() if line.strip()]
+        if len(stored) == 2 and stored[1] == expected_sha256 and sha256_of(path) == stored[0]:
+            return PreparedGcide(path, stored[0], path.stat().st_size, None)
+    source = fetch_gcide_deb(cache, given, expected_sha256)
     dict_bytes = gzip.decompress(read_deb_member(source, DICT_MEMBER))  # dictzip is gzip
     index_text = read_deb_member(source, INDEX_MEMBER).decode("utf-8")
     entries, fallback = read_dictd(dict_bytes, index_text)
@@ -362,5 +370,5 @@ def prepare_gcide(
     digest = hashlib.sha256(data).hexdigest()
     cache.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, data)
-    _write_atomic(digest_path, f"{digest}  {PREPARED_NAME}\n".encode())
+    _write_atomic(digest_path, f"{digest}  {PREPARED_NAME}\n{expected_sha256}  {source.name}\n".encode())
     return PreparedGcide(path, digest, len(data), source, len(entries), fallback)
