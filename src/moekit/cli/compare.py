@@ -72,7 +72,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         % (os.cpu_count() or 1),
     )
     parser.add_argument(
-        "--steps-h", type=positive_int, default=None, help="steps per run of (h) (default 1200; 20 --quick)"
+        "--steps-h", type=positive_int, default=None, help="steps per run of (h) (default 1000; 20 --quick)"
     )
     parser.add_argument(
         "--data-dir", default=None, metavar="DIR",

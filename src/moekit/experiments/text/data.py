@@ -30,7 +30,7 @@ each into plain lines (``clean_entry``; each rule has a test in tests/test_text_
 Three bytes of the 0.48.5+nmu2 database are not UTF-8 (cp1252 quotes); they are decoded as
 cp1252 and counted (``PreparedGcide.non_utf8_bytes``).
 
-The prepared text keeps dictionary order (``00``, ``1`` ... ``Zythum``), so the trainer's
+The prepared text keeps dictionary order (``0``, ``1`` ... ``Zythepsary``), so the trainer's
 last-10% validation split is the end of the alphabet: held-out entries whose headwords the
 model never trained on. It is cached as ``<cache>/gcide-prose-v1.txt`` with its SHA-256 (and
 the .deb's) in ``gcide-prose-v1.txt.sha256``; a cached file whose hash does not match is

@@ -64,8 +64,8 @@ class TextConfig:
     """Everything experiment (h) trains and measures; the fields enter every run's spec."""
 
     # Model. NOTE: small (d_model 64, 2 layers): dense-wide runs an FFN of width E·d_ff = 2,048
-    # for every token, ~5.8x the dense model's step time (measured); the whole grid must fit
-    # about 30 minutes on 2 cores (the arithmetic is in docs/text.md).
+    # for every token, ~4.4x the dense model's step time (measured under load, one thread), and
+    # the whole grid must fit about 30 minutes on 2 cores (the arithmetic is in docs/text.md).
     d_model: int = 64
     n_layer: int = 2
     n_head: int = 4
@@ -76,7 +76,9 @@ class TextConfig:
     balance_loss_coef: float = 0.02
     z_loss_coef: float = 1e-3
     # Training.
-    steps: int = 1200
+    # NOTE: 1,000 steps = 2.05M tokens, 0.079 epochs of GCIDE; ~29 minutes for 3 seeds with
+    # --jobs 2 by arithmetic from tokens/s measured under load (docs/text.md).
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 4e-3
     warmup_steps: int = 100
