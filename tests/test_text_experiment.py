@@ -284,9 +284,15 @@ def test_wrong_checksum_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     monkeypatch.delenv(GCIDE_DEB_ENV, raising=False)
     build_deb(tmp_path / "other.deb", RAW_ENTRIES)  # a well-formed .deb, not the expected one
-    with pytest.raises(ValueError, match=r"sha256 [0-9a-f]{64} is not that of dict-gcide_0\.48\.5\+nmu2_all\.deb"):
+    with pytest.raises(ValueError) as caught:
         prepare_gcide(tmp_path / "cache", tmp_path / "other.deb")
+    assert str(caught.value).startswith(f"--gcide-deb {tmp_path / 'other.deb'}: sha256 ")
+    assert "is not that of dict-gcide_0.48.5+nmu2_all.deb (7b0af5cf" in str(caught.value)
     assert not (tmp_path / "cache" / "gcide-prose-v1.txt").exists()
+    # The environment variable is named when it points to nothing.
+    monkeypatch.setenv(GCIDE_DEB_ENV, str(tmp_path / "missing.deb"))
+    with pytest.raises(ValueError, match=f"^{GCIDE_DEB_ENV}=.*missing.deb: no such file"):
+        prepare_gcide(tmp_path / "cache")
 
 
 def test_missing_apt_get_names_the_command_and_the_way_by_hand(tmp_path, monkeypatch):

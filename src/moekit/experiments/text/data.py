@@ -93,15 +93,25 @@ def _by_hand(cache: Path) -> str:
     )
 
 
-def verify_deb(path: Path, expected_sha256: str | None = None) -> None:
-    """Raise ValueError unless ``path`` is a file with the expected SHA-256 (default: GCIDE_DEB_SHA256)."""
+def given_deb(deb: Path | None) -> tuple[Path, str] | None:
+    """The .deb supplied by hand and where it came from: ``deb`` (--gcide-deb), else $MOEKIT_GCIDE_DEB."""
+    if deb is not None:
+        return deb, f"--gcide-deb {deb}"
+    if os.environ.get(GCIDE_DEB_ENV):
+        return Path(os.environ[GCIDE_DEB_ENV]), f"{GCIDE_DEB_ENV}={os.environ[GCIDE_DEB_ENV]}"
+    return None
+
+
+def verify_deb(path: Path, expected_sha256: str | None = None, source: str | None = None) -> None:
+    """Raise ValueError unless ``path`` is a file with the expected SHA-256 (default: GCIDE_DEB_SHA256);
+    ``source`` names where the path came from (the flag or variable the user set)."""
     expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
     if not path.is_file():
-        raise ValueError(f"--gcide-deb {path}: no such file")
+        raise ValueError(f"{source or path}: no such file")
     actual = sha256_of(path)
     if actual != expected_sha256:
         raise ValueError(
-            f"{path}: sha256 {actual} is not that of {GCIDE_DEB} ({expected_sha256}); "
+            f"{source or path}: sha256 {actual} is not that of {GCIDE_DEB} ({expected_sha256}); "
             f"it is another file or another version of {GCIDE_PACKAGE}, and is not used"
         )
 
@@ -110,10 +120,10 @@ def fetch_gcide_deb(cache: Path, deb: Path | None = None, expected_sha256: str |
     """The checked .deb: ``deb`` (else ``$MOEKIT_GCIDE_DEB``) when given, else the one in
     ``cache``, else downloaded into ``cache`` with ``apt-get download``. Raises
     ``GcideUnavailable`` when the download fails and ValueError when a checksum differs."""
-    given = deb if deb is not None else (Path(os.environ[GCIDE_DEB_ENV]) if os.environ.get(GCIDE_DEB_ENV) else None)
+    given = given_deb(deb)
     if given is not None:
-        verify_deb(given, expected_sha256)
-        return given
+        verify_deb(given[0], expected_sha256, given[1])
+        return given[0]
     cached = cache / GCIDE_DEB
     if not cached.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -353,16 +363,16 @@ def prepare_gcide(
     expected SHA-256; otherwise the .deb (``fetch_gcide_deb``) is read and stripped."""
     expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    given = deb if deb is not None else (Path(os.environ[GCIDE_DEB_ENV]) if os.environ.get(GCIDE_DEB_ENV) else None)
+    given = given_deb(deb)
     if given is not None:
-        verify_deb(given, expected_sha256)
+        verify_deb(given[0], expected_sha256, given[1])
     path, digest_path = cache / PREPARED_NAME, cache / (PREPARED_NAME + ".sha256")
     if path.exists() and digest_path.exists():
         # "<text sha256>  gcide-prose-v1.txt" then "<.deb sha256>  <.deb name>"
         stored = [line.split()[0] for line in digest_path.read_text().splitlines() if line.strip()]
         if len(stored) == 2 and stored[1] == expected_sha256 and sha256_of(path) == stored[0]:
             return PreparedGcide(path, stored[0], path.stat().st_size, None)
-    source = fetch_gcide_deb(cache, given, expected_sha256)
+    source = fetch_gcide_deb(cache, deb, expected_sha256)
     dict_bytes = gzip.decompress(read_deb_member(source, DICT_MEMBER))  # dictzip is gzip
     index_text = read_deb_member(source, INDEX_MEMBER).decode("utf-8")
     entries, fallback = read_dictd(dict_bytes, index_text)
