@@ -33,8 +33,8 @@ examples:
   moekit compare --out runs/compare                 experiments a-f (results.md + PNGs)
   moekit compare --experiments a --seeds 3 --steps-a 1000
   moekit compare --experiments g --steps-g 8000     experiment (g), only when asked (docs/facts.md)
-  moekit compare --experiments h --gcide-deb dict-gcide_0.48.5+nmu2_all.deb   (h), offline
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
+  moekit compare --experiments h --gcide-deb dict-gcide_0.48.5+nmu2_all.deb   (h), offline (docs/text.md)
 """
 
 
