@@ -20,6 +20,9 @@ experiments:
   g  memorizing random facts (key -> value): dense vs MoE with 4/8/16/32 experts vs a dense
      model with the E=16 MoE's total FFN width; value cross-entropy, exact match, held-out
      keys; the number of facts calibrated so the dense model stores about half (results_g.md)
+  h  natural text with enough data (GCIDE, fetched once with apt-get download): first the
+     ceiling, dense vs a dense model with the MoE's total FFN width; the MoE only when that
+     gains >= 0.04 nats/byte; fixed held-out set, paired seeds (results_h.md, docs/text.md)
 
 runs are reused only when their whole specification matches (model and train configs, every
 field, and the training text): each lives in runs/<name>-s<seed>-<spec hash>/ with spec.json.
@@ -31,6 +34,7 @@ examples:
   moekit compare --experiments a --seeds 3 --steps-a 1000
   moekit compare --experiments g --steps-g 6000     experiment (g), only when asked (docs/facts.md)
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
+  moekit compare --experiments h --gcide-deb dict-gcide_0.48.5+nmu2_all.deb   (h), offline (docs/text.md)
 """
 
 
@@ -64,7 +68,19 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--jobs", type=positive_int, default=None, metavar="N",
-        help="runs of (g) trained at once, one process each (default: the CPU cores, %s here)" % (os.cpu_count() or 1),
+        help="runs of (g) and (h) trained at once, one process each (default: the CPU cores, %s here)"
+        % (os.cpu_count() or 1),
+    )
+    parser.add_argument(
+        "--steps-h", type=positive_int, default=None, help="steps per run of (h) (default 1000; 20 --quick)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, metavar="DIR",
+        help="(h): where the GCIDE .deb and its prepared text are cached (default ~/.cache/moekit/gcide)",
+    )
+    parser.add_argument(
+        "--gcide-deb", default=None, metavar="PATH",
+        help="(h): the dict-gcide .deb supplied by hand (no download; or set MOEKIT_GCIDE_DEB)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps: a smoke test")
     add_json_flag(parser)
@@ -73,21 +89,32 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from moekit.experiments.compare.run import EXPERIMENTS, GridInterrupted, GridRunError, run_compare
+    from moekit.experiments.text.data import GcideUnavailable
 
     # (g) is opt-in until its default grid has been measured on an idle machine (docs/facts.md).
+    # (h) is opt-in too: it fetches its corpus (GCIDE) and has not been run on an idle machine.
     experiments = args.experiments or list(EXPERIMENTS)
-    unknown = sorted(set(experiments) - {*EXPERIMENTS, "g"})
+    opt_in = ("g", "h")
+    unknown = sorted(set(experiments) - {*EXPERIMENTS, *opt_in})
     error = None
     if unknown:
-        error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join([*EXPERIMENTS, 'g'])}"
-    elif experiments == ["g"] and (args.steps is not None or args.steps_a is not None):
-        error = "--steps and --steps-a set the steps of (a)-(f), which --experiments g does not run; use --steps-g"
-    elif "g" not in experiments and (args.steps_g is not None or args.facts is not None or args.jobs is not None):
-        error = "--steps-g, --facts and --jobs set experiment (g): add g to --experiments"
+        error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join([*EXPERIMENTS, *opt_in])}"
+    elif set(experiments) <= set(opt_in) and (args.steps is not None or args.steps_a is not None):
+        only = ",".join(experiments)
+        error = f"--steps and --steps-a set the steps of (a)-(f), which --experiments {only} does not run; " \
+                "use --steps-g or --steps-h"
+    elif "g" not in experiments and (args.steps_g is not None or args.facts is not None):
+        error = "--steps-g and --facts set experiment (g): add g to --experiments"
+    elif "h" not in experiments and (args.steps_h is not None or args.data_dir is not None
+                                     or args.gcide_deb is not None):
+        error = "--steps-h, --data-dir and --gcide-deb set experiment (h): add h to --experiments"
+    elif not set(opt_in) & set(experiments) and args.jobs is not None:
+        error = "--jobs sets experiments (g) and (h): add g or h to --experiments"
     if error:
         print(f"moekit compare: error: {error}", file=sys.stderr)
         return 2
-    grid = [name for name in experiments if name != "g"]
+    grid = [name for name in experiments if name not in opt_in]
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     headline_steps = args.steps_a if args.steps_a is not None else (30 if args.quick else 600)
     command = "moekit " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "moekit compare"
@@ -105,10 +132,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 from moekit.experiments.facts.run import run_facts
 
                 results_file = "results_g.md"
-                jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
                 summary["g"] = run_facts(args.out, args.seeds, args.steps_g, args.quick, args.facts, command,
                                          jobs=jobs)
                 print(f"wrote {args.out}/results_g.md")
+            if "h" in experiments:
+                from moekit.experiments.text.run import run_text
+
+                results_file = "results_h.md"
+                summary["h"] = run_text(args.out, args.seeds, args.steps_h, args.quick, command, jobs=jobs,
+                                        data_dir=args.data_dir, gcide_deb=args.gcide_deb)
+                print(f"wrote {args.out}/results_h.md")
         except GridInterrupted as stop:
             during = f" during run {stop.run} ({stop.run_dir})" if stop.run else ""
             print(
@@ -121,12 +154,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         except GridRunError as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 1
+        except GcideUnavailable as err:  # (h)'s corpus could not be fetched: the message says how to supply it
+            print(f"moekit compare: error: {err}", file=sys.stderr)
+            return 1
         except (ValueError, OSError) as err:
             print(f"moekit compare: error: {err}", file=sys.stderr)
             return 2
         for name, row in summary.items():
             if name == "g":
                 _print_facts(row)
+                continue
+            if name == "h":
+                _print_text(row)
                 continue
             if name == "throughput":
                 ratio = row["ratio_to_baseline"]["moe"]
@@ -145,3 +184,15 @@ def _print_facts(summary: dict) -> None:
     for name, row in summary["models"].items():
         print(f"  {name:18s} value CE {row['value_ce_mean']:.3f} ± {row['value_ce_sd']:.3f}  "
               f"exact match {row['exact_match_mean']:.3f}  held-out CE {row['heldout_ce_mean']:.3f}")
+
+
+def _print_text(summary: dict) -> None:
+    ceiling = summary["ceiling"]
+    print(f"  (h) {summary['steps']} steps, {summary['epoch_use']['epochs']:.3g} epochs of GCIDE: ceiling "
+          f"(dense - dense-wide) {ceiling['mean']:+.4f} nats/byte" + ("" if ceiling["reached"] else
+          f", below {ceiling['threshold']:g}: MoE runs skipped"))
+    for name, row in summary["models"].items():
+        print(f"  {name:18s} held-out {row['heldout_loss_mean']:.4f} ± {row['heldout_loss_sd']:.4f} nats/byte")
+    if summary["moe"] is not None:
+        diffs = " / ".join(f"{d:+.4f}" for d in summary["moe"]["moe_minus_dense"])
+        print(f"  MoE - dense per seed: {diffs}")

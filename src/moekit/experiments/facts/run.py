@@ -42,7 +42,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -216,6 +216,10 @@ class FactsGrid:
             self._corpora[key] = (facts, path, sha256)
         return self._corpora[key]
 
+    def prepare(self, name: str, model: LMConfig, num_facts: int, seed: int) -> None:
+        """Before ``run_parallel`` hands the task to a worker: write its corpus here, once."""
+        self.corpus(num_facts, seed)
+
     def run(self, name: str, model: LMConfig, num_facts: int, seed: int) -> FactsRun:
         if (name, num_facts, seed) in self._evaluated:  # the calibration's run at the chosen count
             if self.progress is not None:
@@ -249,18 +253,17 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _train_and_evaluate(
-    out: Path, config: FactsConfig, name: str, model: LMConfig, num_facts: int, seed: int, threads: int
-) -> tuple[str, Any]:
-    """One run of the grid in a worker process: ("done", FactsRun) or ("interrupted", (run, dir)).
+def _train_and_evaluate(grid_class: type, out: Path, config: Any, task: tuple, threads: int) -> tuple[str, Any]:
+    """One run of a grid in a worker process: ("done", its result) or ("interrupted", (run, dir)).
 
-    An interrupt is returned, not raised: GridInterrupted does not survive pickling back to the
-    parent, and the parent decides what the whole grid does."""
+    The worker builds its own ``grid_class(out, config)`` and calls ``run(*task)``. An interrupt
+    is returned, not raised: GridInterrupted does not survive pickling back to the parent, and
+    the parent decides what the whole grid does."""
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    grid = FactsGrid(out, config)
+    grid = grid_class(out, config)
     try:
-        return "done", grid.run(name, model, num_facts, seed)
+        return "done", grid.run(*task)
     except GridInterrupted as stop:
         return "interrupted", (stop.run, stop.run_dir)
     except KeyboardInterrupt:  # before or after the trainer listened: the run is redone next time
@@ -270,11 +273,24 @@ def _train_and_evaluate(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_parallel(
-    grid: FactsGrid, tasks: list[tuple[str, LMConfig, int, int]], jobs: int, received: list[str]
-) -> list[FactsRun]:
-    """Train and evaluate ``tasks`` (name, model, facts, seed) in ``jobs`` worker processes of
-    ``cpu_count // jobs`` threads each, in ``tasks`` order as results; finished runs are reused.
+class ParallelGrid(Protocol):
+    """What ``run_parallel`` needs of a grid (``FactsGrid``; experiment (h)'s ``TextGrid``)."""
+
+    out: Path
+    config: Any  # picklable: each worker builds ``type(grid)(out, config)``
+    progress: tqdm | None
+    current: RunSpec | None  # the run being trained, for an interrupt's message
+    current_dir: Path | None
+
+    def prepare(self, *task: Any) -> None: ...  # in this process, before the task goes out
+
+    def run(self, *task: Any) -> Any: ...  # in a worker: train (or reuse) and evaluate; has .name, .seed
+
+
+def run_parallel(grid: ParallelGrid, tasks: list[tuple], jobs: int, received: list[str]) -> list[Any]:
+    """Train and evaluate ``tasks`` (for (g): name, model, facts, seed) in ``jobs`` worker
+    processes of ``cpu_count // jobs`` threads each, in ``tasks`` order as results; finished
+    runs are reused. Each worker calls ``type(grid)(grid.out, grid.config).run(*task)``.
 
     The models of (g) are so small that one thread per run leaves most of a core idle in
     Python overhead, so separate processes, not threads, fill the machine. At most ``jobs``
@@ -283,7 +299,7 @@ def run_parallel(
     it on as SIGINT; each worker's trainer then saves its checkpoint, and GridInterrupted is
     raised once every running task has returned."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    results: dict[int, FactsRun] = {}
+    results: dict[int, Any] = {}
     pending = list(enumerate(tasks))
     running: dict[Future, int] = {}
     interrupted: tuple[str | None, Path | None] | None = None
@@ -292,10 +308,9 @@ def run_parallel(
         try:
             while pending or running:
                 while pending and len(running) < jobs:
-                    index, (name, model, num_facts, seed) = pending.pop(0)
-                    grid.corpus(num_facts, seed)  # written once here, not raced by the workers
-                    future = pool.submit(_train_and_evaluate, grid.out, grid.config, name, model, num_facts, seed,
-                                         threads)
+                    index, task = pending.pop(0)
+                    grid.prepare(*task)  # shared files written once here, not raced by the workers
+                    future = pool.submit(_train_and_evaluate, type(grid), grid.out, grid.config, task, threads)
                     running[future] = index
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
