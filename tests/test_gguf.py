@@ -308,6 +308,10 @@ def test_padded_vocabulary_gets_unique_unused_placeholders():
     assert vocab.token_types[:256] == [1] * 256 and vocab.token_types[256:] == [5] * 44
     with pytest.raises(ConversionError, match="vocab_size=200 is smaller than the bytes tokenizer's 256"):
         gguf_vocab(None, 200)
+    ids_only = gguf_vocab({"kind": "none"}, 97)  # a model without a tokenizer: any vocabulary size
+    assert len(set(ids_only.tokens)) == 97 and set(ids_only.token_types) == {5}
+    with pytest.raises(ConversionError, match="tokenizer kind 'sentencepiece' is invalid"):
+        gguf_vocab({"kind": "sentencepiece"}, 300)
 
 
 def test_bpe_run_writes_its_tokens_and_merges(tmp_path):
@@ -490,3 +494,42 @@ def test_llama_cpp_gives_moekit_greedy_tokens_and_logits(tmp_path, gguf_type):
         assert runner.llm.detokenize(list(text.encode())) == text.encode()
     finally:
         runner.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The llama.cpp row of moekit bench generate
+# --------------------------------------------------------------------------------------------
+
+
+def run_quick_mixtral_bench(capsys) -> tuple[dict, str]:
+    from moekit.cli.main import main
+
+    pytest.importorskip("transformers")
+    assert main(["bench", "generate", "--quick", "--families", "mixtral", "--rounds", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def test_bench_llama_cpp_row_says_not_installed_when_llama_cpp_is_missing(monkeypatch, capsys):
+    from moekit.experiments.bench import generate as bench
+
+    monkeypatch.setattr(bench, "llama_cpp_missing", lambda: "not installed (pip install llama-cpp-python; test)")
+    report, err = run_quick_mixtral_bench(capsys)
+    (family,) = report["families"]
+    assert [r["impl"] for r in family["results"]] == ["transformers", "patch_moe", "moekit_lm"]
+    assert family["skipped"]["llama_cpp"].startswith("not installed")
+    row = next(line for line in err.splitlines() if line.split()[:1] == ["llama_cpp"])
+    assert row.split()[-2:] == ["not", "installed"]
+    assert report["identical_tokens"] is True  # a missing optional package is not an error
+
+
+@needs_llama_cpp
+def test_bench_llama_cpp_row_runs_the_gguf_with_the_same_greedy_tokens(capsys):
+    report, err = run_quick_mixtral_bench(capsys)
+    (family,) = report["families"]
+    results = {r["impl"]: r for r in family["results"]}
+    assert list(results) == ["transformers", "patch_moe", "moekit_lm", "llama_cpp"]
+    llama = results["llama_cpp"]
+    assert llama["prefill_tokens_per_s"] > 0 and llama["decode_tokens_per_s"] > 0
+    assert llama["identical_tokens"] is True and llama["tokens"] == results["transformers"]["tokens"]
+    assert "llama_cpp" not in family["skipped"]

@@ -267,18 +267,22 @@ class GGUFVocab:
 def gguf_vocab(tokenizer: dict[str, Any] | None, vocab_size: int) -> GGUFVocab:
     """The vocabulary of a model with ``vocab_size`` ids whose tokenizer is ``tokenizer`` (a run's
     ``tokenizer`` entry: ``{"kind": "bytes"}`` or ``{"kind": "bpe", "tokenizer": <tokenizers JSON>}``;
-    None means bytes). Ids past the tokenizer's are unused placeholders."""
+    None means bytes; ``{"kind": "none"}`` a model without one, every id a placeholder). Ids past the
+    tokenizer's are unused placeholders."""
     normal, unused = 1, 5  # gguf.TokenType.NORMAL, UNUSED (kept literal: gguf need not be installed here)
     chars = gpt2_byte_chars()
     kind = (tokenizer or {}).get("kind", "bytes")
     if kind == "bytes":
         tokens, merges = list(chars), []
         eos_id = NO_EOS_BYTE
+    elif kind == "none":  # no tokenizer (random weights, benchmarks): llama.cpp runs it from token ids
+        tokens, merges = [], []
+        eos_id = 0
     elif kind == "bpe":
         tokens, merges = _bpe_tokens(tokenizer["tokenizer"])  # type: ignore[index]
         eos_id = tokens.index(chars[NO_EOS_BYTE])
     else:
-        raise ConversionError(f"tokenizer kind {kind!r} is invalid: GGUF export knows 'bytes' and 'bpe'")
+        raise ConversionError(f"tokenizer kind {kind!r} is invalid: GGUF export knows 'bytes', 'bpe' and 'none'")
     if vocab_size < len(tokens):
         raise ConversionError(
             f"vocab_size={vocab_size} is smaller than the {kind} tokenizer's {len(tokens)} tokens: "
@@ -487,8 +491,10 @@ def llama_cpp_missing() -> str | None:
     """None when ``llama_cpp`` (llama-cpp-python) imports, else why not (to print)."""
     try:
         import llama_cpp  # noqa: F401
-    except Exception as error:  # ImportError, or a shared library that fails to load (OSError)
-        return f"llama-cpp-python is not installed ({type(error).__name__}: {error})"
+    except ModuleNotFoundError as error:
+        return f"not installed (pip install llama-cpp-python; {error})"
+    except Exception as error:  # its shared library fails to load (OSError), or another ImportError
+        return f"llama-cpp-python does not load ({type(error).__name__}: {error})"
     return None
 
 
