@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -494,6 +495,36 @@ def test_llama_cpp_gives_moekit_greedy_tokens_and_logits(tmp_path, gguf_type):
         assert runner.llm.detokenize(list(text.encode())) == text.encode()
     finally:
         runner.close()
+
+
+@needs_llama_cpp
+@pytest.mark.skipif("MOEKIT_GGUF_RUN" not in os.environ, reason="opt-in: MOEKIT_GGUF_RUN=<a moekit run directory>")
+def test_llama_cpp_continues_a_trained_run_as_moekit_sample_greedy_does(tmp_path, capsys):
+    """The check on a real run: ``moekit train --steps 200 --out /tmp/g1``, then
+    ``MOEKIT_GGUF_RUN=/tmp/g1 pytest tests/test_gguf.py -k trained_run -s``."""
+    from moekit.cli.main import main
+    from moekit.training.checkpoint import load_model_from_run
+
+    run, prompt_text, new_tokens = os.environ["MOEKIT_GGUF_RUN"], "ROMEO:", 32
+    assert main(["export", run, "--gguf", str(tmp_path / "run.gguf")]) == 0
+    capsys.readouterr()
+    assert main(["sample", run, "--greedy", "--prompt", prompt_text, "--tokens", str(new_tokens), "--json"]) == 0
+    (want,) = json.loads(capsys.readouterr().out)["samples"]
+    lm, _ = load_model_from_run(run)
+    prompt = list(prompt_text.encode())
+    runner = LlamaCppLM(tmp_path / "run.gguf", n_ctx=lm.config.seq_len, n_threads=2)
+    try:
+        tokens = runner.greedy(prompt, new_tokens)
+        first_got, _ = runner.step(torch.tensor([prompt[:1]]), None)
+    finally:
+        runner.close()
+    with torch.no_grad():
+        first_want = lm.eval()(torch.tensor([prompt[:1]]))[0][0, 0]
+    diff = float((first_got[0] - first_want).abs().max())
+    print(f"\nllama.cpp: {prompt_text + bytes(tokens).decode('utf-8', errors='replace')!r}\nmoekit:    {want!r}\n"
+          f"first-position logits: max abs diff {diff:.2e}")
+    assert prompt_text + bytes(tokens).decode("utf-8", errors="replace") == want
+    assert diff < 1e-3
 
 
 # --------------------------------------------------------------------------------------------
