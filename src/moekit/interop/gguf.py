@@ -45,7 +45,9 @@ moekit and detokenizes id i to byte i; a BPE run writes its own tokens and merge
 has beyond its tokenizer's (a padded or random-weight vocabulary) become unused placeholder
 tokens. moekit's text has no end-of-text token; the file names byte 0 (NUL) as llama.cpp's
 end of generation, a byte moekit's data never contains (``training.data.read_text`` refuses it),
-and asks for no BOS/EOS to be added to prompts (moekit adds none).
+and asks for no BOS/EOS to be added to prompts (moekit adds none). (llama.cpp logs "special_eos_id is
+not in special_eog_ids" when it loads such a file: it recognizes end tokens by their text, like
+"<|endoftext|>", and then adds the named one itself; the warning is harmless.)
 
 Nothing here imports ``gguf`` or ``llama_cpp`` at module import: both are optional packages.
 """
