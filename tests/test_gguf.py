@@ -353,6 +353,7 @@ def test_bpe_run_writes_its_tokens_and_merges(tmp_path):
     ({"moe": {"eval_capacity_factor": 1.0}}, "moe.eval_capacity_factor=1.0"),
     ({"moe": {"expert_capacity": 4}}, "moe.expert_capacity=4"),
     ({"arch": "dense", "moe": {"activation": "gelu"}}, "moe.activation='gelu'"),
+    ({"arch": "dense", "moe_every": 2, "dense_d_ff": 24}, "dense_d_ff=24 with moe_every=2"),
 ])
 def test_configs_llama_cpp_cannot_represent_fail_naming_field_and_value(tmp_path, changes, named):
     config = tiny_config(**changes)
@@ -453,9 +454,9 @@ needs_llama_cpp = pytest.mark.skipif(
 )
 
 
-def trained_lm(steps: int = 60) -> MoETransformerLM:
+def trained_lm(steps: int = 60, **changes) -> MoETransformerLM:
     """A tiny LM trained a little on repeated text, so its greedy tokens are not near ties."""
-    config = tiny_config(seq_len=64, tie_embeddings=False)
+    config = tiny_config(seq_len=64, tie_embeddings=False, **changes)
     lm = tiny_lm(config).train()
     data = torch.tensor(list(b"the mixture of experts routes each token to two experts. " * 20))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
@@ -471,9 +472,11 @@ def trained_lm(steps: int = 60) -> MoETransformerLM:
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
-def test_llama_cpp_gives_moekit_greedy_tokens_and_logits(tmp_path, gguf_type):
-    lm = trained_lm()
+@pytest.mark.parametrize("gguf_type,changes", [
+    ("f32", {}), ("f16", {}), ("f32", {"arch": "dense"}), ("f32", {"moe": {"router": "noisy_topk"}}),
+], ids=["f32", "f16", "dense", "noisy_topk"])
+def test_llama_cpp_gives_moekit_greedy_tokens_and_logits(tmp_path, gguf_type, changes):
+    lm = trained_lm(**changes)
     if gguf_type == "f16":  # matched precision: moekit runs the weights the file holds
         with torch.no_grad():
             for name, param in lm.named_parameters():

@@ -99,8 +99,14 @@ def llama_cpp_incompatibility(config: LMConfig) -> list[str]:
     if moe.activation != "swiglu":
         what = "experts" if config.arch == "moe" else "FFNs"
         reasons.append(f"moe.activation={moe.activation!r} (llama.cpp's llama {what} are SwiGLU: 'swiglu')")
-    if config.arch == "dense":
-        return reasons  # a plain Llama: the router settings below do not exist in it
+    if config.arch == "dense":  # a plain Llama: the router settings below do not exist in it
+        widths = sorted({config.ffn_width(i) for i in range(config.n_layer)})
+        if len(widths) > 1:
+            reasons.append(
+                f"dense_d_ff={config.dense_d_ff} with moe_every={config.moe_every} (FFNs of widths {widths}: "
+                "llama.cpp's llama architecture sizes every layer's FFN alike; dense_d_ff must be None)"
+            )
+        return reasons
     if config.moe_every != 1:
         reasons.append(
             f"moe_every={config.moe_every} (dense layers mixed with MoE layers: llama.cpp's llama "
@@ -455,7 +461,7 @@ def _add_metadata(writer: Any, config: LMConfig, vocab: GGUFVocab, gguf_type: st
         writer.add_expert_count(config.moe.num_experts)
         writer.add_expert_used_count(config.moe.top_k)
     else:
-        writer.add_feed_forward_length(config.ffn_width(0))
+        writer.add_feed_forward_length(config.ffn_width(0))  # one width (llama_cpp_incompatibility)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(vocab.tokens)
