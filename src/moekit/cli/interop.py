@@ -3,6 +3,7 @@
     moekit params mixtral-8x7b                 total / active parameters, FLOPs, memory
     moekit params path/to/config.json --json   a transformers config.json, or a run directory
     moekit export runs/my --hf hf/my           a folder transformers' from_pretrained loads
+    moekit export runs/my --gguf my.gguf       a file llama.cpp and ollama run
     moekit import hf/mixtral --out runs/mx     a local Mixtral folder as a moekit run directory
     moekit finetune --from runs/my --data new.txt --out runs/ft --freeze experts
     moekit upcycle runs/dense --out runs/up --experts 8 --top-k 2
@@ -136,28 +137,50 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> None:
+    from moekit.interop.gguf import GGUF_TYPES
+
     parser = subparsers.add_parser(
         "export",
-        help="write a run as a Hugging Face Mixtral folder (from_pretrained loads it)",
+        help="write a run as a Hugging Face Mixtral folder (from_pretrained loads it) or a GGUF file (llama.cpp)",
         description="Write the latest checkpoint of a run directory as a transformers MixtralForCausalLM "
-        "folder (config.json + model.safetensors). Only runs whose model Mixtral can express convert: "
+        "folder (config.json + model.safetensors), or as a GGUF file that llama.cpp and ollama run with "
+        "their llama architecture (as they run Mixtral). Only runs whose model Mixtral can express convert: "
         "topk router, SwiGLU experts, an MoE FFN in every layer, dropless, no shared experts.",
         epilog="examples:\n  moekit export runs/my --hf hf/my\n  moekit export runs/my --hf hf/my --force   "
-        "replace the folder's files\n",
+        "replace the folder's files\n  moekit export runs/my --gguf my.gguf\n"
+        "  moekit export runs/my --gguf my-f16.gguf --gguf-type f16\n",
         formatter_class=help_formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument(
-        "--hf", required=True, metavar="OUT_DIR",
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--hf", metavar="OUT_DIR",
         help="folder to write: new or empty (a non-empty one needs --force; a moekit run directory never)",
     )
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --hf folder")
+    target.add_argument(
+        "--gguf", metavar="OUT_FILE",
+        help="GGUF file to write (an existing one needs --force; never inside a moekit run directory)",
+    )
+    parser.add_argument(
+        "--gguf-type", default="f32", choices=GGUF_TYPES,
+        help="--gguf: precision of the weight matrices (norms and routers stay f32; default f32)",
+    )
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --hf folder, or replace --gguf")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_export)
 
 
 @fail_on_bad_input("export", ValueError, OSError, ImportError)
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.gguf is not None:
+        from moekit.interop.gguf import export_run_gguf
+
+        written = export_run_gguf(args.run_dir, args.gguf, args.gguf_type, force=args.force)
+        print(f"wrote {written.path} ({written.gguf_type}, {written.tensors} tensors, "
+              f"{written.file_bytes / 1e6:.1f} MB; llama.cpp: llama-cli -m {str(written.path)!r})")
+        if args.json:
+            print_json({"run_dir": str(args.run_dir), **written.to_dict()})
+        return 0
     from moekit.interop.hf import export_run
 
     out = export_run(args.run_dir, args.hf, force=args.force)

@@ -15,6 +15,10 @@ Implementations, all in this process and with the same weights:
 - ``moekit_lm``: moekit's own ``MoETransformerLM`` where the family converts
   (``interop.hf.from_hf_model``: Mixtral), with its preallocated ``KVCache`` and the last
   position's logits only (``logits_to_keep=1``), as the transformers step.
+- ``llama_cpp``: llama.cpp, the reference for CPU inference, through llama-cpp-python (an
+  optional package: "not installed" otherwise), for Mixtral: moekit's LM written as a GGUF file
+  (``interop.gguf.write_gguf``) at the run's precision (f32, or bf16), run with as many threads
+  as torch uses, the last position's logits only; the same step protocol and timer as the rest.
 
 Rounds: every round runs each implementation once, the order rotated from round to round so
 that drift within a round favours none; before the rounds each one runs a warm-up (the full
@@ -68,17 +72,20 @@ from torch import Tensor, nn
 
 from moekit.experiments.bench.layer import cpu_busy_fraction, cpu_model_name, transformers_version
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
+from moekit.interop.gguf import LlamaCppLM, llama_cpp_missing, write_gguf
 from moekit.interop.hf import from_hf_model
 from moekit.interop.patch import patch_moe
 from moekit.models.lm import KVCache
 
-TRANSFORMERS, PATCHED, MOEKIT_LM = "transformers", "patch_moe", "moekit_lm"
-IMPLS = (TRANSFORMERS, PATCHED, MOEKIT_LM)
+TRANSFORMERS, PATCHED, MOEKIT_LM, LLAMA_CPP = "transformers", "patch_moe", "moekit_lm", "llama_cpp"
+IMPLS = (TRANSFORMERS, PATCHED, MOEKIT_LM, LLAMA_CPP)
 IMPL_LABELS = {
     TRANSFORMERS: "transformers as loaded",
     PATCHED: "transformers after patch_moe",
     MOEKIT_LM: "moekit MoETransformerLM (from_hf_model)",
+    LLAMA_CPP: "llama.cpp (llama-cpp-python) on moekit's LM written as GGUF",
 }
+GGUF_TYPE_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16"}  # llama.cpp at the same precision
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGET_BYTES = 10**9  # weights per model at full size: larger than any CPU cache, so decode streams from memory
 WARMUP_NEW_TOKENS = 4
@@ -578,6 +585,8 @@ class GenerateBenchReport:
                     _megabytes(f.bytes_per_token["total"]) if i == 0 else "", f"{r.weight_read_gb_per_s:.2f}", share,
                     "same" if r.identical_tokens else f"DIFFER at {r.first_mismatch}",
                 ))
+            if LLAMA_CPP in f.skipped:  # a row that says why (the note has the details)
+                rows.append(("", "", LLAMA_CPP, *["-"] * 7, f.skipped[LLAMA_CPP].split(" (")[0]))
         widths = [max(len(row[j]) for row in [header, *rows]) for j in range(len(header))]
 
         def fmt(row: tuple[str, ...]) -> str:
@@ -642,9 +651,17 @@ def run_family(
     models: dict[str, nn.Module] = {TRANSFORMERS: model, PATCHED: patched}
     steps: dict[str, Step] = {TRANSFORMERS: transformers_step(model), PATCHED: transformers_step(patched)}
     skipped = {}
+    llama_cpp_files = contextlib.ExitStack()  # llama.cpp's model, then its GGUF file
     if family.name == "mixtral":
         models[MOEKIT_LM] = from_hf_model(model).eval()
         steps[MOEKIT_LM] = moekit_lm_step(models[MOEKIT_LM])
+        missing = llama_cpp_missing()
+        if missing is None:
+            log(f"{family.name}: writing moekit's LM as GGUF ({GGUF_TYPE_OF_DTYPE[dtype]}) for llama.cpp")
+            n_ctx = prompt_tokens + new_tokens
+            steps[LLAMA_CPP] = llama_cpp_runner(models[MOEKIT_LM], dtype, n_ctx, llama_cpp_files).step
+        else:
+            skipped[LLAMA_CPP] = missing
     else:
         skipped[MOEKIT_LM] = "only Mixtral converts to moekit's own LM (interop.hf.from_hf_model)"
     impls = list(steps)
@@ -710,9 +727,22 @@ def run_family(
     # At most one family's models alive at a time: drop them before the next family is built.
     models.clear()
     steps.clear()
+    llama_cpp_files.close()
     del model, patched
     gc.collect()
     return result
+
+
+def llama_cpp_runner(lm: nn.Module, dtype: str, n_ctx: int, files: contextlib.ExitStack) -> LlamaCppLM:
+    """llama.cpp on ``lm`` written as GGUF at ``dtype``'s precision, in a temporary folder that
+    ``files`` removes (after closing llama.cpp) when it closes."""
+    import tempfile
+
+    folder = Path(files.enter_context(tempfile.TemporaryDirectory(prefix="moekit-bench-gguf-")))
+    write_gguf(lm, folder / "model.gguf", {"kind": "none"}, GGUF_TYPE_OF_DTYPE[dtype])
+    runner = LlamaCppLM(folder / "model.gguf", n_ctx=n_ctx, n_threads=torch.get_num_threads())
+    files.callback(runner.close)
+    return runner
 
 
 def parse_families(names: Sequence[str] | None) -> list[GenerateFamily]:
