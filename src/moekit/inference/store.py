@@ -278,6 +278,7 @@ class _ExpertFileWriter:
                 crc = zlib.crc32(handle.read(self.length))
                 blobs.append(BlobEntry(self.spec.layer, expert, self.file, expert * self.stride, self.length,
                                        self.stride, crc, tuple(self.tensors.values())))
+            _posix_fadvise_dontneed(handle.fileno(), 0, 0)  # written and synced: no need to keep it cached
         return blobs
 
 
@@ -340,6 +341,74 @@ def file_crc32(path: Path) -> int:
         while chunk := handle.read(_COPY_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+class SafetensorsReader:
+    """A safetensors file read one tensor at a time with ``pread`` into fresh memory.
+
+    No mapping of the file: with ``safe_open`` every page read through its mmap stays in the
+    process's RSS until the file is closed, so reading a whole checkpoint that way holds all of
+    it. Here a tensor's memory is freed when the tensor is.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        tags = {tag: dtype for dtype, tag in _SAFETENSORS_DTYPES.items()}
+        try:
+            with open(self.path, "rb") as handle:
+                header_size = int.from_bytes(handle.read(8), "little")
+                self.file_size = os.fstat(handle.fileno()).st_size
+                if header_size <= 0 or 8 + header_size > self.file_size:
+                    raise StoreError(
+                        f"{self.path}: not a safetensors file, or truncated (header of {header_size} bytes)"
+                    )
+                header = json.loads(handle.read(header_size))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise StoreError(f"{self.path}: unreadable safetensors header ({error})") from error
+        self.data_start = 8 + header_size
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        try:
+            self._read_entries(header, tags)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            if isinstance(error, StoreError):
+                raise
+            raise StoreError(f"{self.path}: malformed safetensors header ({error})") from error
+
+    def _read_entries(self, header: dict[str, Any], tags: dict[str, torch.dtype]) -> None:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry.get("dtype") not in tags:
+                raise StoreError(f"{self.path}: tensor {name} has dtype {entry.get('dtype')!r}, which moekit "
+                                 f"cannot read (one of {sorted(tags)})")
+            start, end = (int(v) for v in entry["data_offsets"])
+            if self.data_start + end > self.file_size:
+                raise StoreError(f"{self.path}: tensor {name} ends at byte {self.data_start + end} but the file has "
+                                 f"{self.file_size}; the file is truncated")
+            self.entries[name] = (tags[entry["dtype"]], tuple(int(s) for s in entry["shape"]), start, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> Tensor:
+        dtype, shape, start, end = self.entries[name]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                count = os.preadv(fd, [view[done : done + _MAX_IO]], self.data_start + start + done)
+                if count == 0:
+                    raise StoreError(f"{self.path}: ends inside tensor {name}; the file is truncated")
+                done += count
+        finally:
+            view.release()
+            os.close(fd)
+        return raw.view(dtype).view(shape) if raw.numel() else torch.empty(shape, dtype=dtype)
 
 
 def check_new_store_dir(out: Path) -> None:
@@ -627,16 +696,12 @@ class ExpertStore:
         return tensors, blob.padded_length
 
     def resident_tensors(self) -> Iterator[tuple[str, Tensor]]:
-        """Each resident tensor, read one at a time (copied out of the file's mapping)."""
-        from safetensors import SafetensorError, safe_open
-
+        """Each resident tensor, read one at a time into its own memory."""
         path = self.path / RESIDENT_FILE
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name).clone()
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise StoreError(f"{path}: unreadable safetensors file ({error})") from error
+        reader = SafetensorsReader(path)
+        for name in reader.keys():
+            yield name, reader.get(name)
+        # NOTE: the weights now live in the process; their page-cache copy would count twice.
         self.drop_from_page_cache([path])
 
     def drop_from_page_cache(self, paths: Iterable[Path] | None = None) -> None:
