@@ -242,6 +242,22 @@ class OffloadedExperts(nn.Module):
         cached = set(self.cache.cached(self.layer))
         return sorted(needed, key=lambda e: (e in self.protect, e not in cached, e))
 
+    def next_wave(self, remaining: Sequence[int]) -> list[int]:
+        """The next experts to hold at once: as many as the layer's slots, less one slot for
+        each cached expert of the last token still to come (so that no miss evicts it before
+        its turn), and at least one."""
+        slots = self.cache.slots[self.layer]
+        reserved = {e for e in remaining if e in self.protect and self.cache.is_cached(self.layer, e)}
+        wave: list[int] = []
+        for expert in remaining:
+            held_back = len(reserved - set(wave) - {expert})
+            if wave and len(wave) + 1 + held_back > slots:
+                break
+            wave.append(expert)
+            if len(wave) == slots:
+                break
+        return wave
+
     @torch.no_grad()
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         if self.training:
@@ -251,10 +267,10 @@ class OffloadedExperts(nn.Module):
             starts.append(start)
             start += count
         out_ND = x_ND.new_empty(x_ND.shape[0], self.config.d_model)
-        order = self.processing_order([e for e, count in enumerate(counts) if count])
-        wave_size = self.cache.slots[self.layer]
-        for first in range(0, len(order), wave_size):
-            wave = order[first : first + wave_size]
+        remaining = self.processing_order([e for e, count in enumerate(counts) if count])
+        while remaining:
+            wave = self.next_wave(remaining)
+            remaining = remaining[len(wave) :]
             weights = self.cache.acquire(self.layer, wave, self.protect)
             try:
                 for expert, expert_weights in zip(wave, weights, strict=True):
