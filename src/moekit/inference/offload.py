@@ -19,16 +19,16 @@ once. A prefill needs more experts of a layer than that, and processes them in w
 most the layer's slots, each expert fetched once per layer per forward; so a prefill never
 needs a larger budget than decoding. The order of a layer's experts in a forward keeps the
 decode working set: the cached ones run first (hits evict nothing), the last token's experts
-run last (they stay cached for the next decode step) and are evicted only when nothing else
-can go.
+run last (they stay cached for the next decode step), and a wave leaves a slot to each cached
+expert of the last token still to come, so no miss evicts it before its turn.
 
 Bit-exactness: each expert's rows go through the same ops (``ExpertWeights.apply``) on
 identically laid-out tensors (views into page-aligned blob buffers) at every budget, and the
-combine is the dispatcher's; the wave structure changes only when weights are read, never the
-arithmetic. The reference is therefore ``load(store, memory_budget=None)`` (every expert
-cached, nothing evicted). The plain LM (``plain_lm_from_store``) multiplies with the grouped
-GEMM (prefill) or per-assignment products with another combine (decode), which may round
-differently in the last bits.
+combine is the same embedding_bag reduction; the waves change only when weights are read,
+never the arithmetic. The reference is ``load(store, memory_budget=None)`` (every expert
+cached once read, nothing evicted). The plain LM (``plain_lm_from_store``) reduces with the
+same embedding_bag in its fused and decode paths, and its grouped GEMM on CPU rounds as the
+per-expert matmul does: its logits are bit-identical too (tests/test_offload.py checks both).
 
 Shape suffixes: N rows (grouped by expert), n one expert's rows, D d_model, H the first
 projection's width, F expert hidden size, E experts.
@@ -43,11 +43,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, LocalDispatcher
 from moekit.experts import GroupedExperts, activate
+from moekit.fused import combine_dtype
 from moekit.inference.cache import ExpertCache
 from moekit.inference.store import ExpertStore, StoreError, model_layout
 from moekit.layer import MoE
@@ -293,6 +295,16 @@ class StoreDispatcher(LocalDispatcher):
         experts_of_rows = torch.searchsorted(plan.group_ends_E.long(), last_rows, right=True)
         self.experts.protect = frozenset(experts_of_rows.tolist())
         return super().expert_groups(plan)
+
+    def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
+        """y[token] = Σ weight · expert_out over the token's assignments, in float32, with the
+        reduction of the plain layer's fused path and decode fast path (embedding_bag over a
+        token's bag of rows), so that the sums round as the plain LM's do."""
+        dtype = combine_dtype(out_ND.dtype)
+        return F.embedding_bag(
+            plan.row_of_assignment_N, out_ND.to(dtype), plan.bag_offsets_T, mode="sum",
+            per_sample_weights=weight_N.to(dtype),
+        )
 
 
 # --------------------------------------------------------------------------------------------
