@@ -421,3 +421,15 @@ def test_pack_cli_errors(tmp_path, capsys, byte_store):
     (tmp_path / "full" / "x").write_text("keep")
     assert main(["pack", str(byte_store), "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_dense_layers_and_shared_experts_stay_resident(tmp_path):
+    """moe_every=2 (block 1 is the only MoE layer) and a shared expert: only routed experts are offloaded."""
+    store, model = make_store(tmp_path, n_layer=3, moe_every=2, moe={"num_shared_experts": 1})
+    opened = ExpertStore(store)
+    assert opened.layers == [1] and [path.name for path in opened.expert_files] == ["experts-001.bin"]
+    assert "blocks.1.ffn.shared_experts.ffn.w_in" in opened.resident_specs
+    idx = torch.randint(0, 64, (1, 12))
+    plain = prefill_then_decode(model, idx, prompt=8)
+    offloaded = prefill_then_decode(load(opened, memory_budget=minimum_budget(opened)), idx, prompt=8)
+    assert all(torch.equal(a, b) for a, b in zip(offloaded, plain, strict=True))
