@@ -433,3 +433,14 @@ def test_dense_layers_and_shared_experts_stay_resident(tmp_path):
     plain = prefill_then_decode(model, idx, prompt=8)
     offloaded = prefill_then_decode(load(opened, memory_budget=minimum_budget(opened)), idx, prompt=8)
     assert all(torch.equal(a, b) for a, b in zip(offloaded, plain, strict=True))
+
+
+def test_preload_reads_every_expert_once_and_needs_room_for_all(tmp_path):
+    store, _ = make_store(tmp_path)
+    model = load(store, preload=True)
+    assert model.expert_cache.stats().misses == 3 * 8
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 10)))
+    assert model.expert_cache.stats().misses == 3 * 8  # nothing more to read
+    with pytest.raises(BudgetError, match="preload needs every expert cached"):
+        load(store, memory_budget=minimum_budget(store), preload=True)

@@ -252,6 +252,11 @@ class _ExpertFileWriter:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.stride * spec.num_experts)
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def write(self, param: str, name: str, tensor_EX: Tensor) -> None:
         if tensor_EX.dtype != self.dtype:
             raise StoreError(
@@ -270,7 +275,7 @@ class _ExpertFileWriter:
     def finish(self) -> list[BlobEntry]:
         """Checksum every blob (read back: the bytes as they are on disk) and close the file."""
         os.fsync(self.fd)
-        os.close(self.fd)
+        self.close()
         blobs = []
         with open(self.path, "rb") as handle:
             for expert in range(self.spec.num_experts):
@@ -455,6 +460,22 @@ def _write_into(
 ) -> None:
     resident = _SafetensorsStreamWriter(directory / RESIDENT_FILE, layout.resident_shapes)
     expert_files: dict[int, _ExpertFileWriter] = {}
+    try:
+        _write_tensors(layout, tensors, resident, expert_files, directory, codec)
+    except BaseException:
+        resident.handle.close()
+        for writer in expert_files.values():
+            writer.close()
+        raise
+    non_expert_bytes = resident.finish()
+    _finish_index(directory, config, codec, tokenizer, source, resident, non_expert_bytes, expert_files)
+
+
+def _write_tensors(
+    layout: ModelLayout, tensors: Iterable[tuple[str, Tensor]], resident: _SafetensorsStreamWriter,
+    expert_files: dict[int, _ExpertFileWriter], directory: Path, codec: SameDtypeCodec,
+) -> None:
+    """Write each tensor where it belongs; every one of the model's tensors must come once."""
     seen: set[str] = set()
     for name, tensor in tensors:
         canonical = layout.aliases.get(name, name)
@@ -493,7 +514,12 @@ def _write_into(
     missing = sorted(expected_names - seen)
     if missing:
         raise StoreError(f"{len(missing)} weights missing from the source, e.g. {missing[:5]}")
-    non_expert_bytes = resident.finish()
+
+
+def _finish_index(
+    directory: Path, config: LMConfig, codec: SameDtypeCodec, tokenizer: dict | None, source: str | None,
+    resident: _SafetensorsStreamWriter, non_expert_bytes: int, expert_files: dict[int, _ExpertFileWriter],
+) -> None:
     blobs = [blob for layer in sorted(expert_files) for blob in expert_files[layer].finish()]
     index = {
         "format": FORMAT,
