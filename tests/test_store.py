@@ -358,7 +358,7 @@ print(json.dumps({"code": code, "warm_up": warm_up, "baseline": baseline, "peak"
 def test_pack_streams_with_peak_memory_a_small_multiple_of_the_largest_tensor(tmp_path):
     """A 200 MB model packed by a fresh process: its peak anonymous RSS rises by a few largest
     tensors (16 MiB), not by the model."""
-    from moekit.inference.store import _SafetensorsStreamWriter, model_layout
+    from moekit.inference.store import _SafetensorsStreamWriter, meta_lm, model_layout
     from moekit.training.checkpoint import write_json_atomic
     from moekit.training.config import TrainConfig
 
@@ -369,8 +369,7 @@ def test_pack_streams_with_peak_memory_a_small_multiple_of_the_largest_tensor(tm
     write_json_atomic(run / "config.json", {"model": config.to_dict(), "train": asdict(TrainConfig()),
                                             "tokenizer": {"kind": "bytes"}})
     # The source checkpoint is itself written one tensor at a time (this process never holds the model).
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in MoETransformerLM(config).state_dict().items()}
+    shapes = {name: tuple(t.shape) for name, t in meta_lm(config).state_dict().items()}
     shapes.pop("lm_head.weight")  # tied
     writer = _SafetensorsStreamWriter(run / "checkpoint" / "model.safetensors", shapes)
     generator = torch.Generator().manual_seed(0)

@@ -51,7 +51,7 @@ from moekit.dispatch import DispatchPlan, LocalDispatcher
 from moekit.experts import GroupedExperts, activate
 from moekit.fused import combine_dtype
 from moekit.inference.cache import ExpertCache
-from moekit.inference.store import ExpertStore, StoreError, model_layout
+from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
 from moekit.layer import MoE
 from moekit.models.lm import MoETransformerLM
 
@@ -326,8 +326,7 @@ def _expert_loader(store: ExpertStore, dtype: torch.dtype | None):
 def _skeleton_with_resident(store: ExpertStore, dtype: torch.dtype | None) -> MoETransformerLM:
     """The LM built on the meta device, its resident weights read from the store (one tensor
     at a time), its expert weights still on the meta device."""
-    with torch.device("meta"):
-        model = MoETransformerLM(store.config)
+    model = meta_lm(store.config)
     loaded = set()
     for name, tensor in store.resident_tensors():
         module_name, _, attr = name.rpartition(".")

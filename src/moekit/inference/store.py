@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from moekit.experts import GroupedExperts
 from moekit.models.lm import LMConfig, MoETransformerLM
@@ -126,13 +127,35 @@ class ModelLayout:
         return None
 
 
-def model_layout(config: LMConfig) -> ModelLayout:
-    """Which tensors of ``config``'s LM are routed experts, and every name's shape.
+# The tensor factories a module's constructor allocates its weights with.
+_WEIGHT_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.tensor}
 
-    The model is built on the meta device: shapes and names without allocating a byte.
+
+class _WeightsOnMeta(TorchFunctionMode):
+    """Weights created without a device go to the meta device; other tensors stay on the CPU.
+
+    NOTE: not ``with torch.device("meta")``: that also puts the constructor's own random draws
+    (an init seed read with ``.item()``) on the meta device, where they cannot be read.
     """
-    with torch.device("meta"):
-        model = MoETransformerLM(config)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _WEIGHT_FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def meta_lm(config: LMConfig) -> MoETransformerLM:
+    """``config``'s LM with every weight on the meta device: names and shapes, no memory.
+
+    The global random state is left as it was (the constructor may draw from it)."""
+    with torch.random.fork_rng(devices=[]), _WeightsOnMeta():
+        return MoETransformerLM(config)
+
+
+def model_layout(config: LMConfig) -> ModelLayout:
+    """Which tensors of ``config``'s LM are routed experts, and every name's shape."""
+    model = meta_lm(config)
     expert_layers = []
     expert_names = set()
     for module_name, module in model.named_modules():
@@ -578,9 +601,17 @@ class _ExpertFile:
                     raise StoreError(f"{path}: cannot open ({error.strerror})") from error
         if self.fd < 0:
             try:
-                self.fd = os.open(path, os.O_RDONLY)
+                self._open_buffered()
             except OSError as error:
                 raise StoreError(f"{path}: cannot open ({error.strerror})") from error
+
+    def _open_buffered(self) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct = False
+        if hasattr(os, "posix_fadvise"):
+            # NOTE: no read-ahead: pages read ahead of a blob would stay cached after the blob's
+            # own range is dropped, and count against the budget.
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def read(self, offset: int, length: int) -> mmap.mmap:
         """``length`` bytes (a multiple of 4 KiB) at ``offset`` into a fresh page-aligned buffer."""
@@ -610,8 +641,7 @@ class _ExpertFile:
 
     def _reopen_buffered(self) -> None:
         os.close(self.fd)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.direct = False
+        self._open_buffered()
 
     def close(self) -> None:
         if self.fd >= 0:
