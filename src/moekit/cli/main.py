@@ -24,6 +24,7 @@ from moekit.cli.compare import add_compare
 from moekit.cli.inspect import add_inspect
 from moekit.cli.interop import add_interop
 from moekit.cli.multitask import add_multitask
+from moekit.cli.pack import add_pack
 from moekit.cli.trace import add_trace
 from moekit.cli.train import add_sample, add_train
 
@@ -37,6 +38,7 @@ examples: (one per command)
   moekit params mixtral-8x7b --json               total vs active parameters, FLOPs, memory
   moekit export runs/my --hf hf/my                a folder transformers' from_pretrained loads
   moekit import hf/tiny-mixtral --out runs/tiny   a local Mixtral folder as a run directory
+  moekit pack runs/my --out stores/my             an expert store: moekit sample stores/my --memory-budget 4GiB
   moekit finetune --from runs/my --data new.txt --out runs/ft --freeze experts
   moekit upcycle runs/dense --out runs/up --experts 8 --top-k 2
   moekit multitask synthetic --out runs/mt        MMoE vs one-gate MoE vs shared-bottom
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_train(subparsers)
     add_sample(subparsers)
+    add_pack(subparsers)
     add_compare(subparsers)
     add_bench(subparsers)
     add_interop(subparsers)

@@ -30,6 +30,7 @@ from moekit.cli.common import (
     print_json,
     shown,
 )
+from moekit.cli.pack import is_store_dir, memory_size, sample_store
 
 # --------------------------------------------------------------------------------------------
 # Flags derived from the config dataclasses
@@ -380,6 +381,7 @@ examples:
   moekit sample RUN_DIR --greedy             greedy decoding (same as --temperature 0)
   moekit sample RUN_DIR --samples 3 --json   {"samples": [...], "prefill_tokens_per_s": ...} on stdout
   moekit sample ~/models/olmoe-tiny --prompt "The" --top-p 0.9 --dtype bfloat16 --json
+  moekit sample STORE --memory-budget 4GiB --json   an expert store (moekit pack): experts cached in 4 GiB
 """
 
 
@@ -416,6 +418,9 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
                         help="nucleus sampling in (0, 1] (transformers folders; moekit runs take --top-k)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations (default float32)")
+    parser.add_argument("--memory-budget", type=memory_size, default=None, metavar="SIZE",
+                        help="MODEL is an expert store (moekit pack): hold at most SIZE of weights (e.g. 4GiB, "
+                        "512MiB, 1.5GB, bytes), the experts in a cache; default: every expert once read")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
 
@@ -463,6 +468,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("--prompt is empty: give at least one character")
     if args.top_p is not None:
         check("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]")
+    if args.memory_budget is not None or is_store_dir(args.run_dir):
+        return sample_store(args)
     if not _is_moekit_run(Path(args.run_dir)):
         return _sample_hf_folder(args)
     if args.top_p is not None:

@@ -1,0 +1,416 @@
+"""Budgeted loading: a moekit LM whose routed experts come from an expert store through a
+byte-budget cache.
+
+    model = moekit.inference.load("stores/mixtral", memory_budget="4GiB")
+    logits_BSV, _ = model(idx_BS)
+    model.expert_cache.stats()          # hits, misses, evictions, bytes read
+
+Everything but the routed experts (attention, norms, embeddings, routers, shared experts) is
+resident; every MoE layer's ``experts`` module is an ``OffloadedExperts`` that fetches expert
+weights through one ``ExpertCache`` holding at most the budget's remaining bytes. Nothing in
+``moekit.layer`` changes: the layer's unfused path hands the experts module its rows grouped
+by expert (``forward(x_ND, group_ends_E, counts)``), and its dispatcher (a ``StoreDispatcher``)
+tells the experts module which experts the last token uses.
+
+The budget: ``memory_budget`` counts the weights held in memory, the resident ones plus the
+cached experts (activations and the KV cache are not in it). Its minimum is the resident
+bytes plus top_k experts per MoE layer: a decode token's k experts of a layer are in use at
+once. A prefill needs more experts of a layer than that, and processes them in waves of at
+most the layer's slots, each expert fetched once per layer per forward; so a prefill never
+needs a larger budget than decoding. The order of a layer's experts in a forward keeps the
+decode working set: the cached ones run first (hits evict nothing), the last token's experts
+run last (they stay cached for the next decode step), and a wave leaves a slot to each cached
+expert of the last token still to come, so no miss evicts it before its turn.
+
+Bit-exactness: each expert's rows go through the same ops (``ExpertWeights.apply``) on
+identically laid-out tensors (views into page-aligned blob buffers) at every budget, and the
+combine is the same embedding_bag reduction; the waves change only when weights are read,
+never the arithmetic. The reference is ``load(store, memory_budget=None)`` (every expert
+cached once read, nothing evicted). The plain LM (``plain_lm_from_store``) reduces with the
+same embedding_bag in its fused and decode paths, and its grouped GEMM on CPU rounds as the
+per-expert matmul does: its logits are bit-identical too (tests/test_offload.py checks both).
+
+Shape suffixes: N rows (grouped by expert), n one expert's rows, D d_model, H the first
+projection's width, F expert hidden size, E experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch import DispatchPlan, LocalDispatcher
+from moekit.experts import GroupedExperts, activate
+from moekit.fused import combine_dtype
+from moekit.inference.cache import ExpertCache
+from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
+from moekit.layer import MoE
+from moekit.models.lm import MoETransformerLM
+
+GIB = 1 << 30
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+class BudgetError(ValueError):
+    """A memory budget below what the store needs; the message names the minimum."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"4GiB"``, ``"512MiB"``, ``"1.5GB"``, ``"1e9"`` is not accepted, plain ``"4096"``.
+
+    Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal ones (KB, MB, GB, TB) powers
+    of 1000, case-insensitive; the result must be a whole number of bytes >= 1.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise ValueError(f"{text} is not a size: must be >= 1 byte")
+        return text
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size: use a number of bytes or a number with a unit "
+                         "(KiB, MiB, GiB, TiB or KB, MB, GB, TB), e.g. 4GiB, 512MiB, 1.5GB")
+    try:
+        value = Decimal(match.group(1)) * _SIZE_UNITS[unit]
+    except InvalidOperation as error:  # unreachable with the pattern; kept for clarity
+        raise ValueError(f"{text!r} is not a size") from error
+    if value != value.to_integral_value():
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    if value < 1:
+        raise ValueError(f"{text!r} is not a size: must be >= 1 byte")
+    return int(value)
+
+
+def format_size(num_bytes: int) -> str:
+    return f"{num_bytes:,} bytes ({num_bytes / GIB:.3f} GiB)"
+
+
+# --------------------------------------------------------------------------------------------
+# The budget
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a memory budget is spent: the resident weights, then expert slots per MoE layer."""
+
+    memory_budget: int | None  # None: unlimited (every expert may be cached)
+    non_expert_bytes: int  # the resident weights, in the dtype they are held in
+    minimum_bytes: int  # non_expert_bytes + top_k slots per MoE layer
+    slot_bytes: dict[int, int]  # layer -> bytes one cached expert holds
+    slots: dict[int, int]  # layer -> experts cached at most
+    num_experts: dict[int, int]  # layer -> E
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(self.slots[layer] * self.slot_bytes[layer] for layer in self.slots)
+
+    @property
+    def expert_bytes(self) -> int:
+        """Every expert cached at once."""
+        return sum(self.slot_bytes[layer] * self.num_experts[layer] for layer in self.slots)
+
+    def to_dict(self) -> dict:
+        return {
+            "memory_budget": self.memory_budget,
+            "non_expert_bytes": self.non_expert_bytes,
+            "minimum_bytes": self.minimum_bytes,
+            "expert_bytes": self.expert_bytes,
+            "cache_bytes": self.cache_bytes,
+            "slots_per_layer": {str(layer): count for layer, count in self.slots.items()},
+        }
+
+
+def _held_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def plan_memory(store: ExpertStore, memory_budget: int | str | None, dtype: torch.dtype | None = None) -> MemoryPlan:
+    """Split ``memory_budget`` into the resident weights and expert slots per layer.
+
+    Each MoE layer gets top_k slots (the minimum), then the remaining bytes go one slot at a
+    time to the layers in turn, until they are spent or every expert has a slot. A budget
+    below the minimum is a ``BudgetError`` naming the minimum in bytes and GiB.
+    """
+    budget = None if memory_budget is None else parse_size(memory_budget)
+    non_expert = sum(
+        _numel(shape) * _held_dtype(stored, dtype).itemsize for shape, stored in store.resident_specs.values()
+    )
+    slot_bytes, num_experts = {}, {}
+    for (layer, _), blob in sorted(store.blobs.items()):
+        if dtype is None or all(_held_dtype(t.dtype, dtype) == t.dtype for t in blob.tensors):
+            held = blob.padded_length  # the blob's own buffer: tensors are views into it
+        else:
+            held = sum(_numel(t.shape) * _held_dtype(t.dtype, dtype).itemsize for t in blob.tensors)
+        slot_bytes[layer] = max(slot_bytes.get(layer, 0), held)
+        num_experts[layer] = num_experts.get(layer, 0) + 1
+    top_k = store.config.moe.top_k
+    minimum = non_expert + sum(top_k * size for size in slot_bytes.values())
+    if budget is None:
+        slots = dict(num_experts)
+    else:
+        if budget < minimum:
+            raise BudgetError(
+                f"memory budget {format_size(budget)} is below this store's minimum {format_size(minimum)}: "
+                f"the non-expert weights {format_size(non_expert)} plus top_k={top_k} experts of each of its "
+                f"{len(slot_bytes)} MoE layers"
+            )
+        slots = dict.fromkeys(slot_bytes, top_k)
+        left = budget - minimum
+        growing = True
+        while growing:
+            growing = False
+            for layer in slot_bytes:
+                if slots[layer] < num_experts[layer] and slot_bytes[layer] <= left:
+                    slots[layer] += 1
+                    left -= slot_bytes[layer]
+                    growing = True
+    return MemoryPlan(budget, non_expert, minimum, slot_bytes, slots, num_experts)
+
+
+def minimum_budget(store: str | Path | ExpertStore, dtype: torch.dtype | None = None) -> int:
+    """The smallest ``memory_budget`` that ``load`` accepts for ``store``."""
+    opened = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=False)
+    return plan_memory(opened, None, dtype).minimum_bytes
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# The experts module
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's weights as cached: w_in [D, H], w_out [F, D], optional biases b_in [H], b_out [D]."""
+
+    w_in_DH: Tensor
+    w_out_FD: Tensor
+    b_in_H: Tensor | None = None
+    b_out_D: Tensor | None = None
+
+    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig) -> None:
+        """out = FFN(x) for this expert's rows, written into ``out_nD``: the same ops as
+        ``GroupedExperts``' per-expert loop (the spec)."""
+        h_nH = torch.matmul(x_nD, self.w_in_DH)
+        if self.b_in_H is not None:
+            h_nH = h_nH + self.b_in_H
+        act_nF = activate(h_nH, config.activation, config.swiglu_alpha, config.swiglu_limit)
+        torch.matmul(act_nF, self.w_out_FD, out=out_nD)
+        if self.b_out_D is not None:
+            out_nD += self.b_out_D
+
+
+class OffloadedExperts(nn.Module):
+    """The routed experts of one MoE layer, fetched through an ``ExpertCache``.
+
+    Inference only (no gradients, no expert dropout). ``forward(x_ND, group_ends_E, counts)``
+    has ``GroupedExperts``' contract: rows grouped by expert, ``counts[e]`` rows for expert e.
+    """
+
+    def __init__(self, config: MoEConfig, layer: int, cache: ExpertCache) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.layer = layer
+        self.cache = cache
+        self.protect: frozenset[int] = frozenset()  # the last token's experts, set by StoreDispatcher
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, slots={self.cache.slots[self.layer]}"
+
+    def processing_order(self, needed: Sequence[int]) -> list[int]:
+        """Cached experts first (hits evict nothing), then the missing ones, the last token's
+        experts (``protect``) at the end of each so that they stay cached for the next step."""
+        cached = set(self.cache.cached(self.layer))
+        return sorted(needed, key=lambda e: (e in self.protect, e not in cached, e))
+
+    def next_wave(self, remaining: Sequence[int]) -> list[int]:
+        """The next experts to hold at once: as many as the layer's slots, less one slot for
+        each cached expert of the last token still to come (so that no miss evicts it before
+        its turn), and at least one."""
+        slots = self.cache.slots[self.layer]
+        reserved = {e for e in remaining if e in self.protect and self.cache.is_cached(self.layer, e)}
+        wave: list[int] = []
+        for expert in remaining:
+            held_back = len(reserved - set(wave) - {expert})
+            if wave and len(wave) + 1 + held_back > slots:
+                break
+            wave.append(expert)
+            if len(wave) == slots:
+                break
+        return wave
+
+    @torch.no_grad()
+    def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
+        if self.training:
+            raise RuntimeError("OffloadedExperts runs inference only: call model.eval() first")
+        starts, start = [], 0
+        for count in counts:
+            starts.append(start)
+            start += count
+        out_ND = x_ND.new_empty(x_ND.shape[0], self.config.d_model)
+        remaining = self.processing_order([e for e, count in enumerate(counts) if count])
+        while remaining:
+            wave = self.next_wave(remaining)
+            remaining = remaining[len(wave) :]
+            weights = self.cache.acquire(self.layer, wave, self.protect)
+            try:
+                for expert, expert_weights in zip(wave, weights, strict=True):
+                    rows = slice(starts[expert], starts[expert] + counts[expert])
+                    expert_weights.apply(x_ND[rows], out_ND[rows], self.config)
+            finally:
+                self.cache.release(self.layer, wave)
+        return out_ND
+
+
+class StoreDispatcher(LocalDispatcher):
+    """The local dispatcher, which also tells the experts module the last token's experts."""
+
+    def __init__(self, num_experts: int, experts: OffloadedExperts) -> None:
+        super().__init__(num_experts)
+        self.experts = experts
+
+    def expert_groups(self, plan: DispatchPlan) -> tuple[Tensor, tuple[int, ...]]:
+        last_rows = (plan.token_of_row_N == plan.num_tokens - 1).nonzero().squeeze(1)
+        experts_of_rows = torch.searchsorted(plan.group_ends_E.long(), last_rows, right=True)
+        self.experts.protect = frozenset(experts_of_rows.tolist())
+        return super().expert_groups(plan)
+
+    def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
+        """y[token] = Σ weight · expert_out over the token's assignments, in float32, with the
+        reduction of the plain layer's fused path and decode fast path (embedding_bag over a
+        token's bag of rows), so that the sums round as the plain LM's do."""
+        dtype = combine_dtype(out_ND.dtype)
+        return F.embedding_bag(
+            plan.row_of_assignment_N, out_ND.to(dtype), plan.bag_offsets_T, mode="sum",
+            per_sample_weights=weight_N.to(dtype),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _expert_loader(store: ExpertStore, dtype: torch.dtype | None):
+    def load_expert(layer: int, expert: int) -> tuple[ExpertWeights, int]:
+        tensors, nbytes = store.expert_tensors(layer, expert)
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return ExpertWeights(tensors["w_in"], tensors["w_out"], tensors.get("b_in"), tensors.get("b_out")), nbytes
+
+    return load_expert
+
+
+def _skeleton_with_resident(store: ExpertStore, dtype: torch.dtype | None) -> MoETransformerLM:
+    """The LM built on the meta device, its resident weights read from the store (one tensor
+    at a time), its expert weights still on the meta device."""
+    model = meta_lm(store.config)
+    loaded = set()
+    for name, tensor in store.resident_tensors():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if tensor.is_floating_point() and dtype is not None:
+            tensor = tensor.to(dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        elif attr in module._buffers:
+            module._buffers[attr] = tensor
+        else:
+            raise StoreError(f"{store.path}: resident tensor {name} is not a weight of the model")
+        loaded.add(name)
+    if store.config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    missing = sorted(set(model_layout(store.config).resident_shapes) - loaded)
+    if missing:
+        raise StoreError(f"{store.path}: resident weights missing: {missing[:5]}")
+    return model
+
+
+def load(
+    store: str | Path | ExpertStore,
+    memory_budget: int | str | None = None,
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+    preload: bool = False,
+) -> MoETransformerLM:
+    """A moekit LM (in eval mode) whose routed experts are read from ``store`` through a cache.
+
+    ``memory_budget``: bytes (or a size such as ``"4GiB"``) for the resident weights plus the
+    cached experts; None caches every expert once read. ``dtype``: hold floating weights in
+    this dtype (None: as stored). ``verify``: check CRC-32s (the resident file at load, each
+    blob as it is read). ``preload``: read every expert now (the budget must hold them all).
+
+    The model carries ``expert_cache`` (counters: ``model.expert_cache.stats()``),
+    ``expert_store`` and ``memory_plan``.
+    """
+    opened = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=verify)
+    plan = plan_memory(opened, memory_budget, dtype)
+    cache = ExpertCache(plan.slots, plan.slot_bytes, _expert_loader(opened, dtype))
+    model = _skeleton_with_resident(opened, dtype)
+    for block in model.blocks:
+        moe = block.ffn
+        if not isinstance(moe, MoE):
+            continue
+        if not isinstance(moe.experts, GroupedExperts):
+            raise StoreError(f"{opened.path}: layer {block.attn.layer_idx} has no grouped experts to offload")
+        experts = OffloadedExperts(moe.config, block.attn.layer_idx, cache)
+        moe.experts = experts
+        moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts)
+    model.expert_cache = cache
+    model.expert_store = opened
+    model.memory_plan = plan
+    model.eval()
+    if preload:
+        for layer, count in plan.num_experts.items():
+            if plan.slots[layer] < count:
+                raise BudgetError(f"preload needs every expert cached, but the budget gives layer {layer} "
+                                  f"{plan.slots[layer]} of {count} slots ({format_size(plan.expert_bytes)} of experts)")
+            everything = list(range(count))
+            cache.acquire(layer, everything)
+            cache.release(layer, everything)
+    return model
+
+
+def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | None = None) -> MoETransformerLM:
+    """The ordinary moekit LM (``GroupedExperts`` holding every expert) of a store's weights.
+
+    It holds the whole model in memory; it is the comparison point for the offloaded model.
+    """
+    opened = store if isinstance(store, ExpertStore) else ExpertStore(store)
+    model = _skeleton_with_resident(opened, dtype)
+    load_expert = _expert_loader(opened, dtype)
+    for spec in model_layout(opened.config).expert_layers:
+        experts = model.get_submodule(spec.module)
+        per_expert = [load_expert(spec.layer, e)[0] for e in range(spec.num_experts)]
+        stacked = {
+            "w_in": torch.stack([w.w_in_DH for w in per_expert]),
+            "w_out": torch.stack([w.w_out_FD for w in per_expert]),
+        }
+        if per_expert[0].b_in_H is not None:
+            stacked["b_in"] = torch.stack([w.b_in_H for w in per_expert])  # type: ignore[misc]
+            stacked["b_out"] = torch.stack([w.b_out_D for w in per_expert])  # type: ignore[misc]
+        for name, value in stacked.items():
+            experts._parameters[name] = nn.Parameter(value, requires_grad=False)
+    return model.eval()
