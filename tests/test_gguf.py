@@ -276,13 +276,19 @@ def test_without_the_permutation_the_llama_cpp_graph_differs(tmp_path, monkeypat
     import moekit.interop.gguf as module
 
     lm = tiny_lm()
-    monkeypatch.setattr(module, "rope_interleave", lambda w, n_heads: w)
-    write_gguf(lm, tmp_path / "m.gguf")
-    tensors, meta, _ = read(tmp_path / "m.gguf")
+    with torch.no_grad():  # sharper attention, so that the positions (the rotary order) matter
+        for block in lm.blocks:
+            block.attn.qkv.weight.mul_(10)
     idx_S = list(range(40, 60))
     with torch.no_grad():
         want = lm(torch.tensor([idx_S]))[0][0]
-    assert (llama_cpp_graph_logits(tensors, meta, idx_S) - want).abs().max() > 1e-3
+    write_gguf(lm, tmp_path / "right.gguf")
+    tensors, meta, _ = read(tmp_path / "right.gguf")
+    torch.testing.assert_close(llama_cpp_graph_logits(tensors, meta, idx_S), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(module, "rope_interleave", lambda w, n_heads: w)
+    write_gguf(lm, tmp_path / "m.gguf")
+    tensors, meta, _ = read(tmp_path / "m.gguf")
+    assert (llama_cpp_graph_logits(tensors, meta, idx_S) - want).abs().max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------------
