@@ -277,7 +277,10 @@ def _machine() -> str:
 
     import torch
 
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    from moekit.experiments.bench.layer import cpu_model_name
+
+    # The CPU model, not just the architecture: ratios differ between CPUs of one architecture.
+    return f"{cpu_model_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _balance_coef() -> float:
