@@ -499,6 +499,23 @@ def _legacy_to_fused(tensors: dict[str, Tensor], config: LMConfig, folder: Path 
     return out
 
 
+def mixtral_folder_config(folder: Path) -> tuple[LMConfig, dict]:
+    """The moekit LMConfig of a local transformers Mixtral folder, and its config.json as a dict;
+    a missing, unreadable or invalid config.json is a ``ConversionError`` naming it."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ConversionError(f"{config_path}: missing; {folder} is not a Hugging Face model folder")
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{config_path}: expected a JSON object")
+    try:
+        return lm_config_from_mixtral(hf_config), hf_config
+    except ConversionError as error:
+        raise ConversionError(f"{config_path}: {error}") from error
+    except ValueError as error:  # a ConfigError: a size that is not a size
+        raise ConversionError(f"{config_path}: does not describe a valid model ({error})") from error
+
+
 @torch.no_grad()
 def load_hf_checkpoint(folder: str | Path) -> tuple[MoETransformerLM, dict]:
     """A moekit LM from a local transformers Mixtral folder (config.json + safetensors shards);
@@ -508,18 +525,7 @@ def load_hf_checkpoint(folder: str | Path) -> tuple[MoETransformerLM, dict]:
     missing tensor, or a tensor whose shape disagrees with config.json is a ``ConversionError``
     naming the file and the tensor."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ConversionError(f"{config_path}: missing; {folder} is not a Hugging Face model folder")
-    hf_config = _read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise ConversionError(f"{config_path}: expected a JSON object")
-    try:
-        config = lm_config_from_mixtral(hf_config)
-    except ConversionError as error:
-        raise ConversionError(f"{config_path}: {error}") from error
-    except ValueError as error:  # a ConfigError: a size that is not a size
-        raise ConversionError(f"{config_path}: does not describe a valid model ({error})") from error
+    config, hf_config = mixtral_folder_config(folder)
     tensors, source = _load_tensors(_safetensors_files(folder))
     _check_shapes(tensors, source, config, folder)
     tensors = _legacy_to_fused(tensors, config, folder)

@@ -31,7 +31,7 @@ from moekit.interop.hf import (
     _read_json,
     _safetensors_files,
     hf_tokenizer_payload,
-    lm_config_from_mixtral,
+    mixtral_folder_config,
 )
 from moekit.models.lm import LMConfig
 
@@ -93,15 +93,7 @@ def hf_tensor_stream(folder: str | Path) -> TensorStream:
     """
     folder = Path(folder)
     config_path = folder / "config.json"
-    hf_config = _read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise ConversionError(f"{config_path}: expected a JSON object")
-    try:
-        config = lm_config_from_mixtral(hf_config)
-    except ConversionError as error:
-        raise ConversionError(f"{config_path}: {error}") from error
-    except ValueError as error:
-        raise ConversionError(f"{config_path}: does not describe a valid model ({error})") from error
+    config, _ = mixtral_folder_config(folder)
     readers = {name: reader for reader in map(SafetensorsReader, _safetensors_files(folder)) for name in reader.keys()}
     for name, shape in _expected_shapes(config).items():
         if name in readers and readers[name].shape(name) != shape:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from moekit.config import MoEConfig
 from moekit.experiments.compare.run import GridInterrupted, RunSpec, _fixed_steps, _run_one, _sigterm_as_interrupt
-from moekit.experiments.facts.run import run_parallel
+from moekit.experiments.facts.run import _mean_sd, run_parallel
 from moekit.experiments.text.data import PreparedGcide, prepare_gcide
 from moekit.models.lm import LMConfig
 from moekit.training.checkpoint import load_model_from_run
@@ -283,10 +283,6 @@ def run_text(
             spec = grid.current
             raise GridInterrupted(spec.key if spec else None, grid.current_dir, received[0]) from None
     return summary
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(
