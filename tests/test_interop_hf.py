@@ -320,6 +320,19 @@ def test_lm_not_expressible_as_mixtral_names_every_reason():
         to_hf_model(MoETransformerLM(config))
 
 
+def test_fields_mixtral_cannot_hold_are_refused_not_dropped():
+    # A scaled gate, router or expert biases, group-limited routing: a Mixtral export would
+    # silently compute something else.
+    config = LMConfig(moe=MoEConfig(d_model=128, d_ff=64, routed_scaling_factor=2.0, router_bias=True,
+                                    expert_biases=True))
+    reasons = mixtral_incompatibility(config)
+    for field_name in ("routed_scaling_factor=2.0", "router_bias", "expert_biases"):
+        assert any(field_name in r for r in reasons), field_name
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        to_hf_model(MoETransformerLM(config))
+    assert mixtral_incompatibility(LMConfig()) == []
+
+
 def test_saved_folder_loads_without_transformers_model(tmp_path):
     hf = tiny_mixtral()
     idx = torch.randint(0, 64, (1, 9))

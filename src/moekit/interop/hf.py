@@ -283,6 +283,15 @@ def mixtral_incompatibility(config: LMConfig) -> list[str]:
         reasons.append(f"moe.num_shared_experts={moe.num_shared_experts} (Mixtral has no shared experts)")
     if moe.capacity_factor is not None or moe.eval_capacity_factor is not None or moe.expert_capacity is not None:
         reasons.append("a finite expert capacity (Mixtral is dropless)")
+    # Fields Mixtral's block has no place for: exporting would drop them silently.
+    if moe.routed_scaling_factor != 1.0:
+        reasons.append(f"moe.routed_scaling_factor={moe.routed_scaling_factor} (Mixtral's gates are not scaled: 1.0)")
+    if moe.router_bias:
+        reasons.append("moe.router_bias=True (Mixtral's router has no bias)")
+    if moe.expert_biases:
+        reasons.append("moe.expert_biases=True (Mixtral's experts have no biases)")
+    if moe.n_group != 1:
+        reasons.append(f"moe.n_group={moe.n_group} (Mixtral has no group-limited routing: 1)")
     return reasons
 
 
