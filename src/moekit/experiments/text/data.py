@@ -49,6 +49,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.experiments.datasets import default_cache_dir, file_digest
+
 GCIDE_PACKAGE = "dict-gcide"
 GCIDE_VERSION = "0.48.5+nmu2"
 GCIDE_DEB = f"{GCIDE_PACKAGE}_{GCIDE_VERSION}_all.deb"
@@ -69,19 +71,6 @@ _AR_HEADER_BYTES = 60
 
 class GcideUnavailable(RuntimeError):
     """The .deb could not be fetched (no apt-get, no network); the message says how to supply it."""
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "moekit" / "gcide"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _by_hand(cache: Path) -> str:
@@ -108,7 +97,7 @@ def verify_deb(path: Path, expected_sha256: str | None = None, source: str | Non
     expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
     if not path.is_file():
         raise ValueError(f"{source or path}: no such file")
-    actual = sha256_of(path)
+    actual = file_digest(path, "sha256")
     if actual != expected_sha256:
         raise ValueError(
             f"{source or path}: sha256 {actual} is not that of {GCIDE_DEB} ({expected_sha256}); "
@@ -362,7 +351,7 @@ def prepare_gcide(
     when its SHA-256 matches the one stored beside it and it was prepared from a .deb of the
     expected SHA-256; otherwise the .deb (``fetch_gcide_deb``) is read and stripped."""
     expected_sha256 = expected_sha256 or GCIDE_DEB_SHA256
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir("gcide")
     given = given_deb(deb)
     if given is not None:
         verify_deb(given[0], expected_sha256, given[1])
@@ -370,7 +359,7 @@ def prepare_gcide(
     if path.exists() and digest_path.exists():
         # "<text sha256>  gcide-prose-v1.txt" then "<.deb sha256>  <.deb name>"
         stored = [line.split()[0] for line in digest_path.read_text().splitlines() if line.strip()]
-        if len(stored) == 2 and stored[1] == expected_sha256 and sha256_of(path) == stored[0]:
+        if len(stored) == 2 and stored[1] == expected_sha256 and file_digest(path, "sha256") == stored[0]:
             return PreparedGcide(path, stored[0], path.stat().st_size, None)
     source = fetch_gcide_deb(cache, deb, expected_sha256)
     dict_bytes = gzip.decompress(read_deb_member(source, DICT_MEMBER))  # dictzip is gzip
