@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from moekit.experiments.facts.data import ALPHABET, _letters, facts_text, make_facts, pass_orders, value_metrics
 from moekit.experiments.facts.run import FactsConfig, models
-from moekit.layer import aux_loss
+from moekit.layer import MoE, aux_loss
 from moekit.models.lm import MoETransformerLM
 
 
@@ -62,11 +62,19 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float, float, float]]
     parser.add_argument("--z-loss", type=float, default=1e-3)
     parser.add_argument("--scale", type=float, default=1.0, help="routed_scaling_factor of the MoEs")
     parser.add_argument("--noise", type=float, default=0.0, help="fresh random lines per trained fact and pass")
+    parser.add_argument("--layers", type=int, default=FactsConfig.n_layer, help="transformer blocks")
+    parser.add_argument("--moe-every", type=int, default=FactsConfig.moe_every,
+                        help="every n-th block's FFN is the MoE (LMConfig.moe_every)")
+    parser.add_argument("--heads", type=int, default=FactsConfig.n_head)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the matrices")
+    parser.add_argument("--router-std", type=float, default=None,
+                        help="re-draw the routers' weights from N(0, std²) (the LM's init: 0.02)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = replace(FactsConfig(), balance_loss_coef=args.balance, z_loss_coef=args.z_loss,
-                     routed_scaling_factor=args.scale)
+                     routed_scaling_factor=args.scale, n_layer=args.layers, moe_every=args.moe_every,
+                     n_head=args.heads)
     model_config = models(config)[args.model]
     facts = make_facts(args.facts, args.key_len, config.value_len, config.heldout, args.seed)
     text = (noisy_facts_text(facts, config.passes, args.seed, args.noise) if args.noise > 0
@@ -74,10 +82,14 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float, float, float]]
     tokens = torch.tensor(list(text.encode()), dtype=torch.long)
     torch.manual_seed(1000 + args.seed)
     model = MoETransformerLM(model_config)
+    if args.router_std is not None:
+        for module in model.modules():
+            if isinstance(module, MoE):
+                torch.nn.init.normal_(module.router.weight, std=args.router_std)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    groups = [{"params": matrices, "weight_decay": args.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     sampler = torch.Generator().manual_seed(args.seed)
     seq_len = model_config.seq_len
     started, curve = time.time(), []
