@@ -49,6 +49,7 @@ from moekit.experiments.facts.run import (
     summarize,
     train_config,
 )
+from moekit.experiments.facts.speed import equal_time_steps, seconds_per_step, throughput_ratios
 from moekit.models.lm import MoETransformerLM
 
 
@@ -314,23 +315,31 @@ def test_compare_g_quick_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)["g"]
     # Calibration (2 dense runs, the interrupted one again first), then the MoEs and dense-wide;
-    # the seed-0 dense run of the chosen count is the calibration's.
-    assert len(calls) == 2 + 3
+    # the seed-0 dense run of the chosen count is the calibration's; then dense at equal wall time.
+    assert len(calls) == 2 + 3 + 1 and "dense-time" in calls[-1]
     assert set(summary["models"]) == {DENSE, "moe-e4", "moe-e8", WIDE}
     assert summary["facts"]["chosen_by"] == "calibration" and len(summary["calibration"]) == 2
     for row in summary["models"].values():
         assert 0 <= row["exact_match_mean"] <= 1 and 0 < row["value_ce_mean"] < 10
         assert len(row["value_ce"]) == 1 and len(row["heldout_ce"]) == 1
     assert set(summary["paired"]) == {"moe-e4", "moe-e8"}
+    speed, equal = summary["speed"], summary["equal_time"]
+    assert set(speed["ratios"]) == {DENSE, "moe-e4", "moe-e8"} and speed["ratios"][DENSE]["ratio"] == 1.0
+    assert equal["moe"] == summary["checks"]["best_moe"] and equal["dense_steps"] % 20 == 0
+    assert len(equal["value_ce"]) == 1 and equal["moe_margin"][0] == pytest.approx(
+        equal["value_ce"][0] - summary["models"][equal["moe"]]["value_ce"][0])
     text = (out / "results_g.md").read_text()
-    for part in ("## Calibration", "## Results", "Paired differences", "acceptance checks", "g_facts.png"):
+    for part in ("## Calibration", "## Results", "Paired differences", "acceptance checks", "g_facts.png",
+                 "## Training speed", "## At equal wall time"):
         assert part in text
     assert (out / "g_facts.png").stat().st_size > 0
 
     calls.clear()
     assert main([*args, "--facts", str(summary["facts"]["num_facts"])]) == 0
     again = json.loads(capsys.readouterr().out)["g"]
-    assert calls == []  # every run reused: same facts, same specs
+    # Every run reused: same facts, same specs; only the equal-time dense run's steps follow the
+    # speed measured again (2 steps a round here, so noisy).
+    assert all("dense-time" in c for c in calls)
     assert again["models"][DENSE]["value_ce"] == summary["models"][DENSE]["value_ce"]
     assert again["facts"]["chosen_by"] == "--facts" and again["calibration"] == []
     assert Path(out / "results_g.md").exists()
@@ -346,7 +355,8 @@ def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, monkeypatch)
     real_train = compare_run.train
     monkeypatch.setattr(compare_run, "train", lambda *a, **k: trained.append(str(a[2])) or real_train(*a, **k))
     serial = run_facts(out, seeds=1, quick=True, num_facts=20, jobs=1)
-    assert trained == []
+    # Only the equal-time dense run may train again: its steps follow the speed measured again.
+    assert all("dense-time" in path for path in trained)
     assert parallel["models"].keys() == serial["models"].keys()
     for name, row in parallel["models"].items():
         assert row["value_ce"] == serial["models"][name]["value_ce"], name
@@ -375,3 +385,30 @@ def test_probe_prints_a_learning_curve(capsys):
     assert [row[0] for row in curve] == [2, 4]
     assert all(math.isfinite(value) for row in curve for value in row[1:])
     assert capsys.readouterr().out.count("moe-e4 step") == 2
+
+
+def test_equal_time_steps_divide_by_the_speed_ratio_and_round():
+    # 4,000 steps of a model at 0.8x dense speed take as long as 5,000 dense steps.
+    assert equal_time_steps(4000, 0.8) == 5000
+    assert equal_time_steps(4000, 0.87) == 4600  # 4,597.7 → 4,600
+    assert equal_time_steps(4000, 1.25, multiple=250) == 3250  # 3,200 → 3,250 (13 × 250)
+    assert equal_time_steps(10, 0.5) == 100  # never below one multiple
+    with pytest.raises(ValueError, match="ratio"):
+        equal_time_steps(4000, 0.0)
+
+
+def test_throughput_ratios_are_per_round_medians():
+    # Round by round dense/moe: 1/2, 2/2, 1/1.25 = 0.5, 1.0, 0.8 → median 0.8.
+    ratios = throughput_ratios({"dense": [1.0, 2.0, 1.0], "moe": [2.0, 2.0, 1.25]}, "dense")
+    assert ratios["moe"] == {"ratio": 0.8, "min": 0.5, "max": 1.0, "seconds_per_step": 2.0}
+    assert ratios["dense"]["ratio"] == 1.0
+
+
+def test_seconds_per_step_runs_the_trainer_step_of_every_model(tmp_path):
+    config = default_config(quick=True)
+    facts = make_facts(20, config.key_len, config.value_len, config.heldout, 0)
+    path = tmp_path / "facts.txt"
+    path.write_text(facts_text(facts, config.passes, 0))
+    grid = {name: model for name, model in models(config).items() if name != WIDE}
+    times = seconds_per_step(grid, train_config(config, path, 0), rounds=2, steps_per_round=2, warmup_steps=1)
+    assert set(times) == set(grid) and all(len(v) == 2 and all(t > 0 for t in v) for v in times.values())

@@ -145,14 +145,59 @@ def write_facts_report(out: Path, summary: dict[str, Any], command: str) -> Path
         f"{checks['max_heldout_byte_accuracy_gap']:.4f})",
         f"- (g) ran within {RUNTIME_BUDGET_MINUTES} minutes: {_yes(minutes <= RUNTIME_BUDGET_MINUTES)} "
         f"({minutes:.1f} minutes of this command; runs it reused from an earlier one cost it nothing)",
-        "",
-        f"![facts]({FIGURE_FILE})",
-        "",
     ]
+    lines += _speed_lines(summary, rows, moe_names)
+    lines += ["", f"![facts]({FIGURE_FILE})", ""]
     _figure(out / FIGURE_FILE, config, rows)
     path = out / RESULTS_FILE
     path.write_text("\n".join(lines))
     return path
+
+
+def _speed_lines(summary: dict[str, Any], rows: dict[str, Any], moe_names: list[str]) -> list[str]:
+    speed, equal = summary.get("speed"), summary.get("equal_time")
+    if speed is None:
+        return []
+    ratios = speed["ratios"]
+    lines = [
+        f"- every MoE trains at ≥ 0.9x the dense model's tokens/s: "
+        f"{_yes(all(ratios[n]['ratio'] >= 0.9 for n in moe_names))}",
+        "",
+        "## Training speed",
+        "",
+        f"The trainer's step (batch, forward, backward, clipping, AdamW) of each model in one process with "
+        f"{speed['threads']} thread(s), as a grid worker has, in {speed['rounds']} rounds of "
+        f"{speed['steps_per_round']} steps that visit the models in turn; tokens/s relative to dense in the same "
+        f"round, median (lowest – highest round):",
+        "",
+        "| model | ms per step | tokens/s relative to dense |",
+        "|---|---|---|",
+    ]
+    for name in ["dense", *moe_names]:
+        r = ratios[name]
+        lines.append(f"| {_label(name, rows[name])} | {1000 * r['seconds_per_step']:.2f} | "
+                     f"{r['ratio']:.3f} ({r['min']:.3f} – {r['max']:.3f}) |")
+    if equal is not None:
+        mean, sd = equal["value_ce_mean_sd"]
+        moe = equal["moe"]
+        margins = equal["moe_margin"]
+        winner = "the MoE" if all(m > 0 for m in margins) else "dense" if all(m < 0 for m in margins) else "neither"
+        lines += [
+            "",
+            "## At equal wall time",
+            "",
+            f"The dense model trained for {equal['dense_steps']:,} steps, the time {_label(moe, rows[moe])} takes "
+            f"for {summary['steps']:,} at the speed ratio above ({equal['ratio']:.3f}), rounded to 100 steps; "
+            f"the same facts and batches per seed:",
+            "",
+            f"- dense, {equal['dense_steps']:,} steps: value CE {_per_seed(equal['value_ce'])} "
+            f"(mean {mean:.3f} ± {sd:.3f}), exact match {_per_seed(equal['exact_match'])}",
+            f"- {_label(moe, rows[moe])}, {summary['steps']:,} steps: value CE {_per_seed(rows[moe]['value_ce'])}",
+            f"- the MoE's margin (dense − MoE value CE) per seed: {_per_seed(margins, signed=True)}: "
+            f"{'in every seed ' if winner != 'neither' else ''}**{winner}** "
+            f"{'wins' if winner != 'neither' else 'wins every seed'}",
+        ]
+    return lines
 
 
 def _figure(path: Path, config: dict[str, Any], rows: dict[str, Any]) -> None:

@@ -69,6 +69,7 @@ from moekit.training.config import TrainConfig
 
 SEED_OFFSET = 1000  # TrainConfig.seed = 1000 + seed, as the rest of ``moekit compare``
 DENSE, WIDE = "dense", "dense-wide"
+EQUAL_TIME = "dense-time"  # the dense model trained for the best MoE's wall time
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,21 @@ class FactsConfig:
     calibration_runs: int = 4
     target_exact_match: float = 0.5
     eval_batch_size: int = 512
+    # Training speed in one process, alternating (``speed.py``): rounds of ``speed_steps`` steps
+    # per model; 0 rounds skips it and the equal-wall-time dense runs that depend on it.
+    speed_rounds: int = 7
+    speed_steps: int = 20
+    equal_time_multiple: int = 100  # the equal-wall-time dense steps are rounded to a multiple of it
 
     def validate(self) -> None:
         for name in ("key_len", "value_len", "passes", "d_model", "n_layer", "moe_every", "n_head", "seq_len", "d_ff",
-                     "top_k", "steps", "batch_size", "calibration_start", "calibration_runs", "eval_batch_size"):
+                     "top_k", "steps", "batch_size", "calibration_start", "calibration_runs", "eval_batch_size",
+                     "speed_steps", "equal_time_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"FactsConfig.{name}={value!r} is invalid: must be an integer >= 1")
+        if not isinstance(self.speed_rounds, int) or self.speed_rounds < 0:
+            raise ValueError(f"FactsConfig.speed_rounds={self.speed_rounds!r} is invalid: must be an integer >= 0")
         if self.calibration_factor < 2:
             raise ValueError(f"FactsConfig.calibration_factor={self.calibration_factor} is invalid: must be >= 2")
         if not self.experts or any(e < self.top_k for e in self.experts):
@@ -152,7 +161,7 @@ def default_config(steps: int | None = None, quick: bool = False) -> FactsConfig
         config = replace(
             config, key_len=3, heldout=20, passes=10, d_model=16, seq_len=32, d_ff=32, experts=(4, 8),
             wide_experts=8, steps=20, batch_size=4, warmup_steps=3, calibration_start=40, calibration_runs=2,
-            eval_batch_size=64,
+            eval_batch_size=64, speed_rounds=1, speed_steps=2, equal_time_multiple=20,
         )
     return config if steps is None else replace(config, steps=steps)
 
@@ -181,12 +190,12 @@ def models(config: FactsConfig) -> dict[str, LMConfig]:
     return grid
 
 
-def train_config(config: FactsConfig, data: Path, seed: int) -> TrainConfig:
+def train_config(config: FactsConfig, data: Path, seed: int, steps: int | None = None) -> TrainConfig:
     base = TrainConfig(
         data=str(data), batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
         seed=SEED_OFFSET + seed, device="cpu", eval_batches=4,
     )
-    return _fixed_steps(base, config.steps)
+    return _fixed_steps(base, config.steps if steps is None else steps)
 
 
 @dataclass
@@ -223,17 +232,19 @@ class FactsGrid:
             self._corpora[key] = (facts, path, sha256)
         return self._corpora[key]
 
-    def prepare(self, name: str, model: LMConfig, num_facts: int, seed: int) -> None:
+    def prepare(self, name: str, model: LMConfig, num_facts: int, seed: int, steps: int | None = None) -> None:
         """Before ``run_parallel`` hands the task to a worker: write its corpus here, once."""
         self.corpus(num_facts, seed)
 
-    def run(self, name: str, model: LMConfig, num_facts: int, seed: int) -> FactsRun:
+    def run(self, name: str, model: LMConfig, num_facts: int, seed: int, steps: int | None = None) -> FactsRun:
+        """Train (or reuse) and evaluate one model; ``steps`` overrides the config's (the
+        equal-wall-time dense runs)."""
         if (name, num_facts, seed) in self._evaluated:  # the calibration's run at the chosen count
             if self.progress is not None:
                 self.progress.update(1)
             return self._evaluated[name, num_facts, seed]
         facts, path, sha256 = self.corpus(num_facts, seed)
-        spec = RunSpec(name, seed, model, train_config(self.config, path, seed))
+        spec = RunSpec(name, seed, model, train_config(self.config, path, seed, steps))
         run_dir = self.out / "runs" / spec.directory_name(sha256)
         self.current, self.current_dir = spec, run_dir
         if self.progress is not None:
@@ -410,15 +421,11 @@ def run_facts(
                 num_facts, calibration = calibrate(grid, grid_models)
                 progress.total = len(calibration) + seeds * len(grid_models)
             tasks = [(name, model, num_facts, seed) for seed in range(seeds) for name, model in grid_models.items()]
-            if jobs == 1:
-                runs = [grid.run(*task) for task in tasks]
-            else:
-                # The calibration's runs are already evaluated in this process: only the rest go out.
-                fresh = [i for i, (name, _, count, seed) in enumerate(tasks)
-                         if (name, count, seed) not in grid._evaluated]
-                trained = dict(zip(fresh, run_parallel(grid, [tasks[i] for i in fresh], jobs, received), strict=True))
-                runs = [trained[i] if i in trained else grid.run(*task) for i, task in enumerate(tasks)]
+            runs = _run_tasks(grid, tasks, jobs, received)
             summary = summarize(config, runs, num_facts, calibration, grid_models)
+            if config.speed_rounds > 0:
+                summary["speed"] = measure_speed(grid, grid_models, num_facts, jobs)
+                summary["equal_time"] = _equal_time(grid, summary, grid_models, num_facts, seeds, jobs, received)
             summary["seconds"] = time.time() - started
             from moekit.experiments.facts.report import write_facts_report
 
@@ -431,6 +438,61 @@ def run_facts(
             spec = grid.current
             raise GridInterrupted(spec.key if spec else None, grid.current_dir, received[0]) from None
     return summary
+
+
+def _run_tasks(grid: FactsGrid, tasks: list[tuple], jobs: int, received: list[str]) -> list[FactsRun]:
+    if jobs == 1:
+        return [grid.run(*task) for task in tasks]
+    # The calibration's runs are already evaluated in this process: only the rest go out.
+    fresh = [i for i, (name, _, count, seed, *_) in enumerate(tasks) if (name, count, seed) not in grid._evaluated]
+    trained = dict(zip(fresh, run_parallel(grid, [tasks[i] for i in fresh], jobs, received), strict=True))
+    return [trained[i] if i in trained else grid.run(*task) for i, task in enumerate(tasks)]
+
+
+def measure_speed(grid: FactsGrid, grid_models: dict[str, LMConfig], num_facts: int, jobs: int) -> dict[str, Any]:
+    """Training speed of dense and the MoEs relative to dense, in one process, alternating
+    (``speed.py``), with the threads of one grid worker; on seed 0's facts text."""
+    from moekit.experiments.facts.speed import seconds_per_step, throughput_ratios
+
+    c = grid.config
+    _, path, _ = grid.corpus(num_facts, 0)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    measured = {name: model for name, model in grid_models.items() if name != WIDE}
+    if grid.progress is not None:
+        grid.progress.set_postfix_str(f"training speed, {c.speed_rounds} rounds")
+    times = seconds_per_step(measured, train_config(c, path, 0), c.speed_rounds, c.speed_steps,
+                             warmup_steps=min(10, c.speed_steps), threads=threads)
+    return {"threads": threads, "rounds": c.speed_rounds, "steps_per_round": c.speed_steps,
+            "ratios": throughput_ratios(times, DENSE)}
+
+
+def _equal_time(
+    grid: FactsGrid, summary: dict[str, Any], grid_models: dict[str, LMConfig], num_facts: int, seeds: int,
+    jobs: int, received: list[str],
+) -> dict[str, Any]:
+    """The dense model trained for as long as the best MoE takes for its steps (by the measured
+    speed ratio), per seed: who wins at equal wall time."""
+    from moekit.experiments.facts.speed import equal_time_steps
+
+    best = summary["checks"]["best_moe"]
+    ratio = summary["speed"]["ratios"][best]["ratio"]
+    steps = equal_time_steps(grid.config.steps, ratio, grid.config.equal_time_multiple)
+    if grid.progress is not None:
+        grid.progress.total += seeds
+    tasks = [(EQUAL_TIME, grid_models[DENSE], num_facts, seed, steps) for seed in range(seeds)]
+    runs = sorted(_run_tasks(grid, tasks, jobs, received), key=lambda r: r.seed)
+    moe_ce = summary["models"][best]["value_ce"]
+    dense_ce = [r.metrics["value_ce"] for r in runs]
+    return {
+        "moe": best,
+        "ratio": ratio,
+        "dense_steps": steps,
+        "value_ce": dense_ce,
+        "exact_match": [r.metrics["exact_match"] for r in runs],
+        "value_ce_mean_sd": _mean_sd(dense_ce),
+        # Positive: the MoE is ahead at equal wall time.
+        "moe_margin": [d - m for d, m in zip(dense_ce, moe_ce, strict=True)],
+    }
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
