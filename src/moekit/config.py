@@ -117,7 +117,7 @@ class MoEConfig:
 
     # aux_free (DeepSeek-V3) routing.
     routed_scaling_factor: float = field(default=1.0, metadata={
-        "help": "aux_free: multiplies the routed experts' combine weights"})
+        "help": "topk and aux_free: multiplies the routed experts' combine weights (DeepSeek-V2; 1 = off)"})
     n_group: int = field(default=1, metadata={"help": "aux_free: expert groups for group-limited routing (1 = off)"})
     topk_group: int = field(default=1, metadata={"help": "aux_free: groups a token may route to"})
     bias_update_rate: float = field(default=1e-3, metadata={
