@@ -424,8 +424,12 @@ def test_pack_cli_errors(tmp_path, capsys, byte_store):
 
     assert main(["pack", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
     assert "missing" in capsys.readouterr().err
-    assert main(["pack", str(byte_store), "--out", str(tmp_path / "s"), "--experts-dtype", "int4"]) == 2
-    assert "--experts-dtype int4 is not available yet" in capsys.readouterr().err
+    # int4 quantizes in groups of 128: a d_model of 32 cannot (tests/test_quant_store.py has the rest).
+    from tests.test_store import write_run
+
+    run = write_run(tmp_path / "run", MoETransformerLM(tiny_config(vocab_size=256)))
+    assert main(["pack", str(run), "--out", str(tmp_path / "s"), "--experts-dtype", "int4"]) == 2
+    assert "--experts-dtype int4" in capsys.readouterr().err and not (tmp_path / "s").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     assert main(["pack", str(byte_store), "--out", str(tmp_path / "full")]) == 2

@@ -192,10 +192,9 @@ def test_missing_or_misshapen_tensor_is_refused_and_nothing_is_left(tmp_path):
         write_store(tmp_path / "c", model.config, state.items())
 
 
-def test_quantized_experts_dtype_is_a_clear_error_until_wired(tmp_path):
+def test_an_unknown_experts_dtype_is_a_clear_error(tmp_path):
+    # int8 and int4 are wired (tests/test_quant_store.py); anything else is refused by name.
     model = tiny_model()
-    with pytest.raises(StoreError, match="int8.*not available yet"):
-        write_store(tmp_path / "s", model.config, model.state_dict().items(), experts_dtype="int8")
     with pytest.raises(StoreError, match="fp8.*invalid"):
         write_store(tmp_path / "s", model.config, model.state_dict().items(), experts_dtype="fp8")
 
@@ -347,7 +346,7 @@ def sample():
 
 sampler = threading.Thread(target=sample)
 sampler.start()
-code = main(["pack", sys.argv[2], "--out", sys.argv[3]])
+code = main(["pack", sys.argv[2], "--out", sys.argv[3], *sys.argv[4:]])
 done.set()
 sampler.join()
 print(json.dumps({"code": code, "warm_up": warm_up, "baseline": baseline, "peak": peak[0]}))
@@ -355,9 +354,10 @@ print(json.dumps({"code": code, "warm_up": warm_up, "baseline": baseline, "peak"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status (RssAnon)")
-def test_pack_streams_with_peak_memory_a_small_multiple_of_the_largest_tensor(tmp_path):
+@pytest.mark.parametrize("experts_dtype", ["same", "int4"])
+def test_pack_streams_with_peak_memory_a_small_multiple_of_the_largest_tensor(tmp_path, experts_dtype):
     """A 200 MB model packed by a fresh process: its peak anonymous RSS rises by a few largest
-    tensors (16 MiB), not by the model."""
+    tensors (16 MiB), not by the model; also when the experts are quantized as they stream."""
     from moekit.inference.store import _SafetensorsStreamWriter, meta_lm, model_layout
     from moekit.training.checkpoint import write_json_atomic
     from moekit.training.config import TrainConfig
@@ -381,7 +381,9 @@ def test_pack_streams_with_peak_memory_a_small_multiple_of_the_largest_tensor(tm
     assert model_layout(config).expert_layers  # sanity: experts dominate
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     tiny_run = write_run(tmp_path / "tiny", tiny_model(vocab_size=256))
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tiny_run), str(run), str(tmp_path / "store")],
+    command = [sys.executable, "-c", PEAK_SCRIPT, str(tiny_run), str(run), str(tmp_path / "store"),
+               "--experts-dtype", experts_dtype]
+    result = subprocess.run(command,
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])

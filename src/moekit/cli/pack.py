@@ -2,6 +2,7 @@
 
     moekit pack runs/my --out stores/my                 a moekit run
     moekit pack ~/models/mixtral --out stores/mixtral   a local transformers Mixtral folder
+    moekit pack runs/my --out stores/my-int4 --experts-dtype int4   experts quantized (int8 or int4)
     moekit sample stores/mixtral --memory-budget 4GiB --json
 """
 
@@ -30,6 +31,7 @@ then runs the model with the experts in a cache of at most the budget's remainin
 examples:
   moekit pack runs/my --out stores/my
   moekit pack ~/models/mixtral-8x7b --out stores/mixtral --json
+  moekit pack runs/my --out stores/my-int8 --experts-dtype int8     experts quantized as they stream
   moekit sample stores/mixtral --memory-budget 24GiB --prompt "The" --greedy
 """
 
@@ -47,7 +49,9 @@ def add_pack(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="STORE", help="the store directory to write: new or empty")
     parser.add_argument(
         "--experts-dtype", choices=("same", "int8", "int4"), default="same",
-        help="how the experts are stored: same = their own dtype (int8/int4: not available yet)",
+        help="how the experts are stored: same = their own dtype; int8 = per output channel; int4 = groups "
+        "of 128 along each projection's input (d_model and d_ff must be multiples of 128); "
+        "quantized as they stream, packed for PyTorch's CPU kernels",
     )
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_pack)
@@ -56,23 +60,26 @@ def add_pack(subparsers: argparse._SubParsersAction) -> None:
 @fail_on_bad_input("pack", ValueError, OSError)
 def cmd_pack(args: argparse.Namespace) -> int:
     from moekit.inference.offload import format_size, plan_memory
-    from moekit.inference.store import ExpertStore, write_store
+    from moekit.inference.store import ExpertStore, QuantizedCodec, StoreError, expert_codec, model_layout, write_store
     from moekit.interop.stream import model_tensor_stream
 
-    if args.experts_dtype != "same":
-        raise UsageError(f"--experts-dtype {args.experts_dtype} is not available yet: quantized experts are not "
-                         "wired into the store; use --experts-dtype same")
     check_input_path("MODEL", args.model, "directory")
     out = check_new_out("--out", args.out)
     started = time.perf_counter()
     stream = model_tensor_stream(args.model)
+    codec = expert_codec(args.experts_dtype, stream.config.moe)
+    if isinstance(codec, QuantizedCodec):
+        try:
+            codec.check_shapes(model_layout(stream.config))
+        except StoreError as error:
+            raise UsageError(f"--experts-dtype {args.experts_dtype}: {error}") from error
     write_store(out, stream.config, stream.tensors, args.experts_dtype, stream.tokenizer, stream.source)
     store = ExpertStore(out, verify=False)
     plan = plan_memory(store, None)
     seconds = time.perf_counter() - started
     print(f"wrote {out} in {seconds:.1f} s: {len(store.blobs)} expert blobs in {len(store.expert_files)} files")
     print(f"  non-expert weights  {format_size(plan.non_expert_bytes)}")
-    print(f"  experts             {format_size(plan.expert_bytes)}")
+    print(f"  experts             {format_size(plan.expert_bytes)} ({args.experts_dtype})")
     print(f"  minimum budget      {format_size(plan.minimum_bytes)} (non-expert + top_k experts per MoE layer)")
     if args.json:
         print_json({"store": str(out), "source": stream.source, "experts_dtype": args.experts_dtype,

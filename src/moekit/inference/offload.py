@@ -51,6 +51,7 @@ from moekit.dispatch import DispatchPlan, LocalDispatcher
 from moekit.experts import GroupedExperts, activate
 from moekit.fused import combine_dtype
 from moekit.inference.cache import ExpertCache
+from moekit.inference.quant import SCHEMES, QuantizedExpert, QuantizedExperts
 from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
 from moekit.layer import MoE
 from moekit.models.lm import MoETransformerLM
@@ -151,7 +152,8 @@ def plan_memory(store: ExpertStore, memory_budget: int | str | None, dtype: torc
     )
     slot_bytes, num_experts = {}, {}
     for (layer, _), blob in sorted(store.blobs.items()):
-        if dtype is None or all(_held_dtype(t.dtype, dtype) == t.dtype for t in blob.tensors):
+        quantized = store.experts_dtype in SCHEMES  # held as stored, at any dtype
+        if quantized or dtype is None or all(_held_dtype(t.dtype, dtype) == t.dtype for t in blob.tensors):
             held = blob.padded_length  # the blob's own buffer: tensors are views into it
         else:
             held = sum(_numel(t.shape) * _held_dtype(t.dtype, dtype).itemsize for t in blob.tensors)
@@ -286,9 +288,10 @@ class OffloadedExperts(nn.Module):
 class StoreDispatcher(LocalDispatcher):
     """The local dispatcher, which also tells the experts module the last token's experts."""
 
-    def __init__(self, num_experts: int, experts: OffloadedExperts) -> None:
+    def __init__(self, num_experts: int, experts: OffloadedExperts, quantized: bool = False) -> None:
         super().__init__(num_experts)
         self.experts = experts
+        self.quantized = quantized
 
     def expert_groups(self, plan: DispatchPlan) -> tuple[Tensor, tuple[int, ...]]:
         last_rows = (plan.token_of_row_N == plan.num_tokens - 1).nonzero().squeeze(1)
@@ -299,7 +302,13 @@ class StoreDispatcher(LocalDispatcher):
     def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
         """y[token] = Σ weight · expert_out over the token's assignments, in float32, with the
         reduction of the plain layer's fused path and decode fast path (embedding_bag over a
-        token's bag of rows), so that the sums round as the plain LM's do."""
+        token's bag of rows), so that the sums round as the plain LM's do.
+
+        Quantized experts: the reduction of the in-memory model that ``quantize_experts`` makes
+        (its ``QuantizedExperts`` take the layer's generic path, the local dispatcher's
+        index_add), so that the sums round as that model's do."""
+        if self.quantized:
+            return super().combine(out_ND, weight_N, plan)
         dtype = combine_dtype(out_ND.dtype)
         return F.embedding_bag(
             plan.row_of_assignment_N, out_ND.to(dtype), plan.bag_offsets_T, mode="sum",
@@ -312,8 +321,24 @@ class StoreDispatcher(LocalDispatcher):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class QuantizedExpertWeights:
+    """One int8/int4 expert as cached: a ``QuantizedExpert`` whose tensors are views into its blob's buffer."""
+
+    expert: QuantizedExpert
+
+    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig) -> None:
+        """out = FFN(x) for this expert's rows: the call ``QuantizedExperts`` (``quantize_experts``) makes."""
+        out_nD.copy_(self.expert(x_nD))
+
+
 def _expert_loader(store: ExpertStore, dtype: torch.dtype | None):
-    def load_expert(layer: int, expert: int) -> tuple[ExpertWeights, int]:
+    def load_expert(layer: int, expert: int) -> tuple[ExpertWeights | QuantizedExpertWeights, int]:
+        if store.experts_dtype in SCHEMES:
+            # NOTE: quantized experts are held as stored whatever ``dtype`` is: the kernels take
+            # bf16 scales with activations of any float dtype.
+            quantized, nbytes = store.expert(layer, expert)
+            return QuantizedExpertWeights(quantized), nbytes
         tensors, nbytes = store.expert_tensors(layer, expert)
         if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
             tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
@@ -377,7 +402,7 @@ def load(
             raise StoreError(f"{opened.path}: layer {block.attn.layer_idx} has no grouped experts to offload")
         experts = OffloadedExperts(moe.config, block.attn.layer_idx, cache)
         moe.experts = experts
-        moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts)
+        moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts, opened.experts_dtype in SCHEMES)
     model.expert_cache = cache
     model.expert_store = opened
     model.memory_plan = plan
@@ -397,11 +422,17 @@ def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | No
     """The ordinary moekit LM (``GroupedExperts`` holding every expert) of a store's weights.
 
     It holds the whole model in memory; it is the comparison point for the offloaded model.
+    A quantized store (int8/int4) gives the LM with ``QuantizedExperts`` (as ``quantize_experts``
+    makes them) holding every expert.
     """
     opened = store if isinstance(store, ExpertStore) else ExpertStore(store)
     model = _skeleton_with_resident(opened, dtype)
     load_expert = _expert_loader(opened, dtype)
     for spec in model_layout(opened.config).expert_layers:
+        if opened.experts_dtype in SCHEMES:
+            moe = model.get_submodule(spec.module.rpartition(".")[0])
+            moe.experts = QuantizedExperts([load_expert(spec.layer, e)[0].expert for e in range(spec.num_experts)])
+            continue
         experts = model.get_submodule(spec.module)
         per_expert = [load_expert(spec.layer, e)[0] for e in range(spec.num_experts)]
         stacked = {

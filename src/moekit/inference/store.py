@@ -16,6 +16,12 @@ to 4 KiB: one ``pread`` fetches an expert, and the read may bypass the page cach
 by dtype and name, so an expert's rows of ``w_in`` and ``w_out`` are far apart in an ordinary
 checkpoint: that is why the blob. Every blob carries a CRC-32 of its bytes, checked on read.
 
+``experts_dtype`` (the index says which): "same" keeps the experts' tensors as they are;
+"int8" / "int4" quantize each expert as it streams (moekit.inference.quant: int8 per output
+channel, int4 in groups of 128 packed for this CPU's kernel), and a blob is then exactly the
+expert's ``QuantizedExpert.to_bytes()`` (``QuantizedCodec``); the reader builds the
+``QuantizedExpert`` on the read buffer without a copy.
+
 ``write_store(out, config, tensors)`` takes the model config and an iterator of
 ``(moekit name, tensor)`` in any order (a reader of a run directory or of a transformers
 folder supplies it), and writes tensor by tensor: the peak memory is a small multiple of
@@ -42,6 +48,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from moekit.config import MoEConfig
 from moekit.experts import GroupedExperts
 from moekit.models.lm import LMConfig, MoETransformerLM
 
@@ -53,6 +60,7 @@ TOKENIZER_FILE = "tokenizer.json"
 BLOB_ALIGNMENT = 4096  # file offsets, lengths and read buffers: the O_DIRECT contract on 4 KiB-sector disks
 TENSOR_ALIGNMENT = 64  # a tensor's offset inside its blob: a cache line, and grouped_mm's 16 bytes
 EXPERTS_DTYPES = ("same", "int8", "int4")
+QUANT_GROUP_SIZE = 128  # int4's group along each projection's input (the issue's choice; int8 ignores it)
 # NOTE: Linux moves at most 0x7ffff000 bytes per read/write call; larger blobs take several.
 _MAX_IO = 0x7FFFF000
 _COPY_CHUNK = 64 << 20
@@ -188,32 +196,146 @@ def model_layout(config: LMConfig) -> ModelLayout:
 class SameDtypeCodec:
     """Experts stored as they come: the tensors' own dtype, bytes unchanged.
 
-    The hook for quantized experts (``--experts-dtype int8|int4``): a codec maps one expert's
-    tensor to the tensors written for it (``stored_specs`` before any byte is written, for the
-    layout; ``encode`` when the tensor arrives) and the reader hands the stored tensors back to
-    the codec's ``decode`` to build what the layer multiplies with.
+    A codec maps one expert's tensor to the tensors written for it: ``blob_layout`` fixes a
+    blob's bytes before any is written (a prefix, and each stored tensor's offset), ``encode``
+    turns a tensor into its stored ones when it arrives, and the reader hands a blob's bytes
+    to ``decode`` to build what the layer multiplies with.
     """
 
     name = "same"
 
-    def stored_specs(
-        self, param: str, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        return [(param, shape, dtype)]
+    def blob_layout(self, spec: ExpertLayerSpec, dtype: torch.dtype) -> tuple[bytes, list[TensorEntry], int]:
+        """(prefix written at the blob's start, the stored tensors, the blob's length)."""
+        entries, offset = [], 0
+        for param, shape in spec.shapes.items():
+            nbytes = _numel(shape) * dtype.itemsize
+            entries.append(TensorEntry(param, tuple(shape), dtype, offset, nbytes))
+            offset = _round_up(offset + nbytes, TENSOR_ALIGNMENT)
+        return b"", entries, max(entry.offset + entry.nbytes for entry in entries)
 
     def encode(self, param: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         return [(param, tensor)]
 
+    def decode(self, buffer: mmap.mmap, blob: BlobEntry) -> dict[str, Tensor]:
+        """The blob's tensors as views into ``buffer`` (its bytes as read; the views keep it alive)."""
+        raw = torch.frombuffer(buffer, dtype=torch.uint8)
+        return {t.name: raw[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors}
 
-def expert_codec(experts_dtype: str) -> SameDtypeCodec:
-    """The codec of ``experts_dtype``; int8/int4 are named but not wired yet."""
+
+class QuantizedCodec:
+    """Experts stored quantized (``--experts-dtype int8|int4``, moekit.inference.quant): each
+    blob is exactly ``QuantizedExpert.to_bytes()`` of the expert (its self-describing header,
+    then ``w_in.qweight``, ``w_in.scales``, ``w_out.qweight``, ``w_out.scales`` and the float32
+    biases, int4 already packed for this machine's kernel), so ``decode`` is
+    ``QuantizedExpert.from_bytes`` on the read buffer (views, no copy).
+
+    A layer's w_in and w_out arrive at different times, so a blob's layout is fixed first from
+    a template: the same header for an all-zero expert of the layer's shapes (the header
+    depends on the shapes, the scheme, the activation and the int4 layout only). Each arriving
+    projection is quantized one expert at a time (``quantize_linear``), its bytes written at
+    the template's offsets: peak memory is one expert's float32 copy, not the layer's.
+    """
+
+    def __init__(self, scheme: str, moe: MoEConfig, group_size: int = QUANT_GROUP_SIZE) -> None:
+        self.name = scheme
+        self.moe = moe
+        self.group_size = group_size
+
+    def check_shapes(self, layout: ModelLayout) -> None:
+        """int4 needs every projection's input width to be a multiple of the group size: say so
+        before any byte is written."""
+        if self.name != "int4":
+            return
+        for spec in layout.expert_layers:
+            for param in ("w_in", "w_out"):
+                width = spec.shapes[param][0]
+                if width % self.group_size:
+                    raise StoreError(
+                        f"experts_dtype='int4' quantizes in groups of {self.group_size} along each projection's "
+                        f"input, but {spec.module}.{param} has input width {width} (d_model for w_in, d_ff for "
+                        f"w_out), not a multiple of {self.group_size}; use int8 or same"
+                    )
+
+    def _template(self, spec: ExpertLayerSpec) -> bytes:
+        from moekit.inference.quant import quantize_expert
+
+        (d_model, width_in), (d_ff, _) = spec.shapes["w_in"], spec.shapes["w_out"]
+        biases = "b_in" in spec.shapes
+        expert = quantize_expert(
+            torch.zeros(d_model, width_in), torch.zeros(d_ff, d_model), self.name, self.moe.activation,
+            self.group_size, torch.zeros(width_in) if biases else None, torch.zeros(d_model) if biases else None,
+            self.moe.swiglu_alpha, self.moe.swiglu_limit,
+        )
+        return expert.to_bytes()
+
+    def blob_layout(self, spec: ExpertLayerSpec, dtype: torch.dtype) -> tuple[bytes, list[TensorEntry], int]:
+        if set(spec.shapes) - {"w_in", "w_out", "b_in", "b_out"}:
+            raise StoreError(f"{spec.module}: experts with tensors {sorted(spec.shapes)} cannot be quantized")
+        template = self._template(spec)
+        header_length = int.from_bytes(template[8:12], "little")
+        header = json.loads(template[12 : 12 + header_length])
+        payload_start = _round_up(12 + header_length, TENSOR_ALIGNMENT)
+        self.layouts = {name: p["layout"] for name, p in header["projections"].items()}
+        entries = []
+        for name, entry in header["tensors"].items():
+            stored_dtype = parse_dtype(entry["dtype"], "quantized expert template")
+            shape = tuple(entry["shape"])
+            entries.append(TensorEntry(name, shape, stored_dtype, payload_start + entry["offset"],
+                                       _numel(shape) * stored_dtype.itemsize))
+        return template[:payload_start], entries, len(template)
+
+    def encode(self, param: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        from moekit.inference.quant import quantize_linear
+
+        if param.startswith("b_"):
+            return [(param, tensor.detach().float())]
+        # A moekit expert computes x @ w_in[e] ([D, H]): the linear layer's weight is its transpose.
+        linear = quantize_linear(tensor.t(), self.name, self.group_size)
+        if linear.layout != self.layouts.get(param, linear.layout):
+            raise StoreError(f"{param}: quantized in int4 layout {linear.layout!r}, the blob's header says "
+                             f"{self.layouts[param]!r}")
+        return [(f"{param}.qweight", linear.qweight), (f"{param}.scales", linear.scales)]
+
+    def decode(self, buffer: mmap.mmap, blob: BlobEntry) -> Any:
+        """The blob's ``QuantizedExpert`` (its tensors views into ``buffer``, which they keep alive)."""
+        from moekit.inference.quant import QuantizedExpert
+
+        view = memoryview(buffer)[: blob.length]
+        try:
+            expert = QuantizedExpert.from_bytes(view)
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(f"blob of layer {blob.layer} expert {blob.expert} in {blob.file}: {error}") from error
+        if expert.scheme != self.name:
+            raise StoreError(f"blob of layer {blob.layer} expert {blob.expert} in {blob.file} holds a "
+                             f"{expert.scheme} expert but the index says {self.name}")
+        # NOTE: an int4 blob packed on a CPU with another packed layout comes back repacked into
+        # fresh memory; the repacked bytes have the same size, so they go back into the buffer,
+        # which then holds everything the expert uses (the budget counts the buffer).
+        raw = torch.frombuffer(buffer, dtype=torch.uint8)
+        offsets = {t.name: t.offset for t in blob.tensors}
+        for name in ("w_in", "w_out"):
+            linear = getattr(expert, name)
+            start = offsets[f"{name}.qweight"]
+            if linear.qweight.data_ptr() != raw.data_ptr() + start:
+                packed = linear.qweight.contiguous().view(torch.uint8).reshape(-1)
+                in_buffer = raw[start : start + packed.numel()]
+                in_buffer.copy_(packed)
+                linear.qweight = in_buffer.view(linear.qweight.dtype).view(linear.qweight.shape)
+        return expert
+
+
+Codec = SameDtypeCodec | QuantizedCodec
+
+
+def expert_codec(experts_dtype: str, moe: MoEConfig | None = None) -> Codec:
+    """The codec of ``experts_dtype`` ("same", "int8", "int4"); the quantized ones need the
+    layers' MoEConfig (the activation is part of a quantized blob)."""
     if experts_dtype == "same":
         return SameDtypeCodec()
     if experts_dtype in ("int8", "int4"):
-        raise StoreError(
-            f"experts_dtype={experts_dtype!r} is not available yet: quantized experts (moekit.inference.quant) "
-            "are not wired into the store; use 'same'"
-        )
+        if moe is None:
+            raise StoreError(f"experts_dtype={experts_dtype!r} needs the model's MoEConfig")
+        return QuantizedCodec(experts_dtype, moe)
     raise StoreError(f"experts_dtype={experts_dtype!r} is invalid: use one of {', '.join(EXPERTS_DTYPES)}")
 
 
@@ -255,25 +377,21 @@ class BlobEntry:
 class _ExpertFileWriter:
     """One MoE layer's expert file; its layout is fixed when its first tensor arrives."""
 
-    def __init__(self, directory: Path, spec: ExpertLayerSpec, codec: SameDtypeCodec, dtype: torch.dtype) -> None:
+    def __init__(self, directory: Path, spec: ExpertLayerSpec, codec: Codec, dtype: torch.dtype) -> None:
         self.spec = spec
         self.codec = codec
         self.dtype = dtype
         self.file = f"experts-{spec.layer:03d}.bin"
         self.path = directory / self.file
-        entries = []
-        offset = 0
-        for param, shape in spec.shapes.items():
-            for stored, stored_shape, stored_dtype in codec.stored_specs(param, shape, dtype):
-                nbytes = _numel(stored_shape) * stored_dtype.itemsize
-                entries.append(TensorEntry(stored, tuple(stored_shape), stored_dtype, offset, nbytes))
-                offset = _round_up(offset + nbytes, TENSOR_ALIGNMENT)
+        prefix, entries, self.length = codec.blob_layout(spec, dtype)
         self.tensors = {entry.name: entry for entry in entries}
-        self.length = max(entry.offset + entry.nbytes for entry in entries)
         self.stride = _round_up(self.length, BLOB_ALIGNMENT)
         self.received: set[str] = set()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.stride * spec.num_experts)
+        if prefix:
+            for expert in range(spec.num_experts):
+                _pwrite_all(self.fd, memoryview(prefix), expert * self.stride, self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -459,10 +577,12 @@ def write_store(
     arrives and dropped. The store is written into ``out.tmp-PID`` and renamed into place, so
     ``out`` holds a complete store or nothing. Returns ``out``.
     """
-    codec = expert_codec(experts_dtype)
+    codec = expert_codec(experts_dtype, config.moe)
     out = Path(out)
     check_new_store_dir(out)
     layout = model_layout(config)
+    if isinstance(codec, QuantizedCodec):
+        codec.check_shapes(layout)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -479,7 +599,7 @@ def write_store(
 
 def _write_into(
     directory: Path, layout: ModelLayout, config: LMConfig, tensors: Iterable[tuple[str, Tensor]],
-    codec: SameDtypeCodec, tokenizer: dict | None, source: str | None,
+    codec: Codec, tokenizer: dict | None, source: str | None,
 ) -> None:
     resident = _SafetensorsStreamWriter(directory / RESIDENT_FILE, layout.resident_shapes)
     expert_files: dict[int, _ExpertFileWriter] = {}
@@ -496,7 +616,7 @@ def _write_into(
 
 def _write_tensors(
     layout: ModelLayout, tensors: Iterable[tuple[str, Tensor]], resident: _SafetensorsStreamWriter,
-    expert_files: dict[int, _ExpertFileWriter], directory: Path, codec: SameDtypeCodec,
+    expert_files: dict[int, _ExpertFileWriter], directory: Path, codec: Codec,
 ) -> None:
     """Write each tensor where it belongs; every one of the model's tensors must come once."""
     seen: set[str] = set()
@@ -540,7 +660,7 @@ def _write_tensors(
 
 
 def _finish_index(
-    directory: Path, config: LMConfig, codec: SameDtypeCodec, tokenizer: dict | None, source: str | None,
+    directory: Path, config: LMConfig, codec: Codec, tokenizer: dict | None, source: str | None,
     resident: _SafetensorsStreamWriter, non_expert_bytes: int, expert_files: dict[int, _ExpertFileWriter],
 ) -> None:
     blobs = [blob for layer in sorted(expert_files) for blob in expert_files[layer].finish()]
@@ -687,8 +807,10 @@ class ExpertStore:
             file_sizes = {str(f["file"]): int(f["bytes"]) for f in index["expert_files"]}
         except (KeyError, TypeError, ValueError) as error:
             raise StoreError(f"{index_path}: malformed index ({type(error).__name__}: {error})") from error
-        if self.experts_dtype != "same":
-            expert_codec(self.experts_dtype)  # raises: written by a moekit that knows quantized experts
+        try:
+            self.codec = expert_codec(self.experts_dtype, self.config.moe)
+        except StoreError as error:
+            raise StoreError(f"{index_path}: {error}") from error
         self.source = index.get("source")
         self.layers = sorted({layer for layer, _ in self.blobs})
         layout = model_layout(self.config)
@@ -750,6 +872,13 @@ class ExpertStore:
             t.name: raw[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape) for t in blob.tensors
         }
         return tensors, blob.padded_length
+
+    def expert(self, layer: int, expert: int) -> tuple[Any, int]:
+        """(layer, expert) as its codec decodes it (``dict`` of tensors for "same", a
+        ``QuantizedExpert`` for int8/int4), views into one freshly read buffer, and the
+        buffer's size in bytes (what it holds in memory)."""
+        blob = self.blobs[layer, expert]
+        return self.codec.decode(self.read_blob(layer, expert), blob), blob.padded_length
 
     def resident_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Each resident tensor, read one at a time into its own memory."""
