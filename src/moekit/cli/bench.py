@@ -15,6 +15,7 @@ examples:
   moekit bench ep                         expert parallelism on 1, 2 and 4 local ranks
   moekit bench layer --quick --no-hf
   moekit bench generate --families mixtral,qwen3_moe --dtype bfloat16   prefill/decode tokens/s
+  moekit bench offload                    an expert store at memory budgets below the model
 """
 
 EPILOG_BENCH_LAYER = """\
@@ -65,6 +66,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     add_bench_layer(bench_sub)
     add_bench_ep(bench_sub)
     add_bench_generate(bench_sub)
+    add_bench_offload(bench_sub)
 
 
 def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
@@ -326,4 +328,138 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1 if args.strict else 0
+    return 0
+
+
+EPILOG_OFFLOAD = """\
+rows (one moekit LM with random weights; experts >= 4x the last-level cache, <= ~2 GB):
+  in memory       the plain LM, every expert resident: the reference of every ratio
+  store B%        moekit.inference.load(store, memory_budget = non-expert bytes + B% of the
+                  expert bytes), experts in the model's dtype (--budgets, default 100,50,25)
+  int8 B%, int4 B%  the store packed with --experts-dtype int8 / int4, at B% of the same-dtype
+                  expert bytes (--int8-budget 51, --int4-budget 25: the issue's budgets)
+
+columns (batch 1, greedy; medians over --rounds, the rows' order rotated each round):
+  budget MB       memory_budget: non-expert bytes + the expert cache
+  fit             whether every expert of the row's store has a slot at that budget
+  prefill/s       prompt tokens / time of the prompt's forward and the first new token (cold)
+  decode/s        later new tokens / their time (cold: the expert cache emptied and the store's
+                  files evicted from the page cache with posix_fadvise(DONTNEED) before the run)
+  x mem           decode tokens/s over the in-memory row's of the same round (median of ratios)
+  warm dec/s      a second run right after the cold one, with the cache it left
+  exact           every step's logits equal the in-memory model's bit for bit (int8/int4: the
+                  in-memory model with the same quantized experts)
+  peak MB         RSS + the store's page-cache bytes (mincore), sampled during the cold run,
+                  over their value at its start, plus the non-expert bytes
+  limit MB        the budget + 5%
+  hit             the cold run's expert-cache hit rate
+  LRU sim, Belady the policy simulator on the run's routing trace at the row's slots per layer
+                  (random weights: no trained model's locality, as the output says)
+The header prints the CPU, the last-level cache, the expert bytes and the storage read
+bandwidth measured on the store's expert files (O_DIRECT, or buffered after eviction).
+
+examples:
+  moekit bench offload                                  bf16, budgets 100,50,25, int8 51%, int4 25%
+  moekit bench offload --budgets 100,75,50,25 --rounds 5
+  moekit bench offload --json > offload.json            stdout: one JSON document
+  moekit bench offload --quick                          a tiny model: a smoke test in seconds
+"""
+
+
+def _budget_list(text: str) -> list[float]:
+    from moekit.experiments.bench.offload import parse_budget_percent
+
+    parts = split_list(text)
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected percentages of the expert bytes such as 100,50,25, got {text!r}")
+    try:
+        return [parse_budget_percent(part, "--budgets") for part in parts]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--budgets: ")) from error
+
+
+def _budget_percent(text: str) -> float:
+    from moekit.experiments.bench.offload import parse_budget_percent
+
+    try:
+        return parse_budget_percent(text, "budget")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("budget: ")) from error
+
+
+def add_bench_offload(subparsers: argparse._SubParsersAction) -> None:
+    from moekit.experiments.bench.offload import DTYPES
+
+    parser = subparsers.add_parser(
+        "offload",
+        help="prefill and decode tokens/s from an expert store at memory budgets, vs all in memory",
+        description="Generation (batch 1, greedy) of one moekit LM with random weights from an expert store at\n"
+        "memory budgets of 100%%, 50%% and 25%% of its expert bytes, and int8 / int4 experts, against the\n"
+        "same model all in memory; bit-exactness, peak resident bytes, cache hit rates beside LRU and\n"
+        "Belady on the run's trace, and the measured storage read bandwidth.",
+        epilog=EPILOG_OFFLOAD,
+        formatter_class=help_formatter,
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                        help="the model's weights and compute (default bfloat16)")
+    parser.add_argument("--budgets", type=_budget_list, default=None, metavar="LIST",
+                        help="same-dtype budgets, %% of the expert bytes, in (0, 100] (default 100,50,25)")
+    parser.add_argument("--int8-budget", type=_budget_percent, default=51.0, metavar="PCT",
+                        help="the int8 row's budget, %% of the same-dtype expert bytes (default 51)")
+    parser.add_argument("--int4-budget", type=_budget_percent, default=25.0, metavar="PCT",
+                        help="the int4 row's budget, %% of the same-dtype expert bytes (default 25)")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8 and int4 rows")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=None, metavar="N",
+                        help="prompt length (default 128; 16 with --quick)")
+    parser.add_argument("--new-tokens", type=positive_int, default=None, metavar="N",
+                        help="greedy new tokens, >= 2 (default 64; 8 with --quick)")
+    parser.add_argument("--rounds", type=positive_int, default=None, metavar="N",
+                        help="timed rounds (default 3; 1 with --quick)")
+    parser.add_argument("--layers", type=positive_int, default=None, metavar="N",
+                        help="the model's layers (default: enough for experts >= 4x the last-level cache, "
+                        "at least 10, at most ~2 GB of experts)")
+    parser.add_argument("--dir", default=None, metavar="DIR",
+                        help="where the temporary stores are written (default: the system's temporary "
+                        "directory); they are removed at the end")
+    parser.add_argument("--quick", action="store_true", help="a tiny model (2 layers, d=128): a smoke test")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights and the prompt")
+    add_json_flag(parser, document=True)
+    parser.set_defaults(func=cmd_bench_offload)
+
+
+def cmd_bench_offload(args: argparse.Namespace) -> int:
+    from moekit.experiments.bench.offload import DEFAULT_BUDGETS, bench_offload
+
+    if args.dir is not None and not os.path.isdir(args.dir):
+        print(f"moekit bench offload: error: --dir {args.dir}: not a directory", file=sys.stderr)
+        return 2
+    new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.quick else 64)
+    if new_tokens < 2:
+        print(f"moekit bench offload: error: --new-tokens {new_tokens} is invalid: decode needs >= 2",
+              file=sys.stderr)
+        return 2
+    quant_budgets = {} if args.no_quant else {"int8": args.int8_budget, "int4": args.int4_budget}
+    try:
+        report = bench_offload(
+            dtype=args.dtype,
+            budgets=args.budgets if args.budgets is not None else DEFAULT_BUDGETS,
+            quant_budgets=quant_budgets,
+            prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 128),
+            new_tokens=new_tokens,
+            rounds=args.rounds if args.rounds is not None else (1 if args.quick else 3),
+            quick=args.quick,
+            seed=args.seed,
+            layers=args.layers,
+            directory=args.dir,
+            log=lambda message: print(f"moekit bench offload: {message}", file=sys.stderr),
+        )
+    except ValueError as err:
+        print(f"moekit bench offload: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit bench offload: interrupted; nothing was reported", file=sys.stderr)
+        return 130
+    print(report.table())
+    if args.json:
+        print_json(report.to_dict())
     return 0

@@ -1,0 +1,82 @@
+"""``moekit bench offload`` (moekit.experiments.bench.offload), as a smoke test.
+
+Verified: ``--quick --json`` runs end to end with stdout one JSON document holding the keys the
+docs describe; every row's logits are bit-identical to the in-memory model's (the quantized
+rows' to the in-memory model with the same quantized experts); the budgets are the ones asked
+for (non-expert bytes + B% of the expert bytes, the int8/int4 rows' too); the storage
+bandwidth, last-level cache and simulator hit rates are reported; bad flags (a budget that is
+not a percentage, negative or zero numbers) exit 2 naming the flag, without a traceback.
+
+    PYTHONPATH=src pytest tests/test_bench_offload.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moekit.cli.main import main
+from moekit.experiments.bench.offload import parse_budget_percent
+
+
+def test_quick_json_end_to_end_is_bit_exact_at_the_budgets_asked(tmp_path, capsys):
+    args = ["bench", "offload", "--quick", "--json", "--budgets", "100,30%", "--int8-budget", "60",
+            "--int4-budget", "35", "--dir", str(tmp_path)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # the whole of stdout is the one document
+    assert "storage read bandwidth" in captured.err and "Belady" in captured.err  # the table, on stderr
+    assert {"cpu", "llc_bytes", "expert_bytes", "non_expert_bytes", "storage_read_gbps", "storage_read_method",
+            "all_bit_identical", "trace_note", "rows"} <= set(report)
+    assert report["storage_read_gbps"] > 0 and report["all_bit_identical"] is True
+    assert "random weights" in report["trace_note"]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["in memory", "store 100%", "store 30%", "int8 60%", "int4 35%"]
+    expert, non_expert = report["expert_bytes"], report["non_expert_bytes"]
+    for name, percent in (("store 100%", 100), ("store 30%", 30), ("int8 60%", 60), ("int4 35%", 35)):
+        row = rows[name]
+        assert row["memory_budget_bytes"] == non_expert + int(expert * percent / 100)
+        assert row["logits_bit_identical"] is True
+        assert row["cold"]["decode_tokens_per_s"] > 0 and row["warm"]["decode_tokens_per_s"] > 0
+        assert row["cold"]["decode_vs_in_memory"] > 0
+        assert row["peak_resident_bytes"] > 0 and row["resident_limit_bytes"] == int(row["memory_budget_bytes"] * 1.05)
+        assert 0 <= row["simulated_hit_rate"]["belady"] <= 1 and "lru" in row["simulated_hit_rate"]
+        assert row["expert_cache"]["misses"] > 0  # cold: every expert came from the store
+    assert rows["store 100%"]["all_experts_fit"] is True and rows["store 30%"]["all_experts_fit"] is False
+    assert rows["int8 60%"]["compared_to"] == "in memory with int8 experts"
+    assert rows["int4 35%"]["store_expert_percent"] < 35 and rows["int4 35%"]["all_experts_fit"] is True
+    # The Belady hit rate bounds LRU's on the same trace and capacity.
+    assert all(r["simulated_hit_rate"]["belady"] >= r["simulated_hit_rate"]["lru"] for r in report["rows"][1:])
+    assert list(tmp_path.iterdir()) == []  # the temporary stores are removed
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--budgets", "half"], "--budgets"),
+        (["--budgets", "100,-25"], "--budgets"),
+        (["--budgets", "150"], "--budgets"),
+        (["--budgets", ""], "--budgets"),
+        (["--int8-budget", "0"], "--int8-budget"),
+        (["--int4-budget", "-5"], "--int4-budget"),
+        (["--prompt-tokens", "-1"], "--prompt-tokens"),
+        (["--new-tokens", "0"], "--new-tokens"),
+        (["--new-tokens", "1"], "--new-tokens"),
+        (["--rounds", "-2"], "--rounds"),
+        (["--layers", "0"], "--layers"),
+        (["--dir", "/nonexistent/dir"], "--dir"),
+    ],
+)
+def test_bad_flags_name_the_flag(capsys, flags, named):
+    assert main(["bench", "offload", "--quick", *flags]) == 2
+    captured = capsys.readouterr()
+    assert named in captured.err and "Traceback" not in captured.err and captured.out == ""
+
+
+def test_budget_percentages_parse_and_refuse_by_name():
+    assert parse_budget_percent("50", "--budgets") == 50.0
+    assert parse_budget_percent(" 12.5% ", "--budgets") == 12.5
+    for bad in ("0", "-1", "100.5", "nan", "inf", "fifty"):
+        with pytest.raises(ValueError, match="--budgets"):
+            parse_budget_percent(bad, "--budgets")
