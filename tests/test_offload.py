@@ -457,3 +457,31 @@ def test_preload_reads_every_expert_once_and_needs_room_for_all(tmp_path):
     assert model.expert_cache.stats().misses == 3 * 8  # nothing more to read
     with pytest.raises(BudgetError, match="preload needs every expert cached"):
         load(store, memory_budget=minimum_budget(store), preload=True)
+
+
+def test_a_prefill_frees_each_evicted_expert_before_reading_the_next(tmp_path):
+    """At the minimum budget a prefill runs a layer's experts in waves; an expert evicted to make
+    room must be freed then (no reference of the previous wave left), so that at most the
+    layer's slots of experts are alive at any read."""
+    import weakref
+
+    store, _ = make_store(tmp_path)
+    model = load(store, memory_budget=minimum_budget(store))
+    cache = model.expert_cache
+    alive: dict[int, list[weakref.ref]] = {}
+    worst = {"alive_at_a_read": 0}
+    real_load = cache.load
+
+    def watched_load(layer: int, expert: int):
+        refs = [ref for ref in alive.get(layer, []) if ref() is not None]
+        worst["alive_at_a_read"] = max(worst["alive_at_a_read"], len(refs))
+        value, nbytes = real_load(layer, expert)
+        alive[layer] = [*refs, weakref.ref(value)]
+        return value, nbytes
+
+    cache.load = watched_load
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(4)))
+    assert cache.stats().evictions > 0
+    # Before each read one slot was freed: at most slots - 1 experts of the layer are alive then.
+    assert worst["alive_at_a_read"] <= max(cache.slots.values()) - 1

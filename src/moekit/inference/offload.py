@@ -275,14 +275,22 @@ class OffloadedExperts(nn.Module):
         while remaining:
             wave = self.next_wave(remaining)
             remaining = remaining[len(wave) :]
-            weights = self.cache.acquire(self.layer, wave, self.protect)
-            try:
-                for expert, expert_weights in zip(wave, weights, strict=True):
-                    rows = slice(starts[expert], starts[expert] + counts[expert])
-                    expert_weights.apply(x_ND[rows], out_ND[rows], self.config)
-            finally:
-                self.cache.release(self.layer, wave)
+            self._run_wave(wave, starts, counts, x_ND, out_ND)
         return out_ND
+
+    def _run_wave(
+        self, wave: list[int], starts: list[int], counts: Sequence[int], x_ND: Tensor, out_ND: Tensor
+    ) -> None:
+        # NOTE: a function of its own so that its references to the wave's weights end with it:
+        # an expert the next wave evicts is then freed at once, not held until the loop rebinds
+        # a variable (which would hold a wave of experts beyond the budget).
+        weights = self.cache.acquire(self.layer, wave, self.protect)
+        try:
+            for expert, expert_weights in zip(wave, weights, strict=True):
+                rows = slice(starts[expert], starts[expert] + counts[expert])
+                expert_weights.apply(x_ND[rows], out_ND[rows], self.config)
+        finally:
+            self.cache.release(self.layer, wave)
 
 
 class StoreDispatcher(LocalDispatcher):
