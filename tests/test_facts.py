@@ -387,6 +387,19 @@ def test_probe_prints_a_learning_curve(capsys):
     assert capsys.readouterr().out.count("moe-e4 step") == 2
 
 
+@pytest.mark.slow
+def test_probe_trains_the_grids_run(tmp_path):
+    # With the defaults the probe's run is the grid's run of the same model, facts and seed:
+    # the same text, seed, batches and trainer, so the same final value CE to the last bit.
+    from moekit.experiments.facts.probe import main as probe
+
+    curve = probe(["--model", "moe-e4", "--facts", "20", "--steps", "6", "--every", "3", "--seed", "1"])
+    config = replace(FactsConfig(), steps=6)
+    run = FactsGrid(tmp_path, config).run("moe-e4", models(config)["moe-e4"], 20, 1)
+    assert curve[-1][0] == 6 and curve[-1][1] == run.metrics["value_ce"]
+    assert curve[-1][3] == run.heldout["value_ce"]
+
+
 def test_equal_time_steps_divide_by_the_speed_ratio_and_round():
     # 4,000 steps of a model at 0.8x dense speed take as long as 5,000 dense steps.
     assert equal_time_steps(4000, 0.8) == 5000
