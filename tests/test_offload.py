@@ -23,21 +23,18 @@ import pytest
 import torch
 from torch import Tensor
 
-from moekit.config import MoEConfig
 from moekit.inference import load, minimum_budget, parse_size
 from moekit.inference.cache import CacheError, ExpertCache
 from moekit.inference.offload import BudgetError, OffloadedExperts, plain_lm_from_store, plan_memory
 from moekit.inference.store import ExpertStore, write_store
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
 from moekit.routing import RoutingResult, topk_assignments
+from tests.test_store import lm_config
 
 
 def tiny_config(**changes) -> LMConfig:
-    moe = dict(d_model=32, d_ff=24, num_experts=8, top_k=2)
-    moe.update(changes.pop("moe", {}))
-    values = dict(vocab_size=64, seq_len=64, n_layer=3, n_head=2, d_model=32)
-    values.update(changes)
-    return LMConfig(moe=MoEConfig(**moe), **values)
+    return lm_config(changes, dict(d_model=32, d_ff=24, num_experts=8, top_k=2),
+                     vocab_size=64, seq_len=64, n_layer=3, n_head=2, d_model=32)
 
 
 def make_store(tmp_path: Path, dtype: torch.dtype = torch.float32, **changes) -> tuple[Path, MoETransformerLM]:

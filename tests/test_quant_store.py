@@ -25,22 +25,18 @@ import torch
 from torch import Tensor
 
 import moekit.inference.quant as quant
-from moekit.config import MoEConfig
 from moekit.inference import load, minimum_budget
 from moekit.inference.offload import plain_lm_from_store, plan_memory
 from moekit.inference.quant import QuantizedExperts, quantize_expert, quantize_experts
 from moekit.inference.store import ExpertStore, StoreError, write_store
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
-from tests.test_store import write_run
+from tests.test_store import lm_config, write_run
 
 
 def quant_config(**changes) -> LMConfig:
     """Widths of 128 (int4's group): d_model and d_ff are each projection's input width."""
-    moe = dict(d_model=128, d_ff=128, num_experts=6, top_k=2)
-    moe.update(changes.pop("moe", {}))
-    values = dict(vocab_size=64, seq_len=64, n_layer=2, n_head=2, d_model=128)
-    values.update(changes)
-    return LMConfig(moe=MoEConfig(**moe), **values)
+    return lm_config(changes, dict(d_model=128, d_ff=128, num_experts=6, top_k=2),
+                     vocab_size=64, seq_len=64, n_layer=2, n_head=2, d_model=128)
 
 
 def quant_model(dtype: torch.dtype = torch.float32, **changes) -> MoETransformerLM:

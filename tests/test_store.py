@@ -33,12 +33,17 @@ from moekit.models.lm import LMConfig, MoETransformerLM
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def lm_config(changes: dict, moe: dict, **values) -> LMConfig:
+    """The LMConfig of ``values`` and MoE fields ``moe``, overridden by ``changes`` (its "moe"
+    entry overrides MoE fields); the tiny models of the store, offload and quantized-store tests."""
+    changes = dict(changes)
+    moe = {**moe, **changes.pop("moe", {})}
+    return LMConfig(moe=MoEConfig(**moe), **{**values, **changes})
+
+
 def tiny_config(**changes) -> LMConfig:
-    moe = dict(d_model=32, d_ff=24, num_experts=4, top_k=2)
-    moe.update(changes.pop("moe", {}))
-    values = dict(vocab_size=64, seq_len=32, n_layer=2, n_head=2, d_model=32)
-    values.update(changes)
-    return LMConfig(moe=MoEConfig(**moe), **values)
+    return lm_config(changes, dict(d_model=32, d_ff=24, num_experts=4, top_k=2),
+                     vocab_size=64, seq_len=32, n_layer=2, n_head=2, d_model=32)
 
 
 def tiny_model(seed: int = 0, **changes) -> MoETransformerLM:

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from moekit.cli.common import add_json_flag, case_list, help_formatter, positive_int, print_help, print_json, split_list
 
@@ -102,27 +104,34 @@ def add_bench_layer(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_bench_layer)
 
 
+def _measured(command: str, measure: Callable[[], Any]) -> tuple[Any, int]:
+    """``(measure(), 0)``; bad input (ValueError) or Ctrl-C: a message and ``(None, 2 or 130)``."""
+    try:
+        return measure(), 0
+    except ValueError as err:
+        print(f"moekit {command}: error: {err}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"moekit {command}: interrupted; nothing was reported", file=sys.stderr)
+        return None, 130
+
+
 def cmd_bench_layer(args: argparse.Namespace) -> int:
     from moekit.experiments.bench.layer import bench_layer
 
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
     # With --json, stdout holds the JSON document alone: the table goes to stderr.
     human = sys.stderr if args.json else sys.stdout
-    try:
-        report = bench_layer(
-            case_keys=args.cases,
-            rounds=rounds,
-            quick=args.quick,
-            use_hf=not args.no_hf,
-            seed=args.seed,
-            malloc=args.malloc,
-        )
-    except ValueError as err:
-        print(f"moekit bench layer: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moekit bench layer: interrupted; nothing was reported", file=sys.stderr)
-        return 130
+    report, status = _measured("bench layer", lambda: bench_layer(
+        case_keys=args.cases,
+        rounds=rounds,
+        quick=args.quick,
+        use_hf=not args.no_hf,
+        seed=args.seed,
+        malloc=args.malloc,
+    ))
+    if report is None:
+        return status
     print(report.table(), file=human)
     if args.json:
         print_json(report.to_dict())
@@ -302,22 +311,17 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
 
     # stdout holds the JSON document alone with --json: main runs this inside json_output, so
     # the table printed here goes to stderr then.
-    try:
-        report = bench_generate(
-            families=args.families,
-            dtype=args.dtype,
-            prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 512),
-            new_tokens=args.new_tokens if args.new_tokens is not None else (8 if args.quick else 128),
-            rounds=args.rounds if args.rounds is not None else (2 if args.quick else 3),
-            quick=args.quick,
-            seed=args.seed,
-        )
-    except ValueError as err:
-        print(f"moekit bench generate: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moekit bench generate: interrupted; nothing was reported", file=sys.stderr)
-        return 130
+    report, status = _measured("bench generate", lambda: bench_generate(
+        families=args.families,
+        dtype=args.dtype,
+        prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 512),
+        new_tokens=args.new_tokens if args.new_tokens is not None else (8 if args.quick else 128),
+        rounds=args.rounds if args.rounds is not None else (2 if args.quick else 3),
+        quick=args.quick,
+        seed=args.seed,
+    ))
+    if report is None:
+        return status
     print(report.table())
     if args.json:
         print_json(report.to_dict())
@@ -439,26 +443,21 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     quant_budgets = {} if args.no_quant else {"int8": args.int8_budget, "int4": args.int4_budget}
-    try:
-        report = bench_offload(
-            dtype=args.dtype,
-            budgets=args.budgets if args.budgets is not None else DEFAULT_BUDGETS,
-            quant_budgets=quant_budgets,
-            prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 128),
-            new_tokens=new_tokens,
-            rounds=args.rounds if args.rounds is not None else (1 if args.quick else 3),
-            quick=args.quick,
-            seed=args.seed,
-            layers=args.layers,
-            directory=args.dir,
-            log=lambda message: print(f"moekit bench offload: {message}", file=sys.stderr),
-        )
-    except ValueError as err:
-        print(f"moekit bench offload: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("moekit bench offload: interrupted; nothing was reported", file=sys.stderr)
-        return 130
+    report, status = _measured("bench offload", lambda: bench_offload(
+        dtype=args.dtype,
+        budgets=args.budgets if args.budgets is not None else DEFAULT_BUDGETS,
+        quant_budgets=quant_budgets,
+        prompt_tokens=args.prompt_tokens if args.prompt_tokens is not None else (16 if args.quick else 128),
+        new_tokens=new_tokens,
+        rounds=args.rounds if args.rounds is not None else (1 if args.quick else 3),
+        quick=args.quick,
+        seed=args.seed,
+        layers=args.layers,
+        directory=args.dir,
+        log=lambda message: print(f"moekit bench offload: {message}", file=sys.stderr),
+    ))
+    if report is None:
+        return status
     print(report.table())
     if args.json:
         print_json(report.to_dict())
