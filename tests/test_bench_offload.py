@@ -17,7 +17,7 @@ import json
 import pytest
 
 from moekit.cli.main import main
-from moekit.experiments.bench.offload import parse_budget_percent
+from moekit.experiments.bench.offload import Row, bench_lm_config, forced_tokens, parse_budget_percent, run_row
 
 
 def test_quick_json_end_to_end_is_bit_exact_at_the_budgets_asked(tmp_path, capsys):
@@ -80,3 +80,21 @@ def test_budget_percentages_parse_and_refuse_by_name():
     for bad in ("0", "-1", "100.5", "nan", "inf", "fifty"):
         with pytest.raises(ValueError, match="--budgets"):
             parse_budget_percent(bad, "--budgets")
+
+
+def test_decode_is_fed_the_fixed_random_sequence_not_the_argmax():
+    # A random model's greedy output repeats a token (and its experts): the benchmark feeds
+    # every decode step the next token of one seeded random sequence instead, the same per row.
+    import torch
+
+    from moekit.models.lm import MoETransformerLM
+
+    torch.manual_seed(0)
+    model = MoETransformerLM(bench_lm_config(quick=True, dtype=torch.float32, llc_bytes=None)).eval()
+    prompt = [3, 1, 4, 1, 5]
+    logits: list = []
+    result = run_row(Row("in memory", "same", None, model=model), prompt, 12, keep=logits)
+    forced = forced_tokens(prompt, 12, model.config.vocab_size)
+    assert result.tokens == forced and forced == forced_tokens(prompt, 12, model.config.vocab_size)
+    assert len(set(forced)) > 6  # varied, unlike a random model's greedy output
+    assert len(logits) == 12 and all(torch.isfinite(step).all() for step in logits)  # the model's own logits

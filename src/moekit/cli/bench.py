@@ -343,7 +343,10 @@ rows (one moekit LM with random weights; experts >= 4x the last-level cache, <= 
   int8 B%, int4 B%  the store packed with --experts-dtype int8 / int4, at B% of the same-dtype
                   expert bytes (--int8-budget 51, --int4-budget 25: the issue's budgets)
 
-columns (batch 1, greedy; medians over --rounds, the rows' order rotated each round):
+columns (batch 1; medians over --rounds, the rows' order rotated each round; every decode step is
+fed the next token of one fixed random sequence, not its argmax: a random model's greedy output
+soon repeats one token, which routes to the same experts every step, so the cache would hit
+far more often than on any text):
   budget MB       memory_budget: non-expert bytes + the expert cache
   fit             whether every expert of the row's store has a slot at that budget
   prefill/s       prompt tokens / time of the prompt's forward and the first new token (cold)
