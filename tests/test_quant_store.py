@@ -29,8 +29,9 @@ from moekit.inference import load, minimum_budget
 from moekit.inference.offload import plain_lm_from_store, plan_memory
 from moekit.inference.quant import QuantizedExperts, quantize_expert, quantize_experts
 from moekit.inference.store import ExpertStore, StoreError, write_store
-from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
-from tests.test_store import lm_config, write_run
+from moekit.models.lm import LMConfig, MoETransformerLM
+from tests.test_offload import prefill_then_decode
+from tests.test_store import flip_byte, lm_config, write_run
 
 
 def quant_config(**changes) -> LMConfig:
@@ -50,15 +51,6 @@ def quant_model(dtype: torch.dtype = torch.float32, **changes) -> MoETransformer
 
 def pack(model: MoETransformerLM, out: Path, scheme: str) -> Path:
     return write_store(out, model.config, model.state_dict().items(), experts_dtype=scheme, tokenizer={"kind": "bytes"})
-
-
-def prefill_then_decode(model: MoETransformerLM, idx_BS: Tensor, prompt: int) -> list[Tensor]:
-    cache = KVCache(model.config.n_layer)
-    with torch.no_grad():
-        outputs = [model(idx_BS[:, :prompt], cache=cache)[0]]
-        for t in range(prompt, idx_BS.shape[1]):
-            outputs.append(model(idx_BS[:, t : t + 1], cache=cache)[0])
-    return outputs
 
 
 def assert_bitwise_equal(got: list[Tensor], want: list[Tensor], what: str) -> None:
@@ -176,14 +168,6 @@ def test_an_int4_store_packed_for_another_cpu_is_repacked_into_its_buffer(tmp_pa
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)
-        handle.seek(offset)
-        handle.write(bytes([byte[0] ^ 0xFF]))
 
 
 @pytest.mark.parametrize("where", ["header", "weights"])
