@@ -113,8 +113,9 @@ class FactsConfig:
     # recipe") at batch 16 the step at which an MoE left the plateau varied from ~1,500 to
     # past 4,000 between seeds, and a model's mean over 3 seeds mostly counted its early
     # seeds; at batch 32 (3,000-step schedules) all 12 MoE runs, E=4 to 32 × 3 seeds, had
-    # left it (value CE < 2.5) by step 2,000. 4,000 × 32 windows are 1.33x the tokens of 6,000 × 16, in
-    # fewer, larger (cheaper per token) steps.
+    # left it (value CE < 2.5) by step 2,000. 4,000 × 32 windows are 1.33x the tokens of
+    # 6,000 × 16, in fewer, larger (cheaper per token) steps. The grid's own runs at 1,000
+    # facts still left it at different times (docs/facts.md, "The same grid at 1,000 facts").
     steps: int = 4000
     batch_size: int = 32
     lr: float = 4e-3
