@@ -89,7 +89,7 @@ class FactsConfig:
     n_head: int = 2
     seq_len: int = 64
     # NOTE: 64, not 256: dense-wide runs an FFN of width E·d_ff for every token (4,096 at 256,
-    # 8x the dense model's FFN compute for 3 seeds × 6,000 steps), which would not fit the
+    # 8x the dense model's FFN compute for 3 seeds × 4,000 steps of batch 32), which would not fit the
     # ~30-minute budget on 2 cores; and at 64 the dense model (~25k parameters, ~50k bits at
     # Physics of LMs' 2 bits/parameter) is capacity-bound at a few thousand facts, where the
     # E=16 MoE (~110k parameters) has room: the regime the experiment is about.
