@@ -13,8 +13,9 @@ by ``moekit.aux_loss(model)`` and ``moekit.routing_stats(model)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -274,6 +275,34 @@ class MoE(nn.Module):
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """Every MoE layer inside ``model`` (itself and nested ones), with qualified names."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+@contextlib.contextmanager
+def observe_routing(model: nn.Module, on_route: Callable[[str, RoutingResult, int], None]) -> Iterator[None]:
+    """Within the block, every ``MoE.route`` of ``model``'s MoE layers (nested ones included)
+    also calls ``on_route(layer name, result, tokens)``; the layers are restored on exit, even
+    on an error. It wraps ``route`` on the layer instances, so the class and other models are
+    untouched and the forward itself does no extra work outside the block."""
+    patched: list[MoE] = []
+
+    def wrap(name: str, layer: MoE) -> Callable[[Tensor, float | None], RoutingResult]:
+        original = layer.route  # the bound class method
+
+        def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+            result = original(x_TD, capacity_factor)
+            on_route(name, result, x_TD.shape[0])
+            return result
+
+        return route
+
+    try:
+        for name, layer in moe_layers(model):
+            layer.route = wrap(name, layer)  # type: ignore[method-assign]  # an instance attribute
+            patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.route  # the class method is visible again
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 import moekit
 from moekit.experts import GroupedExperts, ModuleExperts
 from moekit.inference.quant import QuantizedExperts
-from moekit.layer import MoE, moe_layers
+from moekit.layer import MoE, moe_layers, observe_routing
 from moekit.routing import RoutingResult
 
 __all__ = ["LayerTrace", "RoutingRecorder", "RoutingTrace", "TraceError", "record_routing", "record_trace"]
@@ -227,26 +227,8 @@ def record_routing(model: nn.Module) -> Iterator[RoutingRecorder]:
     if not layers:
         raise TraceError(f"{type(model).__name__} has no moekit MoE layer to record")
     recorder = RoutingRecorder(layers)
-    patched: list[MoE] = []
-
-    def wrap(name: str, layer: MoE):
-        original = layer.route  # the bound class method
-
-        def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
-            result = original(x_TD, capacity_factor)
-            recorder.add(name, result, x_TD.shape[0])
-            return result
-
-        return route
-
-    try:
-        for name, layer in layers:
-            layer.route = wrap(name, layer)  # type: ignore[method-assign]  # an instance attribute
-            patched.append(layer)
+    with observe_routing(model, recorder.add):
         yield recorder
-    finally:
-        for layer in patched:
-            del layer.route  # the class method is visible again
 
 
 @torch.no_grad()

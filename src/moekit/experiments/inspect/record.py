@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.capacity import apply_capacity, expert_capacity
-from moekit.layer import MoE, moe_layers
+from moekit.layer import MoE, moe_layers, observe_routing
 from moekit.routing import Assignments, RoutingResult
 
 
@@ -107,28 +107,9 @@ def load_probe(files: list[Path], tokenizer, seq_len: int, tokens_per_domain: in
 def capture_routing(model: nn.Module) -> Iterator[dict[str, list[RoutingResult]]]:
     """Within the block, every ``MoE.route`` result of ``model``'s MoE layers is appended to
     ``captured[name]`` (detached); the layers are restored on exit, even on an error."""
-    captured: dict[str, list[RoutingResult]] = {}
-    patched: list[MoE] = []
-
-    def wrap(name: str, layer: MoE):
-        original = layer.route  # the bound class method
-
-        def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
-            result = original(x_TD, capacity_factor)
-            captured[name].append(result)
-            return result
-
-        return route
-
-    try:
-        for name, layer in moe_layers(model):
-            captured[name] = []
-            layer.route = wrap(name, layer)  # type: ignore[method-assign]  # an instance attribute
-            patched.append(layer)
+    captured: dict[str, list[RoutingResult]] = {name: [] for name, _ in moe_layers(model)}
+    with observe_routing(model, lambda name, result, tokens: captured[name].append(result)):
         yield captured
-    finally:
-        for layer in patched:
-            del layer.route  # the class method is visible again
 
 
 def assignments_to_table(
