@@ -27,6 +27,7 @@ import torch
 
 import moekit.experiments.compare.run as compare_run
 from moekit.cli.main import main
+from moekit.experiments.facts import run as facts_run
 from moekit.experiments.facts.data import (
     MIN_PASSES,
     UNIFORM_VALUE_CE,
@@ -38,12 +39,17 @@ from moekit.experiments.facts.data import (
 )
 from moekit.experiments.facts.run import (
     DENSE,
+    EQUAL_TIME,
     WIDE,
     FactsConfig,
     FactsGrid,
     FactsRun,
+    _equal_time_tasks,
+    _run_tasks,
+    best_moe,
     calibrate,
     default_config,
+    grid_tasks,
     models,
     run_facts,
     summarize,
@@ -184,9 +190,11 @@ class FakeGrid:
     """Dense exact match falls with the number of facts: 1 at 500, 0.5 at 1000, ..."""
 
     def __init__(self, config: FactsConfig) -> None:
-        self.config, self.counts = config, []
+        self.config, self.counts, self._evaluated = config, [], {}
 
-    def run(self, name, model, num_facts, seed):
+    def run(self, name, model, num_facts, seed, steps=None):
+        if (name, num_facts, seed) in self._evaluated:
+            return self._evaluated[name, num_facts, seed]
         assert name == DENSE and seed == 0
         self.counts.append(num_facts)
         em = min(1.0, 500 / num_facts)
@@ -206,6 +214,77 @@ def test_calibration_brackets_the_target_and_picks_the_closest(start, counts, ch
     assert picked == chosen
     assert [row["facts"] for row in table] == sorted(counts)
     assert [row["facts"] for row in table if row["chosen"]] == [chosen]
+
+
+@pytest.mark.parametrize(
+    "start,waves,chosen",
+    [
+        # Both of the first wave store more than half: the next wave goes on up from the largest;
+        # 1,000 hits 50% exactly.
+        (250, [[250, 500], [1000, 2000]], 1000),
+        # Both store less: down from the smallest.
+        (2000, [[2000, 4000], [1000, 500]], 1000),
+        # 600 stores more, 1,200 less: bracketed after the second wave.
+        (300, [[300, 600], [1200, 2400]], 1200),
+        # The first wave brackets: done.
+        (600, [[600, 1200]], 1200),
+    ],
+)
+def test_calibration_with_two_jobs_runs_the_next_count_beside_the_current_one(monkeypatch, start, waves, chosen):
+    config = replace(FactsConfig(), calibration_start=start, calibration_runs=4)
+    grid = FakeGrid(config)
+    seen: list[list[int]] = []
+
+    def in_waves(grid, tasks, jobs, received, follow_up=None):  # run_parallel's contract, in this process
+        assert jobs == len(tasks) <= 2
+        seen.append([task[2] for task in tasks])
+        return [grid.run(*task) for task in tasks]
+
+    monkeypatch.setattr(facts_run, "_run_tasks", in_waves)
+    picked, table = calibrate(grid, models(config), jobs=2)
+    assert seen == waves and picked == chosen
+    # The grid reuses the calibration's runs: its seed-0 dense run at the chosen count is one of them.
+    assert (DENSE, chosen, 0) in grid._evaluated and len(grid._evaluated) == len(table)
+
+
+def test_grid_runs_longest_first_then_the_moes_then_dense():
+    config = FactsConfig()
+    tasks = grid_tasks(models(config), 1000, seeds=2)
+    names = [task[0] for task in tasks]
+    assert names == [WIDE] * 2 + [f"moe-e{e}" for e in config.experts for _ in range(2)] + [DENSE] * 2
+    assert [task[3] for task in tasks[:2]] == [0, 1] and all(task[2] == 1000 for task in tasks)
+
+
+def test_follow_up_tasks_run_after_the_results_they_wait_for():
+    config = replace(FactsConfig(), calibration_start=500)
+    grid = FakeGrid(config)
+    grid._evaluated[DENSE, 500, 0] = FactsRun(DENSE, 0, 500, {"exact_match": 1.0, "value_ce": 0.0}, {})
+    asked: list[list[int]] = []
+
+    def follow_up(results):
+        asked.append(sorted(results))
+        return [(DENSE, None, 4000, 0)] if len(results) == 2 else []
+
+    runs = _run_tasks(grid, [(DENSE, None, 500, 0), (DENSE, None, 1000, 0)], 1, [""], follow_up)
+    # Asked after each result (the reused one counts as done) until it adds a task, which runs
+    # last; then never again.
+    assert [r.num_facts for r in runs] == [500, 1000, 4000] and grid.counts == [1000, 4000]
+    assert asked == [[0], [0, 1]]
+
+
+def test_equal_time_runs_wait_for_every_moe_and_follow_the_best_ones_speed():
+    config = FactsConfig()
+    grid_models = models(config)
+    speed = {"ratios": {f"moe-e{e}": {"ratio": r} for e, r in zip(config.experts, (0.9, 0.8, 0.75, 0.6), strict=True)}}
+    follow_up = _equal_time_tasks(config, grid_models, 1000, 3, speed)
+    runs = {i: r for i, r in enumerate(synthetic_runs(GOOD)) if r.name != "moe-e32"}
+    assert follow_up(runs) == []  # E=32 has no run yet
+    runs = dict(enumerate(synthetic_runs(GOOD)))
+    tasks = follow_up(runs)
+    # The best MoE is E=16 (GOOD): 6,000 / 0.75 = 8,000 steps of dense, for every seed.
+    assert [(t[0], t[2], t[3], t[4]) for t in tasks] == [(EQUAL_TIME, 1000, s, 8000) for s in range(3)]
+    assert all(t[1] == grid_models[DENSE] for t in tasks)
+    assert best_moe(config, list(runs.values())) == "moe-e16"
 
 
 def synthetic_runs(value_ce: dict[str, float], heldout_ce: float = 3.26, heldout_accuracy: float = 1 / 26):

@@ -60,7 +60,7 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
         "--steps-a", type=positive_int, default=None, help="steps per run of (a) and (f) (default 600; 30 --quick)"
     )
     parser.add_argument(
-        "--steps-g", type=positive_int, default=None, help="steps per run of (g) (default 4000; 20 --quick)"
+        "--steps-g", type=positive_int, default=None, help="steps per run of (g) (default 6000; 20 --quick)"
     )
     parser.add_argument(
         "--facts", type=positive_int, default=None, metavar="N",

@@ -1,7 +1,7 @@
 """Experiment (g) of ``moekit compare``: memorizing random facts, MoE vs dense at equal compute.
 
     moekit compare --experiments g --out runs/compare          # calibration + the grid, results_g.md
-    moekit compare --experiments g --steps-g 4000 --seeds 3
+    moekit compare --experiments g --steps-g 4000 --seeds 3    # shorter runs
     moekit compare --experiments g --facts 3000                # skip the calibration
     moekit compare --experiments g --quick --out /tmp/g        # tiny: checks the pipeline
 
@@ -38,6 +38,7 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,7 +90,7 @@ class FactsConfig:
     n_head: int = 2
     seq_len: int = 64
     # NOTE: 64, not 256: dense-wide runs an FFN of width E·d_ff for every token (4,096 at 256,
-    # 8x the dense model's FFN compute for 3 seeds × 4,000 steps of batch 32), which would not fit the
+    # 8x the dense model's FFN compute for 3 seeds × 6,000 steps of batch 32), which would not fit the
     # ~30-minute budget on 2 cores; and at 64 the dense model (~25k parameters, ~50k bits at
     # Physics of LMs' 2 bits/parameter) is capacity-bound at a few thousand facts, where the
     # E=16 MoE (~110k parameters) has room: the regime the experiment is about.
@@ -109,14 +110,14 @@ class FactsConfig:
     balance_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     # Training.
-    # NOTE: batch 32 for 4,000 steps, not the issue's 16: in probes (docs/facts.md, "The
-    # recipe") at batch 16 the step at which an MoE left the plateau varied from ~1,500 to
-    # past 4,000 between seeds, and a model's mean over 3 seeds mostly counted its early
-    # seeds; at batch 32 (3,000-step schedules) all 12 MoE runs, E=4 to 32 × 3 seeds, had
-    # left it (value CE < 2.5) by step 2,000. 4,000 × 32 windows are 1.33x the tokens of
-    # 6,000 × 16, in fewer, larger (cheaper per token) steps. The grid's own runs at 1,000
-    # facts still left it at different times (docs/facts.md, "The same grid at 1,000 facts").
-    steps: int = 4000
+    # NOTE: batch 32, not the issue's 16: in probes (docs/facts.md, "The recipe") at batch 16
+    # the step at which an MoE left the plateau varied from ~1,500 to past 4,000 between seeds,
+    # and a model's mean over 3 seeds mostly counted its early seeds; at batch 32 (3,000-step
+    # schedules) all 12 MoE runs, E=4 to 32 × 3 seeds, had left it (value CE < 2.5) by step
+    # 2,000. 6,000 steps, not 4,000: at 4,000 no number of facts passed every storage check
+    # (at 500 one seed's dense model stored nearly all; at 1,000 an E=16 seed was still on the
+    # plateau); at 6,000 the calibration picks 1,000 facts and all three pass (docs/facts.md).
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 4e-3
     warmup_steps: int = 100
@@ -292,6 +293,9 @@ def _train_and_evaluate(grid_class: type, out: Path, config: Any, task: tuple, t
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+FollowUp = Callable[[dict[int, Any]], list[tuple]]  # results so far (task index → result) → more tasks
+
+
 class ParallelGrid(Protocol):
     """What ``run_parallel`` needs of a grid (``FactsGrid``; experiment (h)'s ``TextGrid``)."""
 
@@ -306,10 +310,21 @@ class ParallelGrid(Protocol):
     def run(self, *task: Any) -> Any: ...  # in a worker: train (or reuse) and evaluate; has .name, .seed
 
 
-def run_parallel(grid: ParallelGrid, tasks: list[tuple], jobs: int, received: list[str]) -> list[Any]:
+def run_parallel(
+    grid: ParallelGrid,
+    tasks: list[tuple],
+    jobs: int,
+    received: list[str],
+    follow_up: FollowUp | None = None,
+) -> list[Any]:
     """Train and evaluate ``tasks`` (for (g): name, model, facts, seed) in ``jobs`` worker
     processes of ``cpu_count // jobs`` threads each, in ``tasks`` order as results; finished
     runs are reused. Each worker calls ``type(grid)(grid.out, grid.config).run(*task)``.
+
+    ``follow_up``, when given, is called with the results so far (task index → result) each
+    time a task finishes, until it returns tasks: those are appended to the queue (and their
+    results to the returned list), so runs that depend on earlier results fill the workers
+    that the last of ``tasks`` would leave idle.
 
     The models of (g) are so small that one thread per run leaves most of a core idle in
     Python overhead, so separate processes, not threads, fill the machine. At most ``jobs``
@@ -318,6 +333,7 @@ def run_parallel(grid: ParallelGrid, tasks: list[tuple], jobs: int, received: li
     it on as SIGINT; each worker's trainer then saves its checkpoint, and GridInterrupted is
     raised once every running task has returned."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = list(tasks)
     results: dict[int, Any] = {}
     pending = list(enumerate(tasks))
     running: dict[Future, int] = {}
@@ -343,6 +359,11 @@ def run_parallel(grid: ParallelGrid, tasks: list[tuple], jobs: int, received: li
                         if grid.progress is not None:
                             grid.progress.set_postfix_str(f"{value.name} s{value.seed} done, {len(running)} running")
                             grid.progress.update(1)
+                        extra = follow_up(results) if follow_up is not None else []
+                        if extra:
+                            follow_up = None
+                            pending.extend(enumerate(extra, start=len(tasks)))
+                            tasks.extend(extra)
         except KeyboardInterrupt:
             pending.clear()
             if received[0] == "SIGTERM":
@@ -358,26 +379,40 @@ def run_parallel(grid: ParallelGrid, tasks: list[tuple], jobs: int, received: li
     return [results[i] for i in range(len(tasks))]
 
 
-def calibrate(grid: FactsGrid, models_by_name: dict[str, LMConfig]) -> tuple[int, list[dict[str, Any]]]:
+def calibrate(
+    grid: FactsGrid, models_by_name: dict[str, LMConfig], jobs: int = 1, received: list[str] | None = None
+) -> tuple[int, list[dict[str, Any]]]:
     """The number of facts whose seed-0 dense run reaches exact match closest to the target.
 
     From ``calibration_start``, the count is multiplied by ``calibration_factor`` while the
-    dense model stores more than the target and divided while it stores less, until two
-    measured counts bracket the target (or one hits it) or ``calibration_runs`` runs are done.
+    dense model stores more than the target and divided while it stores less (from the largest
+    or smallest count measured), until two measured counts bracket the target (or one hits it)
+    or ``calibration_runs`` runs are done. With ``jobs`` > 1 the next counts in the direction
+    the last runs pointed (up at first) train beside it, ``jobs`` at a time: the same counts in
+    fewer waves when the guess is right, one run more than needed when it is not.
     Returns the chosen count and the table (facts → the dense model's exact match and value CE).
     """
     c = grid.config
+    target, factor = c.target_exact_match, c.calibration_factor
     table: dict[int, FactsRun] = {}
-    count = c.calibration_start
+    count, up = c.calibration_start, True
     while len(table) < c.calibration_runs and count >= 1 and count not in table:
-        table[count] = grid.run(DENSE, models_by_name[DENSE], count, seed=0)
+        wave = [count]
+        while len(wave) < jobs and len(table) + len(wave) < c.calibration_runs:
+            following = wave[-1] * factor if up else wave[-1] // factor
+            if following < 1 or following in table:
+                break
+            wave.append(following)
+        tasks = [(DENSE, models_by_name[DENSE], n, 0) for n in wave]
+        for n, run in zip(wave, _run_tasks(grid, tasks, min(jobs, len(tasks)), received or [""]), strict=True):
+            table[n] = grid._evaluated[DENSE, n, 0] = run  # the grid's seed-0 dense run, if chosen
         stored = [r.metrics["exact_match"] for r in table.values()]
-        if c.target_exact_match in stored or (max(stored) > c.target_exact_match > min(stored)):
+        if target in stored or max(stored) > target > min(stored):
             break
-        # Stores more than the target: more facts; less: fewer.
-        more = stored[-1] > c.target_exact_match
-        count = count * c.calibration_factor if more else count // c.calibration_factor
-    chosen = min(table, key=lambda n: (abs(table[n].metrics["exact_match"] - c.target_exact_match), -n))
+        # Every count stores more than the target: more facts; less: fewer.
+        up = stored[0] > target
+        count = max(table) * factor if up else min(table) // factor
+    chosen = min(table, key=lambda n: (abs(table[n].metrics["exact_match"] - target), -n))
     rows = [
         {"facts": n, "exact_match": r.metrics["exact_match"], "value_ce": r.metrics["value_ce"], "chosen": n == chosen}
         for n, r in sorted(table.items())
@@ -419,14 +454,20 @@ def run_facts(
         try:
             calibration: list[dict[str, Any]] = []
             if num_facts is None:
-                num_facts, calibration = calibrate(grid, grid_models)
+                num_facts, calibration = calibrate(grid, grid_models, jobs, received)
                 progress.total = len(calibration) + seeds * len(grid_models)
-            tasks = [(name, model, num_facts, seed) for seed in range(seeds) for name, model in grid_models.items()]
-            runs = _run_tasks(grid, tasks, jobs, received)
-            summary = summarize(config, runs, num_facts, calibration, grid_models)
-            if config.speed_rounds > 0:
-                summary["speed"] = measure_speed(grid, grid_models, num_facts, jobs)
-                summary["equal_time"] = _equal_time(grid, summary, grid_models, num_facts, seeds, jobs, received)
+            # The speed rounds first, while no grid run shares the machine with them.
+            speed = measure_speed(grid, grid_models, num_facts, jobs) if config.speed_rounds > 0 else None
+            tasks = grid_tasks(grid_models, num_facts, seeds)
+            follow_up = None
+            if speed is not None:
+                progress.total += seeds
+                follow_up = _equal_time_tasks(config, grid_models, num_facts, seeds, speed)
+            runs = _run_tasks(grid, tasks, jobs, received, follow_up)
+            summary = summarize(config, [r for r in runs if r.name != EQUAL_TIME], num_facts, calibration, grid_models)
+            if speed is not None:
+                summary["speed"] = speed
+                summary["equal_time"] = _equal_time(summary, [r for r in runs if r.name == EQUAL_TIME])
             summary["seconds"] = time.time() - started
             from moekit.experiments.facts.report import write_facts_report
 
@@ -441,13 +482,42 @@ def run_facts(
     return summary
 
 
-def _run_tasks(grid: FactsGrid, tasks: list[tuple], jobs: int, received: list[str]) -> list[FactsRun]:
-    if jobs == 1:
-        return [grid.run(*task) for task in tasks]
+def grid_tasks(grid_models: dict[str, LMConfig], num_facts: int, seeds: int) -> list[tuple]:
+    """The grid's runs (name, model, facts, seed), longest first: dense-wide, whose FFN is E/k
+    times the others' (~4x their run time at the defaults), then the MoEs, whose results the
+    equal-wall-time runs wait for, then dense. Two workers then finish together, not one
+    dense-wide run alone at the end."""
+    order = [WIDE] + [n for n in grid_models if n not in (WIDE, DENSE)] + [DENSE]
+    return [(name, grid_models[name], num_facts, seed) for name in order for seed in range(seeds)]
+
+
+def _run_tasks(
+    grid: FactsGrid, tasks: list[tuple], jobs: int, received: list[str], follow_up: FollowUp | None = None
+) -> list[FactsRun]:
+    """``tasks``' results in order, then those of the tasks ``follow_up`` added (see run_parallel)."""
+    tasks = list(tasks)
     # The calibration's runs are already evaluated in this process: only the rest go out.
-    fresh = [i for i, (name, _, count, seed, *_) in enumerate(tasks) if (name, count, seed) not in grid._evaluated]
-    trained = dict(zip(fresh, run_parallel(grid, [tasks[i] for i in fresh], jobs, received), strict=True))
-    return [trained[i] if i in trained else grid.run(*task) for i, task in enumerate(tasks)]
+    results = {i: grid.run(*task) for i, task in enumerate(tasks)
+               if (task[0], task[2], task[3]) in grid._evaluated}
+    if jobs == 1:
+        for i, task in enumerate(tasks):  # grows when follow_up adds tasks
+            if i not in results:
+                results[i] = grid.run(*task)
+            extra = follow_up(results) if follow_up is not None else []
+            if extra:
+                follow_up = None
+                tasks.extend(extra)
+        return [results[i] for i in range(len(tasks))]
+    fresh = [i for i in range(len(tasks)) if i not in results]
+
+    def follow_up_all(trained: dict[int, Any]) -> list[tuple]:  # indices of the fresh tasks → all tasks
+        assert follow_up is not None
+        return follow_up(results | {fresh[j]: run for j, run in trained.items()})
+
+    trained = run_parallel(grid, [tasks[i] for i in fresh], jobs, received,
+                           follow_up_all if follow_up is not None else None)
+    results.update(zip(fresh, trained[: len(fresh)], strict=True))
+    return [results[i] for i in range(len(tasks))] + trained[len(fresh):]
 
 
 def measure_speed(grid: FactsGrid, grid_models: dict[str, LMConfig], num_facts: int, jobs: int) -> dict[str, Any]:
@@ -467,27 +537,50 @@ def measure_speed(grid: FactsGrid, grid_models: dict[str, LMConfig], num_facts: 
             "ratios": throughput_ratios(times, DENSE)}
 
 
-def _equal_time(
-    grid: FactsGrid, summary: dict[str, Any], grid_models: dict[str, LMConfig], num_facts: int, seeds: int,
-    jobs: int, received: list[str],
-) -> dict[str, Any]:
-    """The dense model trained for as long as the best MoE takes for its steps (by the measured
-    speed ratio), per seed: who wins at equal wall time."""
+def best_moe(config: FactsConfig, runs: list[FactsRun]) -> str | None:
+    """The MoE with the lowest mean value CE over its runs (``acceptance_checks``' best), or
+    None while some MoE has no run yet."""
+    by_name: dict[str, list[float]] = {}
+    for run in runs:
+        by_name.setdefault(run.name, []).append(run.metrics["value_ce"])
+    moe_names = [f"moe-e{e}" for e in config.experts]
+    if any(name not in by_name for name in moe_names):
+        return None
+    return min(moe_names, key=lambda n: statistics.mean(by_name[n]))
+
+
+def _equal_time_tasks(
+    config: FactsConfig, grid_models: dict[str, LMConfig], num_facts: int, seeds: int, speed: dict[str, Any]
+) -> FollowUp:
+    """The follow-up that adds the equal-wall-time dense runs once every MoE run is in: the dense
+    model trained for as long as the best MoE takes for its steps, by the measured speed ratio."""
     from moekit.experiments.facts.speed import equal_time_steps
 
+    moe_runs = seeds * len(config.experts)
+
+    def follow_up(results: dict[int, Any]) -> list[tuple]:
+        done = [r for r in results.values() if r.name.startswith("moe-e")]
+        best = best_moe(config, done) if len(done) == moe_runs else None
+        if best is None:
+            return []
+        steps = equal_time_steps(config.steps, speed["ratios"][best]["ratio"], config.equal_time_multiple)
+        return [(EQUAL_TIME, grid_models[DENSE], num_facts, seed, steps) for seed in range(seeds)]
+
+    return follow_up
+
+
+def _equal_time(summary: dict[str, Any], dense_runs: list[FactsRun]) -> dict[str, Any]:
+    """Who wins at equal wall time: the dense runs trained for the best MoE's time, per seed."""
     best = summary["checks"]["best_moe"]
-    ratio = summary["speed"]["ratios"][best]["ratio"]
-    steps = equal_time_steps(grid.config.steps, ratio, grid.config.equal_time_multiple)
-    if grid.progress is not None:
-        grid.progress.total += seeds
-    tasks = [(EQUAL_TIME, grid_models[DENSE], num_facts, seed, steps) for seed in range(seeds)]
-    runs = sorted(_run_tasks(grid, tasks, jobs, received), key=lambda r: r.seed)
+    runs = sorted(dense_runs, key=lambda r: r.seed)
+    if not runs:
+        raise RuntimeError("the equal-wall-time dense runs did not run")
     moe_ce = summary["models"][best]["value_ce"]
     dense_ce = [r.metrics["value_ce"] for r in runs]
     return {
         "moe": best,
-        "ratio": ratio,
-        "dense_steps": steps,
+        "ratio": summary["speed"]["ratios"][best]["ratio"] if "speed" in summary else None,
+        "dense_steps": runs[0].train["steps"],
         "value_ce": dense_ce,
         "exact_match": [r.metrics["exact_match"] for r in runs],
         "value_ce_mean_sd": _mean_sd(dense_ce),
