@@ -189,3 +189,26 @@ def test_router_projection_is_one_named_parameter(router):
     # The aux-free selection bias is state (saved with the weights), never a trained parameter.
     assert ("router.expert_bias" in layer.state_dict()) == (router == "aux_free")
     assert "router.expert_bias" not in params
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free"])
+def test_router_logits_are_float32_under_bf16_autocast(router):
+    # `moekit train --bf16` runs the forward under torch.autocast, which would run the gate's
+    # matmul in bf16 even on float32 inputs; selective precision needs the logits computed in
+    # float32: the same bits as without autocast, for float32 and bf16 inputs alike.
+    top_k = 1 if router == "switch" else 2
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=64, d_ff=8, num_experts=8, top_k=top_k, router=router)).eval()
+    x_TD = torch.randn(16, 64)
+    reference_TE = layer.router.compute_logits(x_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_TE = layer.router.compute_logits(x_TD)
+        from_bf16_TE = layer.router.compute_logits(x_TD.bfloat16())
+        routed = layer.route(x_TD, None)
+    assert logits_TE.dtype == torch.float32 and torch.equal(logits_TE, reference_TE)
+    assert torch.equal(from_bf16_TE, layer.router.compute_logits(x_TD.bfloat16().float()))
+    assert routed.logits_TE.dtype == torch.float32 and torch.equal(routed.logits_TE, reference_TE)
+    # Without the guard, bf16 autocast rounds the logits (the check has teeth).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded_TE = torch.nn.functional.linear(x_TD, layer.router.weight)
+    assert rounded_TE.dtype == torch.bfloat16 and not torch.equal(rounded_TE.float(), reference_TE)

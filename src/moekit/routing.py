@@ -16,6 +16,7 @@ the balance loss noisy.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -86,6 +87,19 @@ def _selected_per_expert(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).float()
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def float32_linear(x_TD: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear in float32: [T, out], also inside ``torch.autocast``, which would otherwise run
+    the matmul in bf16/fp16 whatever its inputs' dtype (selective precision needs the router's
+    logits computed in float32, not just stored in it)."""
+    device_type = x_TD.device.type
+    autocast_on = device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast_on else contextlib.nullcontext():
+        return F.linear(x_TD.float(), weight.float(), bias.float() if bias is not None else None)
+
+
 def group_limited_mask(selection_TE: Tensor, config: MoEConfig) -> Tensor:
     """Which experts a token may pick under group-limited routing: bool [T, E].
 
@@ -137,9 +151,9 @@ class Router(nn.Module):
         if self.gate_in_activation_dtype:
             bias_E = self.bias.to(x_TD.dtype) if self.bias is not None else None
             return F.linear(x_TD, self.weight.to(x_TD.dtype), bias_E).float()
-        # NOTE: the gate runs in float32 even for bf16 activations (selective precision).
-        bias_E = self.bias.float() if self.bias is not None else None
-        return F.linear(x_TD.float(), self.weight.float(), bias_E)
+        # NOTE: the gate runs in float32 even for bf16 activations and under autocast
+        # (selective precision).
+        return float32_linear(x_TD, self.weight, self.bias)
 
     def checked_logits(self, x_TD: Tensor) -> Tensor:
         """``compute_logits``, checked for NaN and inf when ``MoEConfig.check_finite``.
@@ -279,7 +293,7 @@ class NoisyTopKRouter(Router):
 
     def route(self, x_TD: Tensor) -> RoutingResult:
         clean_logits_TE = self.checked_logits(x_TD)
-        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
+        noise_std_TE = F.softplus(float32_linear(x_TD, self.noise_weight))
         noise_std_TE = noise_std_TE + self.NOISE_EPSILON
         if self.training:
             noisy_logits_TE = clean_logits_TE + torch.randn_like(clean_logits_TE) * noise_std_TE
