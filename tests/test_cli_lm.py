@@ -7,6 +7,7 @@ models: the JSON figures, the run directory, resume conflicts and error messages
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -99,11 +100,44 @@ def test_compare_quick_writes_results_and_plots(tmp_path, capsys):
     ]
     throughput = summary["throughput"]
     assert throughput["ratio_to_baseline"]["dense"] == 1.0 and throughput["ratio_to_baseline"]["moe"] > 0
+    # (b)-(e) report one seed (--seeds 1) although (i) trained two of their shared settings.
+    assert summary["moe-top2"]["seeds"] == 1 and summary["no-balance-loss"]["seeds"] == 1
+    recipe = summary["recipe"]
+    assert recipe["seeds"] == 2 and set(recipe["settings"]) == {
+        "moe-top2", "router-init-1x", "no-z-loss", "no-balance-loss", "dense-top2"}
+    draws = recipe["eval_draws"]
+    assert draws["draws"] == 5 and len(draws["runs"]) == 2
+    for run in draws["runs"]:  # the fixed set reproduces the trainer's own final validation loss
+        assert run["fixed"] == pytest.approx(recipe["settings"]["moe-top2"]["val_losses"][run["seed"]])
     text = (out / "results.md").read_text()
-    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"):
+    for heading in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(i)"):
         assert heading in text
-    for png in ("a_moe_vs_dense.png", "c_capacity.png", "d_balance.png", "e_routers.png", "f_ffn_width.png"):
+    for png in ("a_moe_vs_dense.png", "c_capacity.png", "d_balance.png", "e_routers.png", "f_ffn_width.png",
+                "i_recipe.png"):
         assert (out / png).exists()
+
+
+def test_compare_plan_i_trains_five_seeds_of_each_recipe_setting():
+    import math
+
+    from moekit.experiments.compare.run import plan_runs
+
+    runs = plan_runs(["d", "i"], seeds=3, steps=10, quick=False)
+    seeds = {}
+    for run in runs:
+        seeds.setdefault(run.name, set()).add(run.seed)
+    assert seeds == {name: set(range(5)) for name in
+                     ("moe-top2", "router-init-1x", "no-z-loss", "no-balance-loss", "dense-top2")}
+    by_name = {run.name: run for run in runs if run.seed == 0}
+    recipe = by_name["moe-top2"].model
+    assert recipe.router_init_std == 0.02 and recipe.moe.z_loss_coef == 1e-3 and recipe.moe.balance_loss_coef == 0.02
+    # Each setting changes one field of the recipe.
+    assert by_name["router-init-1x"].model == replace(recipe, router_init_std=1 / math.sqrt(128))
+    assert by_name["no-z-loss"].model.moe == replace(recipe.moe, z_loss_coef=0.0)
+    assert by_name["no-balance-loss"].model.moe == replace(recipe.moe, balance_loss_coef=0.0)
+    assert by_name["dense-top2"].model == recipe.as_dense()
+    # Without (i), (d) keeps its two seeds.
+    assert {run.seed for run in plan_runs(["d"], seeds=3, steps=10, quick=False)} == {0, 1}
 
 
 def test_compare_plan_f_is_the_dense_baseline_at_wider_ffns():

@@ -151,3 +151,29 @@ def test_only_a_complete_run_counts_as_finished():
     timed = compare_run.equal_time_spec(spec, 6.0)
     assert incomplete_reason({"steps": 17, "interrupted": False, "stopped_by": "max_minutes"}, timed) is None
     assert incomplete_reason({"steps": 17, "interrupted": False, "stopped_by": "diverged"}, timed) is not None
+
+
+def test_sd_ratio_test_uses_the_two_sided_f_point_of_the_seeds():
+    from moekit.experiments.compare.recipe import sd_ratio_test
+
+    # 5 seeds: F(4, 4) upper 2.5% point 9.60, so sd ratios beyond sqrt(9.60) = 3.098 differ.
+    test = sd_ratio_test(3.2, 1.0, 5)
+    assert test["ratio"] == 3.2 and test["significant"] and test["critical_ratio"] == pytest.approx(3.0984, abs=1e-4)
+    assert sd_ratio_test(3.0, 1.0, 5)["significant"] is False
+    assert sd_ratio_test(1.0, 3.2, 5)["significant"] is True  # smaller counts too (two-sided)
+    assert sd_ratio_test(1.0, 1.0, 40)["significant"] is None  # no table entry: no verdict
+
+
+def test_summarize_recipe_by_hand():
+    from moekit.experiments.compare.recipe import RECIPE_SETTINGS, summarize_recipe
+
+    losses = {"moe-top2": [1.0, 1.2, 1.4], "dense-top2": [1.0, 1.1, 1.2]}
+    results = {name: [{"seed": s, "val_loss": v, "load_imbalance": None}
+                      for s, v in enumerate(losses.get(name, [2.0, 2.0, 2.0]))] for name in RECIPE_SETTINGS}
+    summary = summarize_recipe(results, None)
+    recipe, dense = summary["settings"]["moe-top2"], summary["settings"]["dense-top2"]
+    assert recipe["mean"] == pytest.approx(1.2) and recipe["sd"] == pytest.approx(0.2)
+    assert dense["sd"] == pytest.approx(0.1) and recipe["vs_dense"]["ratio"] == pytest.approx(2.0)
+    # 3 seeds: F(2, 2) = 39.0, ratio 2 (F = 4) is within chance.
+    assert recipe["vs_dense"]["significant"] is False and recipe["load_imbalance"] is None
+    assert summary["seeds"] == 3 and summary["settings"]["no-z-loss"]["sd"] == 0.0

@@ -17,6 +17,8 @@ experiments:
   d  balance loss on vs off: load imbalance over training
   e  the routers side by side
   f  control for (a): the dense baseline at 2x and 4x its FFN width, same steps
+  i  the MoE recipe part by part (router init, z-loss, balance loss; the fixed eval set):
+     what each does to the spread of the validation loss over 5 seeds
   g  memorizing random facts (key -> value): dense vs MoE with 4/8/16/32 experts vs a dense
      model with the E=16 MoE's total FFN width; value cross-entropy, exact match, held-out
      keys; the number of facts calibrated so the dense model stores about half (results_g.md)
@@ -30,7 +32,7 @@ Ctrl-C or SIGTERM stops the whole grid (exit status 130, no results.md); the sam
 then continues: finished runs are reused, the interrupted one trains again.
 
 examples:
-  moekit compare --out runs/compare                 experiments a-f (results.md + PNGs)
+  moekit compare --out runs/compare                 experiments a-f and i (results.md + PNGs)
   moekit compare --experiments a --seeds 3 --steps-a 1000
   moekit compare --experiments g --steps-g 6000     experiment (g), only when asked (docs/facts.md)
   moekit compare --quick --out /tmp/cmp             a tiny grid: checks the pipeline
@@ -51,7 +53,8 @@ def add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/compare", metavar="DIR", help="output directory")
     parser.add_argument("--experiments", type=case_list, default=None, metavar="LIST", help="subset, e.g. a,d")
     parser.add_argument(
-        "--seeds", type=positive_int, default=3, help="seeds of experiments a, f and g (b-e use at most 2)"
+        "--seeds", type=positive_int, default=3,
+        help="seeds of experiments a, f, g and h (b-e use at most 2, i always 5)"
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="steps per run of (b)-(e) (default 400; 30 --quick)"
@@ -170,6 +173,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if name == "throughput":
                 ratio = row["ratio_to_baseline"]["moe"]
                 print(f"  throughput (one process, alternating): MoE {ratio:.2f}x the dense baseline")
+                continue
+            if name == "recipe":
+                settings = row["settings"]
+                print(f"  (i) seed spread over {row['seeds']} seeds, sd of val loss: "
+                      + ", ".join(f"{setting} {values['sd']:.4f}" for setting, values in settings.items()))
                 continue
             print(f"  {name:18s} val loss {row['val_loss_mean']:.4f} ± {row['val_loss_sd']:.4f}  "
                   f"{row['tokens_per_s']:,.0f} tok/s")

@@ -61,6 +61,10 @@ class LMConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on attention and residual branches, in [0, 1)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "base of the rotary position embedding"})
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon (Mixtral uses 1e-5)"})
+    # Switch §2.4: initialization scaled down to variance 0.1/fan_in (std sqrt(0.1/d_model), 0.028 at
+    # d_model 128) for stability; 0.02 is that scale, about a quarter of the fan-in std 1/sqrt(d_model).
+    router_init_std: float = field(default=0.02, metadata={
+        "help": "std of the routers' normal initialization (Switch scales it down: sqrt(0.1/d_model))"})
     # 16 experts of width 2·d_model, top-2: the active FFN width is 4·d_model like a GPT block.
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(d_model=128, d_ff=256, num_experts=16, top_k=2, balance_loss_coef=0.02),
@@ -94,6 +98,8 @@ class LMConfig:
             _fail("norm_eps", self.norm_eps, "must be a finite number > 0")
         if not is_finite_number(self.rope_theta) or not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "must be a finite number > 0")
+        if not is_finite_number(self.router_init_std) or not self.router_init_std >= 0:
+            _fail("router_init_std", self.router_init_std, "must be a finite number >= 0")
         if self.moe.d_model != self.d_model:
             _fail("moe.d_model", self.moe.d_model, f"must equal d_model={self.d_model}")
         if self.dense_d_ff is not None and (not is_int(self.dense_d_ff) or self.dense_d_ff < 1):
@@ -403,7 +409,7 @@ class MoETransformerLM(nn.Module):
                 normal_(experts.w_in, std, ffn_stream)
                 normal_(experts.w_out, residual_std, ffn_stream)
             if isinstance(ffn, MoE):
-                normal_(ffn.router.weight, std, ffn_stream)
+                normal_(ffn.router.weight, self.config.router_init_std, ffn_stream)
                 if ffn.shared_experts is not None:
                     normal_(ffn.shared_experts.ffn.w_in, std, ffn_stream)
                     normal_(ffn.shared_experts.ffn.w_out, residual_std, ffn_stream)

@@ -18,6 +18,9 @@ runs fits in about half an hour; runs differ only in the setting under study.
      4x its FFN width (so 2x and 4x the FFN compute), same recipe and steps as (a). An MoE adds
      FFN parameters at constant compute; where wider dense FFNs do not lower the validation
      loss either, the MoE has nothing to gain from them.
+  i  the recipe, part by part: the side shape with one part of the stable MoE recipe turned
+     back to the naive choice per setting, 5 seeds each: what each part does to the seed
+     spread of the validation loss (``recipe.py``)
 
 Runs and reuse: every run lives in ``<out>/runs/<name>-s<seed>-<spec hash>``, the hash taken
 over its full specification (every field of the model config and of the train config, and the
@@ -34,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import signal
 import statistics
@@ -47,13 +51,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from moekit.experiments.compare.recipe import (
+    RECIPE,
+    RECIPE_SEEDS,
+    RECIPE_SEEDS_QUICK,
+    RECIPE_SETTINGS,
+    eval_draw_spread,
+    summarize_recipe,
+)
 from moekit.models.lm import LMConfig, MoETransformerLM
 from moekit.training.checkpoint import write_json_atomic
 from moekit.training.config import TrainConfig, default_configs
 from moekit.training.data import ByteTokenizer, TextDataset, random_batch, read_text
 from moekit.training.trainer import build_optimizer, optimizer_step, train
 
-EXPERIMENTS = ("a", "b", "c", "d", "e", "f")
+EXPERIMENTS = ("a", "b", "c", "d", "e", "f", "i")
 FFN_WIDTH_FACTORS = (2, 4)  # experiment (f): dense FFN widths, in multiples of the matched width
 COMPARE_SEQ_LEN = 64
 COMPARE_BATCH_SIZE = 8
@@ -169,22 +181,39 @@ def plan_runs(
     if "c" in experiments:
         for factor in (1.0, 1.25, 2.0):
             settings[f"capacity-{factor}"] = (_with_moe(model, capacity_factor=factor), train_config)
-    if "d" in experiments:
+    if "d" in experiments or "i" in experiments:
         settings["no-balance-loss"] = (_with_moe(model, balance_loss_coef=0.0), train_config)
+    if "i" in experiments:
+        settings["moe-top2"] = (model, train_config)
+        # Switch's unscaled init: variance 1/fan_in.
+        settings["router-init-1x"] = (replace(model, router_init_std=1 / math.sqrt(model.d_model)), train_config)
+        settings["no-z-loss"] = (_with_moe(model, z_loss_coef=0.0), train_config)
+        settings["dense-top2"] = (model.as_dense(), train_config)
     if "e" in experiments:
         settings["gshard"] = (_with_moe(model, router="gshard", capacity_factor=2.0), train_config)
         settings["noisy-topk"] = (_with_moe(model, router="noisy_topk"), train_config)
         settings["expert-choice"] = (_with_moe(model, router="expert_choice", capacity_factor=1.0), train_config)
         settings["aux-free"] = (_with_moe(model, router="aux_free", balance_loss_coef=0.0), train_config)
     # (a) is the claim that needs the seed spread, and (f) its control: they get every seed; the
-    # other settings get up to two, which is enough to see the differences they show.
-    headline = {"moe", "dense", *(f"dense-ffn-{factor}x" for factor in FFN_WIDTH_FACTORS)}
+    # other settings get up to two, which is enough to see the differences they show; (i) measures
+    # spreads themselves and gets its own number of seeds.
+    recipe_seeds = (RECIPE_SEEDS_QUICK if quick else RECIPE_SEEDS) if "i" in experiments else 0
     runs = []
-    for seed in range(seeds):
+    for seed in range(max(seeds, recipe_seeds)):
         for name, (config, run_train) in settings.items():
-            if name in headline or seed < SEEDS_PER_SIDE_EXPERIMENT:
+            if seed < seeds_of(name, seeds, recipe_seeds):
                 runs.append(RunSpec(name, seed, config, replace(run_train, seed=1000 + seed)))
     return runs
+
+
+HEADLINE = {"moe", "dense", *(f"dense-ffn-{factor}x" for factor in FFN_WIDTH_FACTORS)}
+
+
+def seeds_of(name: str, seeds: int, recipe_seeds: int) -> int:
+    """How many seeds a setting trains: every seed for (a) and (f), up to two for (b)-(e), and
+    (i)'s own number for its settings (some of which (b)-(e) share)."""
+    own = seeds if name in HEADLINE else min(seeds, SEEDS_PER_SIDE_EXPERIMENT)
+    return max(own, recipe_seeds) if name in RECIPE_SETTINGS else own
 
 
 def run_compare(
@@ -231,7 +260,14 @@ def run_compare(
                     # Equal wall time: the dense baseline trains for as long as this MoE run
                     # took, right after it, so that both see the same machine.
                     run(equal_time_spec(spec, result["train_seconds"]))
-            summary = summarize(results)
+            # (b)-(e) report the seeds they asked for, also where (i) trained more of a setting.
+            side_seeds = min(seeds, SEEDS_PER_SIDE_EXPERIMENT)
+            reported = {name: [r for r in runs_of if name in HEADLINE or r["seed"] < side_seeds]
+                        for name, runs_of in results.items()}
+            summary = summarize(reported)
+            if "i" in experiments:
+                recipe_dirs = [(spec.seed, run_dir_of(spec)) for spec in runs if spec.name == RECIPE]
+                summary["recipe"] = summarize_recipe(results, eval_draw_spread(recipe_dirs))
             if "a" in experiments:
                 model, train_config = headline_configs(headline_steps, quick)
                 rounds, steps_per_round = (2, 1) if quick else (THROUGHPUT_ROUNDS, THROUGHPUT_STEPS_PER_ROUND)
@@ -241,7 +277,7 @@ def run_compare(
             from moekit.experiments.compare.report import write_report
 
             write_report(
-                out, experiments, results, summary, command, time.time() - started, steps, seeds, headline_steps
+                out, experiments, reported, summary, command, time.time() - started, steps, seeds, headline_steps
             )
         except GridInterrupted as interrupted:  # the trainer caught the signal and saved the run's checkpoint
             if received[0] != "SIGINT":  # SIGTERM arrived outside the trainer's own handler
