@@ -212,3 +212,22 @@ def test_router_logits_are_float32_under_bf16_autocast(router):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded_TE = torch.nn.functional.linear(x_TD, layer.router.weight)
     assert rounded_TE.dtype == torch.bfloat16 and not torch.equal(rounded_TE.float(), reference_TE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_finite_check_flags_exactly_the_non_finite_logits(bad):
+    # The check sums the logits in float64: huge finite logits whose float32 sum would overflow
+    # pass, one NaN or inf among them does not, and +inf with -inf (a NaN sum) does not either.
+    from moekit.layer import NonFiniteRouterLogitsError
+
+    layer = MoE(MoEConfig(d_model=4, d_ff=8, num_experts=4, top_k=2))
+    huge_TE = torch.full((8, 4), 3e38)
+    layer.router.compute_logits = lambda x_TD: huge_TE  # type: ignore[method-assign]
+    assert not torch.isfinite(huge_TE.sum())  # float32 would overflow here
+    layer.router.checked_logits(torch.zeros(8, 4))  # finite: no error
+    if bad is None:
+        huge_TE[0, 0], huge_TE[1, 1] = float("inf"), float("-inf")
+    else:
+        huge_TE[3, 2] = bad
+    with pytest.raises(NonFiniteRouterLogitsError):
+        layer.router.checked_logits(torch.zeros(8, 4))
