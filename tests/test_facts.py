@@ -51,6 +51,7 @@ from moekit.experiments.facts.run import (
     default_config,
     grid_tasks,
     models,
+    next_startable,
     run_facts,
     summarize,
     train_config,
@@ -253,6 +254,16 @@ def test_grid_runs_longest_first_then_the_moes_then_dense():
     names = [task[0] for task in tasks]
     assert names == [WIDE] * 2 + [f"moe-e{e}" for e in config.experts for _ in range(2)] + [DENSE] * 2
     assert [task[3] for task in tasks[:2]] == [0, 1] and all(task[2] == 1000 for task in tasks)
+
+
+def test_one_dense_wide_run_at_a_time():
+    wide = lambda task: task[0] == WIDE  # noqa: E731
+    w0, w1, m0, d0 = (WIDE, 0), (WIDE, 1), ("moe-e4", 0), (DENSE, 0)
+    assert next_startable([w0, w1, m0], [], wide) == 0  # nothing runs: the first
+    assert next_startable([w1, m0, d0], [w0], wide) == 1  # a wide runs: the next that is not one
+    assert next_startable([w1], [w0], wide) is None  # only wides wait: wait
+    assert next_startable([w1, m0], [m0], wide) == 0
+    assert next_startable([w1, m0], [w0], None) == 0  # no rule: in order
 
 
 def test_follow_up_tasks_run_after_the_results_they_wait_for():
