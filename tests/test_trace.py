@@ -22,9 +22,16 @@ import numpy as np
 import pytest
 import torch
 
-from moekit import MoEConfig
+from moekit import MoE, MoEConfig
 from moekit.inference.policy_sim import POLICIES, capacity_from_bytes, simulate_layer, simulate_trace
-from moekit.inference.trace import LayerTrace, RoutingTrace, TraceError, record_routing, record_trace
+from moekit.inference.trace import (
+    LayerTrace,
+    RoutingTrace,
+    TraceError,
+    record_routing,
+    record_trace,
+    replay_routing,
+)
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
 
 
@@ -206,6 +213,73 @@ def test_routing_is_restored_after_an_error_inside_the_block():
         with record_routing(model):
             raise RuntimeError("boom")
     assert all("route" not in vars(block.ffn) for block in model.blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Replay: a model routes as a trace says
+# --------------------------------------------------------------------------------------------
+
+
+def hand_trace(rows, num_experts: int = 6) -> RoutingTrace:
+    experts_TK = np.array(rows, dtype=np.int16)
+    layer = LayerTrace("blocks.0.ffn", num_experts, experts_TK.shape[1], experts_TK,
+                       np.arange(len(rows), dtype=np.int32))
+    return RoutingTrace([layer], np.zeros(0, dtype=np.int32), {"source": "hand", "trained": True})
+
+
+def test_replay_routes_every_layer_as_the_trace_token_after_token():
+    model = tiny_lm()
+    rows = [[0, 1], [2, 3], [4, 5], [5, 0], [1, 2]]
+    with torch.no_grad(), replay_routing(model, hand_trace(rows), start=1) as replay, record_routing(model) as rec:
+        cache = KVCache(model.config.n_layer)
+        model(torch.tensor([[3, 4, 5]]), cache=cache)  # a prompt of 3: trace rows 1, 2, 3
+        model(torch.tensor([[6]]), cache=cache)  # then one decoded token each: rows 4, 0 (wrapped)
+        model(torch.tensor([[7]]), cache=cache)
+        replay.reset(0)
+        model(torch.tensor([[8]]))  # a new generation from row 0
+    trace = rec.trace(source="replay (test)", trained=False, model="m", text="t")
+    for layer in trace.layers:  # both model layers take the trace's one layer
+        assert layer.experts_TK.tolist() == [rows[1], rows[2], rows[3], rows[4], rows[0], rows[0]]
+    assert all("route" not in vars(block.ffn) for block in model.blocks)  # both blocks restored, nested
+
+
+def test_replayed_weights_are_the_routers_scores_at_the_traces_experts():
+    torch.manual_seed(3)
+    layer = MoE(MoEConfig(d_model=8, d_ff=4, num_experts=4, top_k=2, routed_scaling_factor=1.5)).eval()
+    model = torch.nn.Sequential(layer)
+    x_TD = torch.randn(3, 8)
+    rows = [[3, 0], [1, 2], [2, 3]]
+    with torch.no_grad(), replay_routing(model, hand_trace(rows, num_experts=4)):
+        y_TD = layer(x_TD)
+    # Naive reference: softmax scores at the trace's experts, renormalized over k, times 1.5.
+    scores_TE = (x_TD @ layer.router.weight.T).softmax(dim=-1)
+    w_in, w_out = layer.experts.w_in.detach(), layer.experts.w_out.detach()
+    for t, experts in enumerate(rows):
+        weights = scores_TE[t, experts] / scores_TE[t, experts].sum() * 1.5
+        want = torch.zeros(8)
+        for weight, e in zip(weights, experts, strict=True):
+            gate, up = (x_TD[t] @ w_in[e]).chunk(2)
+            want += weight * ((torch.nn.functional.silu(gate) * up) @ w_out[e])
+        torch.testing.assert_close(y_TD[t], want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows,config,message",
+    [
+        ([[0, 1]], {"num_experts": 8}, "has 8 experts, top-2; the trace's layer blocks.0.ffn has 6 experts"),
+        ([[0, 1]], {"router": "expert_choice"}, "router 'expert_choice'"),
+        ([[0, -1]], {}, "empty slots"),
+    ],
+)
+def test_replay_refuses_a_trace_the_model_cannot_follow(rows, config, message):
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_ff=16, num_experts=6, top_k=2)
+    moe = MoEConfig(**{**moe.__dict__, **config})
+    model = MoETransformerLM(LMConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=32, moe=moe))
+    with pytest.raises(TraceError, match=message):
+        with replay_routing(model, hand_trace(rows)):
+            pass
+    assert "route" not in vars(model.blocks[0].ffn)
 
 
 def test_patched_transformers_model_records_through_its_moe_layers():

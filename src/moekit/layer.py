@@ -283,10 +283,8 @@ def observe_routing(model: nn.Module, on_route: Callable[[str, RoutingResult, in
     also calls ``on_route(layer name, result, tokens)``; the layers are restored on exit, even
     on an error. It wraps ``route`` on the layer instances, so the class and other models are
     untouched and the forward itself does no extra work outside the block."""
-    patched: list[MoE] = []
-
     def wrap(name: str, layer: MoE) -> Callable[[Tensor, float | None], RoutingResult]:
-        original = layer.route  # the bound class method
+        original = layer.route  # the bound class method, or an outer block's wrapper
 
         def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
             result = original(x_TD, capacity_factor)
@@ -295,14 +293,31 @@ def observe_routing(model: nn.Module, on_route: Callable[[str, RoutingResult, in
 
         return route
 
-    try:
-        for name, layer in moe_layers(model):
-            layer.route = wrap(name, layer)  # type: ignore[method-assign]  # an instance attribute
-            patched.append(layer)
+    with wrapped_routes(model, wrap):
         yield
+
+
+@contextlib.contextmanager
+def wrapped_routes(
+    model: nn.Module, wrap: Callable[[str, MoE], Callable[[Tensor, float | None], RoutingResult]]
+) -> Iterator[list[tuple[str, MoE]]]:
+    """Within the block, ``route`` of every MoE layer of ``model`` is ``wrap(name, layer)``, an
+    instance attribute that may call the layer's ``route`` as it was (read before it is set);
+    on exit each layer gets back exactly what it had, so blocks nest (a recording inside a
+    replay records the replayed choices)."""
+    layers = moe_layers(model)
+    previous: list[tuple[MoE, Callable | None]] = []
+    try:
+        for name, layer in layers:
+            previous.append((layer, layer.__dict__.get("route")))
+            layer.route = wrap(name, layer)  # type: ignore[method-assign]  # an instance attribute
+        yield layers
     finally:
-        for layer in patched:
-            del layer.route  # the class method is visible again
+        for layer, before in reversed(previous):
+            if before is None:
+                del layer.route  # the class method is visible again
+            else:
+                layer.route = before  # type: ignore[method-assign]
 
 
 def aux_loss(model: nn.Module) -> Tensor:

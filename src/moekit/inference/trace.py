@@ -46,10 +46,13 @@ from torch import Tensor, nn
 import moekit
 from moekit.experts import GroupedExperts, ModuleExperts
 from moekit.inference.quant import QuantizedExperts
-from moekit.layer import MoE, moe_layers, observe_routing
-from moekit.routing import RoutingResult
+from moekit.layer import MoE, moe_layers, observe_routing, wrapped_routes
+from moekit.routing import RoutingResult, TopKRouter, _selected_per_expert, topk_assignments
 
-__all__ = ["LayerTrace", "RoutingRecorder", "RoutingTrace", "TraceError", "record_routing", "record_trace"]
+__all__ = [
+    "LayerTrace", "RoutingRecorder", "RoutingReplay", "RoutingTrace", "TraceError", "record_routing", "record_trace",
+    "replay_routing",
+]
 
 TRACE_FORMAT = "moekit-routing-trace"
 TRACE_VERSION = 1
@@ -261,3 +264,83 @@ def record_trace(
     finally:
         model.train(was_training)
     return recorder.trace(source=source, trained=trained, model=model_name, text=text, tokens=ids_T, extra=extra)
+
+
+class RoutingReplay:
+    """The position of ``replay_routing`` in its trace: per model layer, the trace position of
+    the next token it routes. ``reset(position)`` puts every layer there (a new generation)."""
+
+    def __init__(self, trace: RoutingTrace, num_layers: int, start: int) -> None:
+        self.trace = trace
+        self.positions = [start] * num_layers
+
+    def reset(self, position: int = 0) -> None:
+        self.positions = [position] * len(self.positions)
+
+    def take(self, layer_index: int, count: int) -> np.ndarray:
+        """The next ``count`` tokens' experts for model layer ``layer_index`` ([count, K]): from the
+        trace's layer ``layer_index mod (its layers)``, wrapping around at its end."""
+        source = self.trace.layers[layer_index % len(self.trace.layers)].experts_TK
+        rows = (self.positions[layer_index] + np.arange(count)) % source.shape[0]
+        self.positions[layer_index] += count
+        return source[rows]
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, trace: RoutingTrace, start: int = 0) -> Iterator[RoutingReplay]:
+    """Within the block, ``model``'s MoE layers route as ``trace`` says: model layer i takes the
+    experts of the trace's layer i mod (its layers), token after token from position ``start``
+    (wrapping around at the trace's end), in the order the forwards flatten their tokens (batch
+    1 for a decoding order). The combine weights are the layer's own router scores at those
+    experts, normalized over the k and scaled as its top-k router does, so every expert still
+    computes as usual; only the choice is the trace's.
+
+    What it is for: a model with random weights routes by accident (docs/offload.md), so an
+    expert cache sees no trained model's locality; replaying a trained model's trace gives the
+    cache that locality while the benchmark keeps its large random model. Layers must use the
+    top-k router with the trace layer's number of experts and k; the trace must be dropless
+    (no empty slots). The layers are restored on exit, even on an error.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise TraceError(f"{type(model).__name__} has no moekit MoE layer to route")
+    if not trace.layers or trace.num_tokens == 0:
+        raise TraceError("the routing trace is empty")
+    for index, (name, layer) in enumerate(layers):
+        source = trace.layers[index % len(trace.layers)]
+        config = layer.config
+        if not isinstance(layer.router, TopKRouter) or config.n_group > 1:
+            raise TraceError(f"layer {name}: router {config.router!r} (n_group {config.n_group}) cannot replay a "
+                             "trace: replay needs the plain top-k router")
+        if (config.num_experts, config.top_k) != (source.num_experts, source.experts_TK.shape[1]):
+            raise TraceError(
+                f"layer {name} has {config.num_experts} experts, top-{config.top_k}; the trace's layer "
+                f"{source.name} has {source.num_experts} experts, {source.experts_TK.shape[1]} choices per token"
+            )
+        if (source.experts_TK < 0).any():
+            raise TraceError(f"the trace's layer {source.name} has empty slots (dropped choices): replay needs a "
+                             "dropless trace")
+    replay = RoutingReplay(trace, len(layers), start)
+    index_of = {name: index for index, (name, _) in enumerate(layers)}
+
+    def wrap(name: str, layer: MoE):
+        original, index = layer.route, index_of[name]
+
+        def route(x_TD: Tensor, capacity_factor: float | None) -> RoutingResult:
+            routed = original(x_TD, capacity_factor)
+            config = layer.config
+            ids_TK = torch.from_numpy(replay.take(index, x_TD.shape[0]).astype(np.int64)).to(x_TD.device)
+            weights_TK = routed.scores_TE.gather(1, ids_TK)
+            if config.normalize_weights:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            if config.routed_scaling_factor != 1.0:
+                weights_TK = weights_TK * config.routed_scaling_factor
+            return RoutingResult(
+                routed.logits_TE, routed.scores_TE, topk_assignments(ids_TK, weights_TK, routed.scores_TE),
+                _selected_per_expert(ids_TK, config.num_experts),
+            )
+
+        return route
+
+    with wrapped_routes(model, wrap):
+        yield replay
