@@ -98,3 +98,41 @@ def test_decode_is_fed_the_fixed_random_sequence_not_the_argmax():
     assert result.tokens == forced and forced == forced_tokens(prompt, 12, model.config.vocab_size)
     assert len(set(forced)) > 6  # varied, unlike a random model's greedy output
     assert len(logits) == 12 and all(torch.isfinite(step).all() for step in logits)  # the model's own logits
+
+
+def hand_trace(path, num_experts: int):
+    """One layer whose tokens alternate between experts (0, 1) and (1, 0), saved as a trace file."""
+    import numpy as np
+
+    from moekit.inference.trace import TRACE_FORMAT, TRACE_VERSION, LayerTrace, RoutingTrace
+
+    rows = np.tile(np.array([[0, 1], [1, 0]], dtype=np.int16), (50, 1))
+    layer = LayerTrace("blocks.0.ffn", num_experts, 2, rows, np.arange(100, dtype=np.int32))
+    metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "layers": [layer.name],
+                "num_experts": [num_experts], "top_k": [2], "source": "hand-made", "trained": True,
+                "model": "test", "text": "none"}
+    return RoutingTrace([layer], np.zeros(0, dtype=np.int32), metadata).save(path)
+
+
+def test_routing_trace_is_replayed_by_every_row(tmp_path, capsys):
+    # A trace that uses experts 0 and 1 of 8 at every token: with it, every row routes there, so
+    # the 25% budget (2 slots per layer) misses only each layer's first two requests and the
+    # simulator sees the same.
+    path = hand_trace(tmp_path / "t", num_experts=8)
+    args = ["bench", "offload", "--quick", "--json", "--budgets", "25", "--no-quant", "--dir", str(tmp_path),
+            "--routing-trace", str(path)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["all_bit_identical"] is True and "replayed from" in report["trace_note"]
+    row = {r["name"]: r for r in report["rows"]}["store 25%"]
+    assert row["expert_cache"]["misses"] == 2 * 2  # 2 layers, each loads experts 0 and 1 once
+    # 2 layers x 2 choices x (16 prompt tokens + 7 fed back: the 8th new token is never run)
+    # requests, of which 4 miss.
+    assert row["simulated_hit_rate"]["lru"] == row["simulated_hit_rate"]["belady"] == pytest.approx(1 - 4 / 92)
+
+    bad = hand_trace(tmp_path / "bad", num_experts=16)
+    assert main(["bench", "offload", "--quick", "--no-quant", "--routing-trace", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "has 8 experts, top-2; the trace's layer blocks.0.ffn has 16 experts" in err and "Traceback" not in err
+    assert main(["bench", "offload", "--quick", "--routing-trace", str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz: no such trace file" in capsys.readouterr().err

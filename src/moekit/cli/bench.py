@@ -361,7 +361,7 @@ far more often than on any text):
   limit MB        the budget + 5%
   hit             the cold run's expert-cache hit rate
   LRU sim, Belady the policy simulator on the run's routing trace at the row's slots per layer
-                  (random weights: no trained model's locality, as the output says)
+                  (the random weights' routing, or --routing-trace's; the output says which)
 The header prints the CPU, the last-level cache, the expert bytes and the storage read
 bandwidth measured on the store's expert files (O_DIRECT, or buffered after eviction).
 
@@ -370,6 +370,7 @@ examples:
   moekit bench offload --budgets 100,75,50,25 --rounds 5
   moekit bench offload --json > offload.json            stdout: one JSON document
   moekit bench offload --quick                          a tiny model: a smoke test in seconds
+  moekit bench offload --routing-trace trace.npz        replay a trained model's expert choices
 """
 
 
@@ -430,6 +431,10 @@ def add_bench_offload(subparsers: argparse._SubParsersAction) -> None:
                         "directory); they are removed at the end")
     parser.add_argument("--quick", action="store_true", help="a tiny model (2 layers, d=128): a smoke test")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights and the prompt")
+    parser.add_argument("--routing-trace", default=None, metavar="TRACE",
+                        help="a routing trace (moekit trace record) whose expert choices every row replays: a "
+                        "trained model's locality instead of the random weights' (its experts and top-k must "
+                        "match the model's: 16 and 2; 8 and 2 with --quick)")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_bench_offload)
 
@@ -458,6 +463,7 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
         layers=args.layers,
         directory=args.dir,
         log=lambda message: print(f"moekit bench offload: {message}", file=sys.stderr),
+        routing_trace=args.routing_trace,
     ))
     if report is None:
         return status

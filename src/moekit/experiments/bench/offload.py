@@ -39,6 +39,7 @@ Run: ``moekit bench offload`` (``--help`` for options; ``--quick`` is a smoke te
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import mmap
@@ -64,7 +65,7 @@ from moekit.inference.offload import load, plain_lm_from_store, plan_memory
 from moekit.inference.policy_sim import simulate_trace
 from moekit.inference.residency import resident_bytes
 from moekit.inference.store import ExpertStore, write_store
-from moekit.inference.trace import record_routing
+from moekit.inference.trace import RoutingTrace, record_routing, replay_routing
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -307,11 +308,23 @@ def _cold(row: Row) -> None:
         row.store.drop_from_page_cache()
 
 
-def run_row(row: Row, prompt: list[int], new_tokens: int, keep: list[Tensor] | None = None):
+def run_row(
+    row: Row,
+    prompt: list[int],
+    new_tokens: int,
+    keep: list[Tensor] | None = None,
+    routing: RoutingTrace | None = None,
+    trace_start: int = 0,
+):
     """Prefill ``prompt``, then decode ``new_tokens`` tokens, fed the fixed random sequence
-    ``forced_tokens`` (``_step``)."""
+    ``forced_tokens`` (``_step``); with ``routing``, every MoE layer routes as that trace says
+    from position ``trace_start`` on (``replay_routing``: a trained model's choices)."""
     forced = forced_tokens(prompt, new_tokens, row.model.config.vocab_size)
-    return timed_generate(_step(row.model, keep, forced), prompt, new_tokens, SamplingConfig(greedy=True))
+    step = _step(row.model, keep, forced)
+    if routing is None:
+        return timed_generate(step, prompt, new_tokens, SamplingConfig(greedy=True))
+    with replay_routing(row.model, routing, start=trace_start):
+        return timed_generate(step, prompt, new_tokens, SamplingConfig(greedy=True))
 
 
 def forced_tokens(prompt: list[int], new_tokens: int, vocab_size: int) -> list[int]:
@@ -433,9 +446,13 @@ def bench_offload(
     layers: int | None = None,
     directory: str | Path | None = None,
     log=None,
+    routing_trace: str | Path | None = None,
 ) -> OffloadBenchReport:
     """Build, pack, check and time (see the module docstring). ``directory``: where the
-    temporary stores go (default the system's temporary directory); removed at the end."""
+    temporary stores go (default the system's temporary directory); removed at the end.
+    ``routing_trace``: a recorded trace (``moekit trace record``) whose choices every row's MoE
+    layers replay (``replay_routing``), so the caches see that model's locality: round r of
+    every row starts at trace position r · (prompt + new tokens), the check pass at 0."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: use {' or '.join(DTYPES)}")
     for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("rounds", rounds)):
@@ -452,6 +469,7 @@ def bench_offload(
     if prompt_tokens + new_tokens > config.seq_len:
         raise ValueError(f"prompt_tokens + new_tokens = {prompt_tokens + new_tokens} exceeds the model's "
                          f"{config.seq_len} positions")
+    routing = RoutingTrace.load(routing_trace) if routing_trace is not None else None  # TraceError: a ValueError
     torch.manual_seed(seed)
     log(f"building the model ({config.n_layer} layers, d={config.d_model}, {dtype})")
     plain = MoETransformerLM(config).to(torch_dtype).eval()
@@ -484,17 +502,18 @@ def bench_offload(
                     store_expert_percent=100 * plan.expert_bytes / expert_bytes,
                 ))
 
-        _check_pass(rows, stores, prompt_ids, new_tokens, log)
-        _timed_rounds(rows, prompt_ids, new_tokens, rounds, log)
+        if routing is not None:
+            with replay_routing(plain, routing):  # refuses a trace this model cannot follow, by layer
+                pass
+        _check_pass(rows, stores, prompt_ids, new_tokens, log, routing)
+        _timed_rounds(rows, prompt_ids, new_tokens, rounds, log, routing)
         threads = torch.get_num_threads()
         return OffloadBenchReport(
             cpu=cpu_model_name(), threads=threads, cpu_busy_before=busy, dtype=dtype, config=config.to_dict(),
             llc_bytes=llc, expert_bytes=expert_bytes, non_expert_bytes=non_expert,
             experts_vs_llc=expert_bytes / llc if llc else None, storage_gbps=gbps, storage_method=method,
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, rows=rows,
-            trace_note="The routing traces come from this model's random weights (untrained): they have none of "
-            "a trained model's locality, so the hit rates here say nothing about a trained model's "
-            "(docs/offload.md has a trained model's trace).",
+            trace_note=_trace_note(routing, routing_trace),
         )
     finally:
         for store in locals().get("stores", {}).values():
@@ -502,13 +521,32 @@ def bench_offload(
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _check_pass(rows: list[Row], stores: dict[str, ExpertStore], prompt: list[int], new_tokens: int, log) -> None:
+def _trace_note(routing: RoutingTrace | None, path: str | Path | None) -> str:
+    if routing is None:
+        return ("The routing comes from this model's random weights (untrained): it has none of a trained "
+                "model's locality, so the hit rates here say nothing about a trained model's (--routing-trace "
+                "replays a recorded one).")
+    meta = routing.metadata
+    trained = "a trained model" if routing.trained else "an UNTRAINED model"
+    return (f"The routing is replayed from {path} ({trained}: {meta.get('model', '?')}, "
+            f"{meta.get('source', '?')}; {routing.num_tokens:,} tokens of {meta.get('text', '?')}): model layer i "
+            f"takes trace layer i mod {len(routing.layers)}; the weights are random, the choices the trace's.")
+
+
+def _check_pass(
+    rows: list[Row], stores: dict[str, ExpertStore], prompt: list[int], new_tokens: int, log,
+    routing: RoutingTrace | None = None,
+) -> None:
     """One cold run of every row: bit-exactness, peak residency, the routing trace and the simulator."""
     log("checking logits, residency and cache policies (untimed)")
     reference: list[Tensor] = []
-    with record_routing(rows[0].model) as recorder:
+    with contextlib.ExitStack() as blocks:
+        if routing is not None:  # outside the recording, which then records the replayed choices
+            blocks.enter_context(replay_routing(rows[0].model, routing))
+        recorder = blocks.enter_context(record_routing(rows[0].model))
         run_row(rows[0], prompt, new_tokens, keep=reference)
-    trace = recorder.trace(source="random weights (bench offload)", trained=False, model="bench offload",
+    source = "replayed trace (bench offload)" if routing is not None else "random weights (bench offload)"
+    trace = recorder.trace(source=source, trained=routing is not None and routing.trained, model="bench offload",
                            text="random prompt")
     quantized_reference: dict[str, list[Tensor]] = {}
     for experts_dtype, store in stores.items():
@@ -516,7 +554,8 @@ def _check_pass(rows: list[Row], stores: dict[str, ExpertStore], prompt: list[in
             continue
         in_memory = plain_lm_from_store(store)
         logits: list[Tensor] = []
-        run_row(Row("quantized in memory", experts_dtype, None, model=in_memory), prompt, new_tokens, keep=logits)
+        run_row(Row("quantized in memory", experts_dtype, None, model=in_memory), prompt, new_tokens, keep=logits,
+                routing=routing)
         quantized_reference[experts_dtype] = logits
         del in_memory
     for row in rows[1:]:
@@ -525,7 +564,7 @@ def _check_pass(rows: list[Row], stores: dict[str, ExpertStore], prompt: list[in
         _cold(row)
         got: list[Tensor] = []
         with ResidencySampler(row.store.files) as sampler:
-            run_row(row, prompt, new_tokens, keep=got)
+            run_row(row, prompt, new_tokens, keep=got, routing=routing)
         row.identical = len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=False))
         row.peak_resident_bytes = row.non_expert_bytes + max(0, sampler.peak - sampler.baseline)
         row.resident_limit_bytes = int(row.memory_budget * (1 + RESIDENCY_SLACK))
@@ -536,16 +575,19 @@ def _check_pass(rows: list[Row], stores: dict[str, ExpertStore], prompt: list[in
             f"{row.peak_resident_bytes / 1e6:,.2f} MB of {row.resident_limit_bytes / 1e6:,.2f} MB allowed")
 
 
-def _timed_rounds(rows: list[Row], prompt: list[int], new_tokens: int, rounds: int, log) -> None:
+def _timed_rounds(
+    rows: list[Row], prompt: list[int], new_tokens: int, rounds: int, log, routing: RoutingTrace | None = None
+) -> None:
     for round_index in range(rounds):
         log(f"round {round_index + 1} of {rounds}")
+        start = round_index * (len(prompt) + new_tokens)  # each round a new stretch of the trace
         shift = round_index % len(rows)
         order = rows[shift:] + rows[:shift]
         cold_decode: dict[str, float] = {}
         warm_decode: dict[str, float] = {}
         for row in order:
             _cold(row)
-            result = run_row(row, prompt, new_tokens)
+            result = run_row(row, prompt, new_tokens, routing=routing, trace_start=start)
             row.prefill.append(result.prefill_tokens_per_s)
             row.decode.append(result.decode_tokens_per_s)
             cold_decode[row.name] = result.decode_tokens_per_s
@@ -553,7 +595,7 @@ def _timed_rounds(rows: list[Row], prompt: list[int], new_tokens: int, rounds: i
                 stats = row.model.expert_cache.stats()
                 row.cache = stats.to_dict()
                 row.model.expert_cache.reset_counters()
-                warm = run_row(row, prompt, new_tokens)
+                warm = run_row(row, prompt, new_tokens, routing=routing, trace_start=start)
                 row.warm_prefill.append(warm.prefill_tokens_per_s)
                 row.warm_decode.append(warm.decode_tokens_per_s)
                 warm_decode[row.name] = warm.decode_tokens_per_s
