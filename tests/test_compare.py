@@ -177,3 +177,8 @@ def test_summarize_recipe_by_hand():
     # 3 seeds: F(2, 2) = 39.0, ratio 2 (F = 4) is within chance.
     assert recipe["vs_dense"]["significant"] is False and recipe["load_imbalance"] is None
     assert summary["seeds"] == 3 and summary["settings"]["no-z-loss"]["sd"] == 0.0
+    # Paired by seed: no-z-loss at 2.0 against the recipe's 1.0 / 1.2 / 1.4.
+    no_z = summary["settings"]["no-z-loss"]
+    assert no_z["diff_vs_recipe"] == pytest.approx([1.0, 0.8, 0.6])
+    assert no_z["diff_vs_recipe_mean"] == pytest.approx(0.8)
+    assert no_z["diff_vs_recipe_same_sign"] and not dense["diff_vs_recipe_same_sign"]  # dense: 0, -0.1, -0.2

@@ -112,4 +112,9 @@ def summarize_recipe(results: dict[str, list[dict]], eval_spread: dict[str, Any]
     for row in rows.values():
         row["vs_recipe"] = sd_ratio_test(row["sd"], rows[RECIPE]["sd"], seeds)
         row["vs_dense"] = sd_ratio_test(row["sd"], rows[DENSE]["sd"], seeds)
+        # Paired by seed (the same data order): the setting's effect on the loss itself.
+        diffs = [v - r for v, r in zip(row["val_losses"], rows[RECIPE]["val_losses"], strict=True)]
+        row["diff_vs_recipe"] = diffs
+        row["diff_vs_recipe_mean"] = statistics.mean(diffs)
+        row["diff_vs_recipe_same_sign"] = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     return {"settings": rows, "seeds": seeds, "eval_draws": eval_spread}

@@ -239,14 +239,17 @@ def _recipe_section(recipe: dict[str, Any]) -> list[str]:
         + (f" (with {seeds} seeds each, only ratios beyond {critical:.2f} or below {1 / critical:.2f} differ "
            "from chance)." if critical else "."),
         "",
-        "| setting | val loss | sd | per seed | sd / recipe's | sd / dense's | max/mean load |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | val loss | sd | per seed | Δ vs the recipe, mean (same sign in every seed?) | "
+        "sd / recipe's | sd / dense's | max/mean load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, label in RECIPE_ROWS:
         row = settings[name]
         per_seed = " / ".join(f"{v:.3f}" for v in row["val_losses"])
+        diff = "-" if name == "moe-top2" else (
+            f"{row['diff_vs_recipe_mean']:+.4f} ({'yes' if row['diff_vs_recipe_same_sign'] else 'no'})")
         lines.append(
-            f"| {label} | {row['mean']:.4f} | {row['sd']:.4f} | {per_seed} | {_sd_cell(row['vs_recipe'])} | "
+            f"| {label} | {row['mean']:.4f} | {row['sd']:.4f} | {per_seed} | {diff} | {_sd_cell(row['vs_recipe'])} | "
             f"{_sd_cell(row['vs_dense'])} | {_fmt(row['load_imbalance'], 2)} |"
         )
     draws = recipe.get("eval_draws")
