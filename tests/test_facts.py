@@ -364,7 +364,7 @@ def test_non_expert_weights_are_equal_between_moe_and_dense_at_one_seed():
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--experiments", "g,z"], "--experiments z is invalid: choose from a,b,c,d,e,f,g"),
+        (["--experiments", "g,z"], "--experiments z is invalid: choose from a,b,c,d,e,f,g,h,i"),
         (["--experiments", "g", "--steps", "5"], "use --steps-g"),
         (["--experiments", "a", "--facts", "10"], "add g to --experiments"),
     ],

@@ -360,7 +360,7 @@ def test_cli_reports_fetch_and_checksum_errors_without_traceback(tmp_path, capsy
         (["--experiments", "a", "--gcide-deb", "x.deb"], "add h to --experiments"),
         (["--experiments", "a", "--jobs", "2"], "add g or h to --experiments"),
         (["--experiments", "h", "--steps-a", "10"], "use --steps-g or --steps-h"),
-        (["--experiments", "h,z"], "choose from a,b,c,d,e,f,g,h"),
+        (["--experiments", "h,z"], "choose from a,b,c,d,e,f,g,h,i"),
     ],
 )
 def test_compare_h_flags_are_checked(tmp_path, capsys, args, message):

@@ -101,7 +101,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = sorted(set(experiments) - {*EXPERIMENTS, *opt_in})
     error = None
     if unknown:
-        error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join([*EXPERIMENTS, *opt_in])}"
+        error = f"--experiments {','.join(unknown)} is invalid: choose from {','.join(sorted([*EXPERIMENTS, *opt_in]))}"
     elif set(experiments) <= set(opt_in) and (args.steps is not None or args.steps_a is not None):
         only = ",".join(experiments)
         error = f"--steps and --steps-a set the steps of (a)-(f), which --experiments {only} does not run; " \
