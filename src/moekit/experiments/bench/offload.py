@@ -320,11 +320,9 @@ def run_row(
     ``forced_tokens`` (``_step``); with ``routing``, every MoE layer routes as that trace says
     from position ``trace_start`` on (``replay_routing``: a trained model's choices)."""
     forced = forced_tokens(prompt, new_tokens, row.model.config.vocab_size)
-    step = _step(row.model, keep, forced)
-    if routing is None:
-        return timed_generate(step, prompt, new_tokens, SamplingConfig(greedy=True))
-    with replay_routing(row.model, routing, start=trace_start):
-        return timed_generate(step, prompt, new_tokens, SamplingConfig(greedy=True))
+    replay = replay_routing(row.model, routing, start=trace_start) if routing is not None else contextlib.nullcontext()
+    with replay:
+        return timed_generate(_step(row.model, keep, forced), prompt, new_tokens, SamplingConfig(greedy=True))
 
 
 def forced_tokens(prompt: list[int], new_tokens: int, vocab_size: int) -> list[int]:
@@ -473,6 +471,9 @@ def bench_offload(
     torch.manual_seed(seed)
     log(f"building the model ({config.n_layer} layers, d={config.d_model}, {dtype})")
     plain = MoETransformerLM(config).to(torch_dtype).eval()
+    if routing is not None:
+        with replay_routing(plain, routing):  # refuses a trace this model cannot follow, by layer, before packing
+            pass
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(seed + 1))
     prompt_ids = prompt.tolist()
     root = Path(tempfile.mkdtemp(prefix="moekit-bench-offload-", dir=directory))
@@ -502,9 +503,6 @@ def bench_offload(
                     store_expert_percent=100 * plan.expert_bytes / expert_bytes,
                 ))
 
-        if routing is not None:
-            with replay_routing(plain, routing):  # refuses a trace this model cannot follow, by layer
-                pass
         _check_pass(rows, stores, prompt_ids, new_tokens, log, routing)
         _timed_rounds(rows, prompt_ids, new_tokens, rounds, log, routing)
         threads = torch.get_num_threads()

@@ -601,7 +601,7 @@ def _equal_time(summary: dict[str, Any], dense_runs: list[FactsRun]) -> dict[str
     dense_ce = [r.metrics["value_ce"] for r in runs]
     return {
         "moe": best,
-        "ratio": summary["speed"]["ratios"][best]["ratio"] if "speed" in summary else None,
+        "ratio": summary["speed"]["ratios"][best]["ratio"],
         "dense_steps": runs[0].train["steps"],
         "value_ce": dense_ce,
         "exact_match": [r.metrics["exact_match"] for r in runs],
