@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moekit import matvec
 from moekit.inference import SamplingConfig, sample_next_token, timed_generate
 from moekit.interop.hf import ConversionError
 from moekit.interop.patch import generate_from_folder, load_patched_folder
@@ -186,9 +187,17 @@ def _layer_and_normal_path_calls(overrides: dict, dtype: torch.dtype):
     return layer, calls
 
 
+@pytest.fixture
+def torch_matmuls():
+    """moekit.matvec off: every product through torch's matmul, as the normal path's are."""
+    previous = matvec.set_enabled(False)
+    yield
+    matvec.set_enabled(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
-def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype):
+def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype, torch_matmuls):
     layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype)
     assert layer.decode_fast_path_tokens == 1
     for seed in range(4):
@@ -203,6 +212,28 @@ def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype):
         assert calls == [1]
         calls.clear()
         assert torch.equal(fast, normal)
+        assert torch.equal(fast_stats.tokens_per_expert_E, layer.last_stats.tokens_per_expert_E)
+
+
+@pytest.mark.skipif(not matvec.available(), reason=f"moekit.matvec is {matvec.status()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
+def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(family, dtype):
+    """With the streaming kernels the fast path sums in another order: equal to rounding, the
+    same experts chosen."""
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for seed in range(4):
+        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+            fast_stats = layer.last_stats
+            layer.decode_fast_path_tokens = 0
+            normal = layer(x)
+            layer.decode_fast_path_tokens = 1
+        assert calls == [1]
+        calls.clear()
+        torch.testing.assert_close(fast, normal, **tolerance)
         assert torch.equal(fast_stats.tokens_per_expert_E, layer.last_stats.tokens_per_expert_E)
 
 

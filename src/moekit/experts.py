@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.config import GATED_ACTIVATIONS, MoEConfig
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -181,17 +182,15 @@ class GroupedExperts(nn.Module):
         config = self.config
         rows = []
         # NOTE: w_in[e] [D, H] and w_out[e] [F, D] are contiguous views (the expert index is the
-        # outermost dimension), so ``row @ w[e]`` runs the BLAS kernel on the stored weights
-        # with no copy. For a [1, K] row the weight layout [K, M] (this one) reads it in order
-        # as Σ_k x_k · w[k, :]; at float32 (MKL) on the development CPU it measured faster than
-        # F.linear's [M, K] layout. At bf16, oneDNN repacks the weight for either layout.
+        # outermost dimension), so each product reads the stored weights with no copy, through
+        # moekit.matvec's streaming kernel in inference (torch's matmul otherwise).
         w_in_EDH, w_out_EFD = self.w_in, self.w_out
         for token, expert in zip(token_idx_N.tolist(), expert_idx_N.tolist(), strict=True):
-            h_1H = x_TD[token : token + 1] @ w_in_EDH[expert]
+            h_1H = matvec.vecmat(x_TD[token : token + 1], w_in_EDH[expert])
             if self.b_in is not None:
                 h_1H = h_1H + self.b_in[expert]
             act_1F = self.dropout(activate(h_1H, self.activation, config.swiglu_alpha, config.swiglu_limit))
-            out_1D = act_1F @ w_out_EFD[expert]
+            out_1D = matvec.vecmat(act_1F, w_out_EFD[expert])
             if self.b_out is not None:
                 out_1D = out_1D + self.b_out[expert]
             rows.append(out_1D)
@@ -278,8 +277,9 @@ class DenseFFN(nn.Module):
         nn.init.uniform_(self.w_out, -1 / math.sqrt(d_ff), 1 / math.sqrt(d_ff))
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        act_NF = activate(x_ND @ self.w_in, self.activation, self.swiglu_alpha, self.swiglu_limit)
-        return self.dropout(act_NF) @ self.w_out
+        # One row in inference (decoding) streams the weights through moekit.matvec.
+        act_NF = activate(matvec.vecmat(x_ND, self.w_in), self.activation, self.swiglu_alpha, self.swiglu_limit)
+        return matvec.vecmat(self.dropout(act_NF), self.w_out)
 
 
 class SharedExperts(nn.Module):

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, LocalDispatcher
 from moekit.experts import GroupedExperts, activate
@@ -210,14 +211,17 @@ class ExpertWeights:
     b_in_H: Tensor | None = None
     b_out_D: Tensor | None = None
 
-    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig) -> None:
+    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig, one_token: bool = False) -> None:
         """out = FFN(x) for this expert's rows, written into ``out_nD``: the same ops as
-        ``GroupedExperts``' per-expert loop (the spec)."""
-        h_nH = torch.matmul(x_nD, self.w_in_DH)
+        ``GroupedExperts``' per-expert loop (the spec). In a one-token forward (decoding) the
+        products go through ``moekit.matvec``, as the in-memory layer's decode fast path's do:
+        the same sums."""
+        multiply = matvec.vecmat if one_token else torch.matmul
+        h_nH = multiply(x_nD, self.w_in_DH)
         if self.b_in_H is not None:
             h_nH = h_nH + self.b_in_H
         act_nF = activate(h_nH, config.activation, config.swiglu_alpha, config.swiglu_limit)
-        torch.matmul(act_nF, self.w_out_FD, out=out_nD)
+        out_nD.copy_(multiply(act_nF, self.w_out_FD))
         if self.b_out_D is not None:
             out_nD += self.b_out_D
 
@@ -236,6 +240,7 @@ class OffloadedExperts(nn.Module):
         self.layer = layer
         self.cache = cache
         self.protect: frozenset[int] = frozenset()  # the last token's experts, set by StoreDispatcher
+        self.one_token = False  # whether the forward is one token's, set by StoreDispatcher
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.cache.slots[self.layer]}"
@@ -288,7 +293,7 @@ class OffloadedExperts(nn.Module):
         try:
             for expert, expert_weights in zip(wave, weights, strict=True):
                 rows = slice(starts[expert], starts[expert] + counts[expert])
-                expert_weights.apply(x_ND[rows], out_ND[rows], self.config)
+                expert_weights.apply(x_ND[rows], out_ND[rows], self.config, self.one_token)
         finally:
             self.cache.release(self.layer, wave)
 
@@ -305,6 +310,7 @@ class StoreDispatcher(LocalDispatcher):
         last_rows = (plan.token_of_row_N == plan.num_tokens - 1).nonzero().squeeze(1)
         experts_of_rows = torch.searchsorted(plan.group_ends_E.long(), last_rows, right=True)
         self.experts.protect = frozenset(experts_of_rows.tolist())
+        self.experts.one_token = plan.num_tokens == 1
         return super().expert_groups(plan)
 
     def combine(self, out_ND: Tensor, weight_N: Tensor, plan: DispatchPlan) -> Tensor:
@@ -335,7 +341,7 @@ class QuantizedExpertWeights:
 
     expert: QuantizedExpert
 
-    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig) -> None:
+    def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig, one_token: bool = False) -> None:
         """out = FFN(x) for this expert's rows: the call ``QuantizedExperts`` (``quantize_experts``) makes."""
         out_nD.copy_(self.expert(x_nD))
 

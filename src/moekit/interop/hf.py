@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.hugepages import place_in_huge_pages
 from moekit.layer import MoE
 from moekit.models.lm import LMConfig, MoETransformerLM
 
@@ -355,7 +356,9 @@ def from_hf_model(model: nn.Module) -> MoETransformerLM:
     state = _moekit_state_from_fused(lambda name: hf_state[name], config)
     lm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     _check_complete(lm, state)
-    return lm.to(next(model.parameters()).dtype).train(model.training)
+    lm = lm.to(next(model.parameters()).dtype).train(model.training)
+    place_in_huge_pages(lm)  # a converted model is for running: weights in huge pages (moekit.hugepages)
+    return lm
 
 
 def _check_complete(lm: MoETransformerLM, state: dict[str, Tensor]) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.hugepages import place_in_huge_pages
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
 from moekit.interop.hf import (
     ConversionError,
@@ -56,6 +57,7 @@ from moekit.interop.hf import (
     from_hf_block,
 )
 from moekit.layer import MoE
+from moekit.matvec import use_decode_linears
 from moekit.routing import RoutingResult
 
 
@@ -345,9 +347,17 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
+def patch_moe(
+    model: nn.Module, strict: bool = True, decode_linears: bool = True, huge_pages: bool = True
+) -> list[PatchedBlock]:
     """Replace every MoE block of a loaded transformers ``model`` with an equivalent
     ``moekit.MoE``, in place; returns what was replaced, in module order.
+
+    For decoding on a CPU, by default it also turns the model's other ``nn.Linear`` modules
+    (attention, output head) into ``moekit.matvec.DecodeLinear`` (the same parameters; only a
+    one-row inference forward changes, to the streaming kernel) and moves its large CPU weights
+    into transparent huge pages (``moekit.hugepages``). ``decode_linears=False`` and
+    ``huge_pages=False`` leave those as they are.
 
     A block moekit cannot represent (an unknown family, or a supported one with a setting
     moekit lacks) raises ``UnsupportedBlockError`` naming the module, the family and the
@@ -387,6 +397,10 @@ def patch_moe(model: nn.Module, strict: bool = True) -> list[PatchedBlock]:
         moe.router.gate_in_activation_dtype = family.gate_in_activation_dtype
         _replace(model, path, moe)
         patched.append(PatchedBlock(path, family.name, family.block, moe.config))
+    if decode_linears:
+        use_decode_linears(model)
+    if huge_pages:
+        place_in_huge_pages(model)
     return patched
 
 

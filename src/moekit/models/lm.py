@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from moekit.config import ConfigError, MoEConfig, is_finite_number, is_int, reject_unknown_fields
 from moekit.experts import DenseFFN
 from moekit.layer import MoE
+from moekit.matvec import DecodeLinear
 
 ARCHS = ("moe", "dense")
 
@@ -294,8 +295,10 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.d_model // config.n_head
         # NOTE: rows are [q (n_head heads) | k (n_kv_head heads) | v (n_kv_head heads)], each head's
         # features in the "rotate half" order that Hugging Face's Llama/Mixtral checkpoints use.
-        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        # DecodeLinear: an nn.Linear whose one-row inference forward streams its weight
+        # (moekit.matvec), the decode step's time.
+        self.qkv = DecodeLinear(config.d_model, (config.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.proj = DecodeLinear(config.d_model, config.d_model, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None) -> Tensor:
@@ -373,7 +376,7 @@ class MoETransformerLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryTables(config.d_model // config.n_head, config.rope_theta)

@@ -1,0 +1,206 @@
+/* Batch-1 matrix-vector products for decoding, float32 or bfloat16 weights, float32 math.
+ *
+ * Decoding one token reads every weight it uses once and does two flops per weight: the time
+ * is the bytes read divided by the memory bandwidth. These kernels read the weights as one
+ * sequential stream per thread (the hardware prefetchers' best case) and accumulate in
+ * float32. Compiled on first use by moekit/matvec.py with the machine's own vector width.
+ *
+ * Each output element is summed by one thread in an order fixed by the shapes alone, so a
+ * result does not depend on the number of threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static inline v8f load_f(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+static inline v8u load_u(const void *p) { v8u v; memcpy(&v, p, sizeof v); return v; }
+static inline void store_f(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+static inline float sum8(v8f v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+/* Eight 32-bit words hold sixteen bfloat16 values. A bfloat16 is the top half of a float32:
+ * the even elements (low halves) shifted up, the odd elements (high halves) masked, are their
+ * float32 values exactly. The caller pairs them with x split the same way. */
+static inline v8f even_bf16(v8u u) { return (v8f)(u << 16); }
+static inline v8f odd_bf16(v8u u) { return (v8f)(u & 0xffff0000u); }
+static inline float bf16_to_f(uint16_t b) { uint32_t w = (uint32_t)b << 16; float f; memcpy(&f, &w, 4); return f; }
+
+/* y[O] = W[O, I] x[I]: the nn.Linear layout, one row at a time (each row one stream). */
+int moekit_rows_f32(const float *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
+    const int64_t I32 = I & ~(int64_t)31;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) {
+        const float *w = W + o * I;
+        v8f a = {0}, b = {0}, c = {0}, d = {0};
+        for (int64_t i = 0; i < I32; i += 32) {
+            a += load_f(w + i) * load_f(x + i);
+            b += load_f(w + i + 8) * load_f(x + i + 8);
+            c += load_f(w + i + 16) * load_f(x + i + 16);
+            d += load_f(w + i + 24) * load_f(x + i + 24);
+        }
+        float s = sum8((a + b) + (c + d));
+        for (int64_t i = I32; i < I; i++) s += w[i] * x[i];
+        y[o] = s;
+    }
+    return 0;
+}
+
+int moekit_rows_bf16(const uint16_t *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
+    const int64_t I32 = I & ~(int64_t)31;
+    /* x's even and odd elements of each 16-element group, in the order the words hold them */
+    float *x_even = malloc(sizeof(float) * (size_t)(I32 / 2 + 1));
+    float *x_odd = malloc(sizeof(float) * (size_t)(I32 / 2 + 1));
+    if (!x_even || !x_odd) { free(x_even); free(x_odd); return -1; }
+    for (int64_t i = 0; i < I32; i += 16)
+        for (int j = 0; j < 8; j++) { x_even[i / 2 + j] = x[i + 2 * j]; x_odd[i / 2 + j] = x[i + 2 * j + 1]; }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) {
+        const uint16_t *w = W + o * I;
+        v8f a = {0}, b = {0}, c = {0}, d = {0};
+        for (int64_t i = 0; i < I32; i += 32) {
+            v8u u = load_u(w + i), v = load_u(w + i + 16);
+            a += even_bf16(u) * load_f(x_even + i / 2);
+            b += odd_bf16(u) * load_f(x_odd + i / 2);
+            c += even_bf16(v) * load_f(x_even + i / 2 + 8);
+            d += odd_bf16(v) * load_f(x_odd + i / 2 + 8);
+        }
+        float s = sum8((a + b) + (c + d));
+        for (int64_t i = I32; i < I; i++) s += bf16_to_f(w[i]) * x[i];
+        y[o] = s;
+    }
+    free(x_even);
+    free(x_odd);
+    return 0;
+}
+
+/* y[O] = x[I] W[I, O]: moekit's expert layout. The rows are cut into at most MAX_BLOCKS
+ * contiguous blocks (fixed by I alone); each block streams its rows into its own partial
+ * sums, which are then added in block order. */
+#define MAX_BLOCKS 8
+#define MIN_BLOCK_ROWS 128
+
+static int64_t row_blocks(int64_t I, int64_t *rows_per_block) {
+    int64_t blocks = (I + MIN_BLOCK_ROWS - 1) / MIN_BLOCK_ROWS;
+    if (blocks > MAX_BLOCKS) blocks = MAX_BLOCKS;
+    if (blocks < 1) blocks = 1;
+    int64_t per = (I + blocks - 1) / blocks;
+    per = (per + 7) & ~(int64_t)7;
+    *rows_per_block = per;
+    return (I + per - 1) / per;
+}
+
+static __thread float *partials = NULL;
+static __thread size_t partials_size = 0;
+
+static float *partial_buffer(size_t floats) {
+    if (floats > partials_size) {
+        free(partials);
+        partials = malloc(floats * sizeof(float));
+        partials_size = partials ? floats : 0;
+    }
+    return partials;
+}
+
+int moekit_cols_f32(const float *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+    int64_t per;
+    const int64_t blocks = row_blocks(I, &per);
+    float *part = partial_buffer((size_t)(blocks * O));
+    if (!part) return -1;
+    const int64_t O8 = O & ~(int64_t)7;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float *acc = part + blk * O;
+        const int64_t start = blk * per, end = start + per < I ? start + per : I;
+        memset(acc, 0, sizeof(float) * (size_t)O);
+        int64_t i = start;
+        /* Eight rows per pass over the partial sums: fewer loads and stores of them per weight read. */
+        for (; i + 8 <= end; i += 8) {
+            const float *w = W + i * O;
+            const float *x8 = x + i;
+            for (int64_t c = 0; c < O8; c += 8) {
+                v8f s = load_f(acc + c);
+                s += ((load_f(w + c) * x8[0] + load_f(w + O + c) * x8[1])
+                      + (load_f(w + 2 * O + c) * x8[2] + load_f(w + 3 * O + c) * x8[3]))
+                     + ((load_f(w + 4 * O + c) * x8[4] + load_f(w + 5 * O + c) * x8[5])
+                        + (load_f(w + 6 * O + c) * x8[6] + load_f(w + 7 * O + c) * x8[7]));
+                store_f(acc + c, s);
+            }
+            for (int64_t c = O8; c < O; c++) {
+                float s = 0;
+                for (int r = 0; r < 8; r++) s += w[r * O + c] * x8[r];
+                acc[c] += s;
+            }
+        }
+        for (; i < end; i++)
+            for (int64_t c = 0; c < O; c++) acc[c] += W[i * O + c] * x[i];
+    }
+    for (int64_t c = 0; c < O; c++) {
+        float s = part[c];
+        for (int64_t blk = 1; blk < blocks; blk++) s += part[blk * O + c];
+        y[c] = s;
+    }
+    return 0;
+}
+
+int moekit_cols_bf16(const uint16_t *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+    int64_t per;
+    const int64_t blocks = row_blocks(I, &per);
+    float *part = partial_buffer((size_t)(blocks * O));
+    if (!part) return -1;
+    const int64_t O16 = O & ~(int64_t)15;
+    /* Within each 16-column group the partial sums are kept as [8 even columns, 8 odd]. */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        float *acc = part + blk * O;
+        const int64_t start = blk * per, end = start + per < I ? start + per : I;
+        memset(acc, 0, sizeof(float) * (size_t)O);
+        int64_t i = start;
+        for (; i + 8 <= end; i += 8) {
+            const uint16_t *w = W + i * O;
+            const float *x8 = x + i;
+            for (int64_t c = 0; c < O16; c += 16) {
+                v8u u[8];
+                for (int r = 0; r < 8; r++) u[r] = load_u(w + r * O + c);
+                v8f even = ((even_bf16(u[0]) * x8[0] + even_bf16(u[1]) * x8[1])
+                            + (even_bf16(u[2]) * x8[2] + even_bf16(u[3]) * x8[3]))
+                           + ((even_bf16(u[4]) * x8[4] + even_bf16(u[5]) * x8[5])
+                              + (even_bf16(u[6]) * x8[6] + even_bf16(u[7]) * x8[7]));
+                v8f odd = ((odd_bf16(u[0]) * x8[0] + odd_bf16(u[1]) * x8[1])
+                           + (odd_bf16(u[2]) * x8[2] + odd_bf16(u[3]) * x8[3]))
+                          + ((odd_bf16(u[4]) * x8[4] + odd_bf16(u[5]) * x8[5])
+                             + (odd_bf16(u[6]) * x8[6] + odd_bf16(u[7]) * x8[7]));
+                store_f(acc + c, load_f(acc + c) + even);
+                store_f(acc + c + 8, load_f(acc + c + 8) + odd);
+            }
+            for (int64_t c = O16; c < O; c++) {
+                float t = 0;
+                for (int r = 0; r < 8; r++) t += bf16_to_f(w[r * O + c]) * x8[r];
+                acc[c] += t;
+            }
+        }
+        for (; i < end; i++) {
+            const uint16_t *w = W + i * O;
+            for (int64_t c = 0; c < O16; c += 16) {
+                v8u u = load_u(w + c);
+                store_f(acc + c, load_f(acc + c) + even_bf16(u) * x[i]);
+                store_f(acc + c + 8, load_f(acc + c + 8) + odd_bf16(u) * x[i]);
+            }
+            for (int64_t c = O16; c < O; c++) acc[c] += bf16_to_f(w[c]) * x[i];
+        }
+    }
+    for (int64_t c = 0; c < O; c++) {
+        float s = part[c];
+        for (int64_t blk = 1; blk < blocks; blk++) s += part[blk * O + c];
+        /* back to column order: group position j < 8 is column 2j, j >= 8 is column 2(j-8)+1 */
+        int64_t column = c;
+        if (c < O16) {
+            const int64_t group = c & ~(int64_t)15, j = c - group;
+            column = group + (j < 8 ? 2 * j : 2 * (j - 8) + 1);
+        }
+        y[column] = s;
+    }
+    return 0;
+}

@@ -1,0 +1,221 @@
+"""Batch-1 matrix-vector products that read weights at the memory bandwidth: decoding's kernel.
+
+Decoding one token multiplies one activation row by every weight matrix it uses. Each weight is
+read once and used for two flops, so the time is the weight bytes over the memory bandwidth.
+PyTorch's CPU GEMM (MKL / oneDNN) reads a [1, K] × [K, M] product at well under the machine's
+streaming rate (docs/bench_generate.md measures both); ``matvec.c`` reads each weight matrix as
+one sequential stream per thread and reaches it.
+
+The C source ships with the package and is compiled on first use with the machine's C compiler
+(``cc``, or ``$CC``) for the machine's own vector width, into ``~/.cache/moekit`` (or
+``$MOEKIT_CACHE_DIR``). Without a compiler, or with ``MOEKIT_MATVEC=0``, every caller falls back
+to ``torch`` and ``status()`` says why; nothing else changes.
+
+Two layouts, both row-major and contiguous:
+
+- ``rows(x, weight_OI)`` = ``x @ weight_OI.T``: nn.Linear's layout [out, in];
+- ``cols(x, weight_IO)`` = ``x @ weight_IO``: moekit's expert layout [in, out].
+
+Weights float32 or bfloat16, arithmetic in float32. A bfloat16 ``x`` is widened to float32 and
+the result rounded back to bfloat16 once, as PyTorch's bfloat16 GEMM accumulates in float32.
+Each output is summed by one thread in an order fixed by the shapes, so results do not depend on
+the thread count; they differ from PyTorch's GEMM by float rounding only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SOURCE = Path(__file__).with_name("matvec.c")
+# Tried in order: the machine's own vector width and OpenMP threads, then without each.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_status: str | None = None
+_enabled = True
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("MOEKIT_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "moekit"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (a shared home directory may
+    be mounted on several machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _compile(compiler: str, flags: tuple[str, ...], out: Path) -> str | None:
+    """Compile the source to ``out`` (atomically); the compiler's error text on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        built = Path(scratch) / out.name
+        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return str(error)
+        if result.returncode != 0:
+            return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        os.replace(built, out)  # another process may build the same file: both are complete
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _status
+    with _lock:
+        if _status is not None:
+            return _library
+        if os.environ.get("MOEKIT_MATVEC", "1") == "0":
+            _status = "off: MOEKIT_MATVEC=0"
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            _status = "off: no C compiler (cc, gcc or $CC) found"
+            warnings.warn(f"moekit.matvec {_status}; decoding uses torch's matmul", stacklevel=3)
+            return None
+        source = SOURCE.read_bytes()
+        errors = []
+        for flags in FLAG_SETS:
+            key = hashlib.sha256(
+                b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
+            ).hexdigest()[:16]
+            path = _cache_dir() / f"matvec-{key}.so"
+            error = None if path.exists() else _compile(compiler, flags, path)
+            if error is None:
+                try:
+                    library = ctypes.CDLL(str(path))
+                except OSError as load_error:
+                    errors.append(f"{' '.join(flags)}: {load_error}")
+                    continue
+                for name in ("moekit_rows_f32", "moekit_rows_bf16", "moekit_cols_f32", "moekit_cols_bf16"):
+                    function = getattr(library, name)
+                    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                    function.restype = ctypes.c_int
+                _library = library
+                _status = f"native ({Path(compiler).name} {' '.join(flags)})"
+                return library
+            errors.append(f"{' '.join(flags)}: {error}")
+        _status = "off: the C kernels did not build: " + "; ".join(errors)
+        warnings.warn(f"moekit.matvec {_status}; decoding uses torch's matmul", stacklevel=3)
+        return None
+
+
+def status() -> str:
+    """``native (compiler and flags)`` or ``off: why``; builds the kernels if not yet tried."""
+    _load()
+    assert _status is not None
+    return _status if _enabled else "off: disabled by moekit.matvec.set_enabled(False)"
+
+
+def available() -> bool:
+    return _enabled and _load() is not None
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the kernels on or off for this process (for comparisons); returns the old setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x`` (one row) times ``weight`` runs here: CPU, inference (no autograd graph to
+    build), a contiguous float32 or bfloat16 2-D weight, and x float32 or the weight's dtype."""
+    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
+        return False
+    if x.dtype not in (torch.float32, weight.dtype) or x.numel() == 0 or x.numel() != x.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _load() is not None
+
+
+def _run(name: str, x: Tensor, weight: Tensor, rows: int, inner: int, out_features: int) -> Tensor:
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"moekit.matvec.{name.removeprefix('moekit_')}: the kernels are {status()}")
+    x_I = x.reshape(-1).to(torch.float32).contiguous()
+    y_O = torch.empty(out_features, dtype=torch.float32)
+    suffix = "f32" if weight.dtype == torch.float32 else "bf16"
+    function = getattr(library, f"{name}_{suffix}")
+    code = function(weight.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), rows, inner, torch.get_num_threads())
+    if code != 0:
+        raise MemoryError(f"moekit.matvec.{name}: could not allocate its scratch buffer")
+    return y_O.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def rows(x: Tensor, weight_OI: Tensor) -> Tensor:
+    """``x @ weight_OI.T`` for one row x [..., I] (nn.Linear's layout); check ``applies`` first."""
+    out_features, in_features = weight_OI.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"matvec.rows: x has {x.shape[-1]} features, the weight [O, I] = {tuple(weight_OI.shape)}")
+    return _run("moekit_rows", x, weight_OI, out_features, in_features, out_features)
+
+
+def cols(x: Tensor, weight_IO: Tensor) -> Tensor:
+    """``x @ weight_IO`` for one row x [..., I] (moekit's expert layout); check ``applies`` first."""
+    in_features, out_features = weight_IO.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"matvec.cols: x has {x.shape[-1]} features, the weight [I, O] = {tuple(weight_IO.shape)}")
+    return _run("moekit_cols", x, weight_IO, in_features, out_features, out_features)
+
+
+def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:
+    """``x @ weight_IO``: through ``cols`` when it applies, else torch's matmul."""
+    return cols(x, weight_IO) if applies(x, weight_IO) else x @ weight_IO
+
+
+def linear(x: Tensor, weight_OI: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``: through ``rows`` when it applies (one row, inference), else torch's."""
+    if not applies(x, weight_OI):
+        return F.linear(x, weight_OI, bias)
+    y = rows(x, weight_OI)
+    return y if bias is None else y + bias
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` whose one-row inference forward reads its weight with ``matvec.rows``;
+    the same parameters, state dict and every other behaviour."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(module: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` inside ``module`` into a ``DecodeLinear`` (in place, the
+    class only: parameters, hooks and names stay); returns how many."""
+    count = 0
+    for child in module.modules():
+        if type(child) is nn.Linear:
+            child.__class__ = DecodeLinear
+            count += 1
+    return count

@@ -1,0 +1,195 @@
+"""moekit.matvec, the batch-1 decode kernels, against a float64 reference; and moekit.hugepages.
+
+    pytest tests/test_matvec.py
+
+Shapes cover every tail of the C loops: row counts not a multiple of the 8-row pass or of the
+row blocks, column counts not a multiple of 8 (float32) or 16 (bfloat16), a single element.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from moekit import matvec
+from moekit.hugepages import HUGE_PAGE_BYTES, huge_page_copy, place_in_huge_pages, transparent_huge_pages
+
+needs_kernels = pytest.mark.skipif(not matvec.available(), reason=f"moekit.matvec is {matvec.status()}")
+
+# (out features O, in features I)
+SHAPES = [(1, 1), (17, 16), (33, 300), (1000, 37), (24, 1030), (130, 1024), (96, 2056), (4096, 64)]
+
+
+def reference(x_I: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+    return (weight_OI.double() @ x_I.double().reshape(-1)).reshape(1, -1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"O{s[0]}xI{s[1]}")
+def test_rows_and_cols_equal_the_float64_product(shape, dtype):
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features * 7919 + in_features)
+    weight_OI = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    x_1I = torch.randn(1, in_features, generator=generator)
+    want = reference(x_1I, weight_OI)
+    # float32 sums of I products: error within a few ulps of the sum of |products|
+    bound = 1e-6 * (weight_OI.double().abs() @ x_1I.double().abs().reshape(-1)).max().item() * 8 + 1e-7
+    with torch.no_grad():
+        got_rows = matvec.rows(x_1I, weight_OI)
+        got_cols = matvec.cols(x_1I, weight_OI.t().contiguous())
+    for got in (got_rows, got_cols):
+        assert got.shape == (1, out_features) and got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= bound
+
+
+@needs_kernels
+def test_bfloat16_activations_are_widened_and_the_result_rounded_once():
+    weight_OI = torch.randn(64, 96).bfloat16()
+    x_1I = torch.randn(1, 96).bfloat16()
+    with torch.no_grad():
+        got = matvec.rows(x_1I, weight_OI)
+    want_float32 = reference(x_1I.float(), weight_OI).float()
+    assert got.dtype == torch.bfloat16
+    # one rounding of a nearly exact float32 sum: within one bfloat16 ulp of the rounded reference
+    assert torch.allclose(got.float(), want_float32.bfloat16().float(), rtol=2**-7, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    weight_OI = torch.randn(300, 1030).to(dtype)
+    weight_IO = torch.randn(1030, 300).to(dtype)
+    x_1I = torch.randn(1, 1030)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append((matvec.rows(x_1I, weight_OI), matvec.cols(x_1I, weight_IO)))
+    finally:
+        torch.set_num_threads(threads)
+    for rows, cols in outputs[1:]:
+        assert torch.equal(rows, outputs[0][0]) and torch.equal(cols, outputs[0][1])
+
+
+@needs_kernels
+def test_a_view_of_a_3d_weight_reads_its_own_expert():
+    w_EDH = torch.randn(4, 40, 24)
+    x_1D = torch.randn(1, 40)
+    with torch.no_grad():
+        for expert in range(4):
+            got = matvec.cols(x_1D, w_EDH[expert])
+            torch.testing.assert_close(got, x_1D @ w_EDH[expert], atol=1e-5, rtol=1e-5)
+
+
+def test_applies_only_to_one_row_inference_on_supported_weights():
+    weight = torch.randn(8, 16)
+    one_row = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        assert matvec.applies(one_row, weight) == matvec.available()
+        assert not matvec.applies(torch.randn(2, 16), weight)  # two rows: a GEMM
+        assert not matvec.applies(one_row, weight.t())  # not contiguous
+        assert not matvec.applies(one_row, weight.double())
+        assert not matvec.applies(one_row.bfloat16(), weight)  # mixed: bf16 x, float32 weight
+    trainable = nn.Parameter(weight)
+    assert not matvec.applies(one_row, trainable)  # autograd on: torch's matmul
+    previous = matvec.set_enabled(False)
+    try:
+        with torch.no_grad():
+            assert not matvec.applies(one_row, weight)
+        assert matvec.status().startswith("off")
+    finally:
+        matvec.set_enabled(previous)
+
+
+def test_decode_linear_equals_nn_linear_and_keeps_gradients():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 8, bias=False))
+    fast = copy.deepcopy(plain)
+    assert matvec.use_decode_linears(fast) == 2
+    assert all(type(m) is matvec.DecodeLinear for m in (fast[0], fast[2]))
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x.expand(3, 48)), plain(x.expand(3, 48)), atol=0, rtol=0)
+    # training: torch's path, the same gradients
+    fast(x).sum().backward()
+    plain(x).sum().backward()
+    torch.testing.assert_close(fast[0].weight.grad, plain[0].weight.grad, atol=0, rtol=0)
+
+
+def test_without_a_compiler_everything_falls_back_with_a_reason(tmp_path):
+    """A fresh process with no compiler found: status says why, the products are torch's."""
+    script = (
+        "import torch, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from moekit import matvec\n"
+        "w = torch.randn(8, 16); x = torch.randn(1, 16)\n"
+        "with torch.no_grad():\n"
+        "    y = matvec.linear(x, w)\n"
+        "assert torch.equal(y, torch.nn.functional.linear(x, w))\n"
+        "print(matvec.status())\n"
+    )
+    environment = {"PATH": str(tmp_path), "CC": "", "MOEKIT_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "off: no C compiler (cc, gcc or $CC) found"
+
+
+def test_the_environment_switch_turns_the_kernels_off(tmp_path):
+    script = "from moekit import matvec\nprint(matvec.status())\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "MOEKIT_MATVEC": "0", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "off: MOEKIT_MATVEC=0"
+
+
+# ---------------------------------------------------------------------------------------
+# moekit.hugepages
+# ---------------------------------------------------------------------------------------
+
+
+def test_huge_page_copy_is_equal_aligned_and_its_own_storage():
+    tensor = torch.randn(3, HUGE_PAGE_BYTES // 4 + 5)
+    copied = huge_page_copy(tensor)
+    assert torch.equal(copied, tensor) and copied.dtype == tensor.dtype and copied.shape == tensor.shape
+    assert copied.data_ptr() % HUGE_PAGE_BYTES == 0
+    copied.add_(1)  # a copy, not a view of the original
+    assert not torch.equal(copied, tensor)
+
+
+def test_place_in_huge_pages_keeps_outputs_ties_and_trainability():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 1024))
+    model[2].weight = model[0].weight  # tied
+    small = nn.Linear(4, 4)
+    model.append(small)
+    before = copy.deepcopy(model)
+    small_pointer = small.weight.data_ptr()
+    moved = place_in_huge_pages(model)
+    if transparent_huge_pages() in ("always", "madvise"):
+        assert moved == 2 * 1024 * 1024 * 4  # the embedding (tied) and one linear, once each
+        assert model[0].weight.data_ptr() % HUGE_PAGE_BYTES == 0
+    else:
+        assert moved == 0
+    assert model[2].weight is model[0].weight
+    assert model[0].weight.data_ptr() == model[2].weight.data_ptr()
+    assert small.weight.data_ptr() == small_pointer  # under 2 MiB: left where it was
+    assert all(p.requires_grad for p in model.parameters())
+    idx = torch.tensor([[1, 5, 9]])
+    x = model[0](idx)
+    torch.testing.assert_close(model[1](x), before[1](before[0](idx)), atol=0, rtol=0)
+    model[1](x).sum().backward()  # still trainable
+    assert model[1].weight.grad is not None
