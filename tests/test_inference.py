@@ -172,10 +172,10 @@ FAST_PATH_CONFIGS = {
 }
 
 
-def _layer_and_normal_path_calls(overrides: dict, dtype: torch.dtype):
+def _layer_and_normal_path_calls(overrides: dict, dtype: torch.dtype, d_model: int = 64, d_ff: int = 96):
     from moekit import MoE, MoEConfig
 
-    config = MoEConfig(**{"d_model": 64, "d_ff": 96, "num_experts": 8, "top_k": 2, **overrides})
+    config = MoEConfig(**{"d_model": d_model, "d_ff": d_ff, "num_experts": 8, "top_k": 2, **overrides})
     torch.manual_seed(0)
     layer = MoE(config).to(dtype).eval()
     with torch.no_grad():
@@ -218,15 +218,20 @@ def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype, torch_ma
 @pytest.mark.skipif(not matvec.available(), reason=f"moekit.matvec is {matvec.status()}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
-def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(family, dtype):
+def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(family, dtype, monkeypatch):
     """With the streaming kernels the fast path sums in another order: equal to rounding, the
-    same experts chosen."""
-    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype)
+    same experts chosen. (Experts large enough for matvec: w_out [256, 128].)"""
+    layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype, d_model=128, d_ff=256)
+    kernel_calls = []
+    run = matvec._run
+    monkeypatch.setattr(matvec, "_run", lambda name, *args: kernel_calls.append(name) or run(name, *args))
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for seed in range(4):
-        x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(seed)).to(dtype)
         with torch.no_grad():
+            kernel_calls.clear()
             fast = layer(x)
+            assert kernel_calls.count("moekit_cols") >= 2 * layer.config.top_k  # w_in and w_out of each expert
             fast_stats = layer.last_stats
             layer.decode_fast_path_tokens = 0
             normal = layer(x)

@@ -90,11 +90,12 @@ def test_a_view_of_a_3d_weight_reads_its_own_expert():
 
 
 def test_applies_only_to_one_row_inference_on_supported_weights():
-    weight = torch.randn(8, 16)
-    one_row = torch.randn(1, 1, 16)
+    weight = torch.randn(256, 128)
+    one_row = torch.randn(1, 1, 128)
     with torch.no_grad():
         assert matvec.applies(one_row, weight) == matvec.available()
-        assert not matvec.applies(torch.randn(2, 16), weight)  # two rows: a GEMM
+        assert not matvec.applies(torch.randn(2, 128), weight)  # two rows: a GEMM
+        assert not matvec.applies(one_row, weight[:255])  # small: torch's GEMM is faster in cache
         assert not matvec.applies(one_row, weight.t())  # not contiguous
         assert not matvec.applies(one_row, weight.double())
         assert not matvec.applies(one_row.bfloat16(), weight)  # mixed: bf16 x, float32 weight
@@ -111,15 +112,15 @@ def test_applies_only_to_one_row_inference_on_supported_weights():
 
 def test_decode_linear_equals_nn_linear_and_keeps_gradients():
     torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 8, bias=False))
+    plain = nn.Sequential(nn.Linear(480, 400), nn.ReLU(), nn.Linear(400, 256, bias=False))
     fast = copy.deepcopy(plain)
     assert matvec.use_decode_linears(fast) == 2
     assert all(type(m) is matvec.DecodeLinear for m in (fast[0], fast[2]))
     assert fast.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(1, 48)
+    x = torch.randn(1, 480)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast(x.expand(3, 48)), plain(x.expand(3, 48)), atol=0, rtol=0)
+        torch.testing.assert_close(fast(x.expand(3, 480)), plain(x.expand(3, 480)), atol=0, rtol=0)
     # training: torch's path, the same gradients
     fast(x).sum().backward()
     plain(x).sum().backward()
@@ -132,7 +133,7 @@ def test_without_a_compiler_everything_falls_back_with_a_reason(tmp_path):
         "import torch, warnings\n"
         "warnings.simplefilter('ignore')\n"
         "from moekit import matvec\n"
-        "w = torch.randn(8, 16); x = torch.randn(1, 16)\n"
+        "w = torch.randn(256, 256); x = torch.randn(1, 256)\n"
         "with torch.no_grad():\n"
         "    y = matvec.linear(x, w)\n"
         "assert torch.equal(y, torch.nn.functional.linear(x, w))\n"

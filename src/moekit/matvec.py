@@ -34,6 +34,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +49,29 @@ FLAG_SETS = (
     ("-O3",),
 )
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# Below this many weight elements torch's GEMM, in cache and with less per-call overhead, is
+# faster (measured: 10 µs per call here against 3.5 µs for a 128 × 128 F.linear, and 15 against
+# 27 µs at 256 × 256, on the 2-core development machine).
+MIN_WEIGHT_ELEMENTS = 32768
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_functions: dict[tuple[str, torch.dtype], Any] = {}
 _status: str | None = None
 _enabled = True
 
 
 def _cache_dir() -> Path:
+    """``$MOEKIT_CACHE_DIR``, else ``~/.cache/moekit``; a temporary directory where that
+    cannot be created (a read-only home)."""
     configured = os.environ.get("MOEKIT_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "moekit"
+    path = Path(configured) if configured else Path.home() / ".cache" / "moekit"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(tempfile.gettempdir()) / f"moekit-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cpu_signature() -> str:
@@ -73,7 +87,6 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str, flags: tuple[str, ...], out: Path) -> str | None:
     """Compile the source to ``out`` (atomically); the compiler's error text on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         built = Path(scratch) / out.name
         command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
@@ -152,6 +165,8 @@ def applies(x: Tensor, weight: Tensor) -> bool:
         return False
     if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
         return False
+    if weight.numel() < MIN_WEIGHT_ELEMENTS:
+        return False
     if x.dtype not in (torch.float32, weight.dtype) or x.numel() == 0 or x.numel() != x.shape[-1]:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -160,17 +175,23 @@ def applies(x: Tensor, weight: Tensor) -> bool:
 
 
 def _run(name: str, x: Tensor, weight: Tensor, rows: int, inner: int, out_features: int) -> Tensor:
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"moekit.matvec.{name.removeprefix('moekit_')}: the kernels are {status()}")
-    x_I = x.reshape(-1).to(torch.float32).contiguous()
+    function = _functions.get((name, weight.dtype))
+    if function is None:
+        library = _load()
+        if library is None:
+            raise RuntimeError(f"moekit.matvec.{name.removeprefix('moekit_')}: the kernels are {status()}")
+        suffix = "f32" if weight.dtype == torch.float32 else "bf16"
+        function = _functions[(name, weight.dtype)] = getattr(library, f"{name}_{suffix}")
+    x_I = x.reshape(-1)
+    if x_I.dtype != torch.float32:
+        x_I = x_I.float()
+    elif not x_I.is_contiguous():
+        x_I = x_I.contiguous()
     y_O = torch.empty(out_features, dtype=torch.float32)
-    suffix = "f32" if weight.dtype == torch.float32 else "bf16"
-    function = getattr(library, f"{name}_{suffix}")
-    code = function(weight.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), rows, inner, torch.get_num_threads())
-    if code != 0:
-        raise MemoryError(f"moekit.matvec.{name}: could not allocate its scratch buffer")
-    return y_O.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    if function(weight.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), rows, inner, torch.get_num_threads()) != 0:
+        raise MemoryError(f"moekit.matvec.{name.removeprefix('moekit_')}: could not allocate its scratch buffer")
+    y = y_O if x.dtype == torch.float32 else y_O.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def rows(x: Tensor, weight_OI: Tensor) -> Tensor:

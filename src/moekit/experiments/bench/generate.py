@@ -70,8 +70,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.experiments.bench.layer import cpu_busy_fraction, cpu_model_name, transformers_version
-from moekit.hugepages import huge_page_empty
+from moekit.hugepages import huge_page_empty, transparent_huge_pages
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
 from moekit.interop.gguf import LlamaCppLM, llama_cpp_missing, write_gguf
 from moekit.interop.hf import from_hf_model
@@ -510,6 +511,8 @@ class GenerateBenchReport:
     cpu: str = field(default_factory=cpu_model_name)
     threads: int = field(default_factory=torch.get_num_threads)
     cache_bytes: int | None = field(default_factory=last_level_cache_bytes)
+    matvec: str = field(default_factory=matvec.status)
+    huge_pages: str = field(default_factory=transparent_huge_pages)
 
     @property
     def bandwidth(self) -> float:
@@ -563,12 +566,15 @@ class GenerateBenchReport:
             "threads": self.threads,
             "device": "cpu",
             "cpu_busy_before": self.cpu_busy_before,
+            "matvec": self.matvec,
+            "transparent_huge_pages": self.huge_pages,
             "memory_bandwidth": {
                 "gb_per_s": round(self.bandwidth, 3),
                 "runs_gb_per_s": [round(r, 3) for r in self.bandwidth_gbps],
                 "buffer_bytes": self.bandwidth_buffer_bytes,
                 "last_level_cache_bytes": self.cache_bytes,
-                "method": "median of sums of a float32 buffer (read bandwidth), taken before and during the rounds",
+                "method": "median of sums of a float32 buffer (read bandwidth), taken before and during the rounds; "
+                "each run the faster of a buffer in 4 KiB pages and one in huge pages",
             },
             "identical_tokens": self.identical_tokens,
             "families": [f.to_dict() for f in self.families],
@@ -610,6 +616,8 @@ class GenerateBenchReport:
             f"median of {len(self.bandwidth_gbps)} runs); weights GB/s = MB/token x decode tok/s, "
             "of bw = its share of that",
             "x tf: median of per-round ratios to transformers as loaded; tokens: greedy tokens vs transformers'",
+            f"moekit's batch-1 kernels (moekit.matvec): {self.matvec}; transparent huge pages: {self.huge_pages} "
+            "(patch_moe and moekit_lm place their weights in them; transformers as loaded does not)",
             "",
             fmt(header),
             "  ".join("-" * w for w in widths),
