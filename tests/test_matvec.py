@@ -194,3 +194,27 @@ def test_place_in_huge_pages_keeps_outputs_ties_and_trainability():
     torch.testing.assert_close(model[1](x), before[1](before[0](idx)), atol=0, rtol=0)
     model[1](x).sum().backward()  # still trainable
     assert model[1].weight.grad is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 128), (300, 1030), (4096, 64)], ids=lambda s: f"O{s[0]}xI{s[1]}")
+def test_rows_int8_equals_the_dequantized_product(shape, x_dtype):
+    """int8 weights with one scale per output row: (q · x) · scale, float32 sums."""
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    qweight_OI = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    scales_O = torch.rand(out_features, generator=generator) / 100
+    x_1I = torch.randn(1, in_features, generator=generator).to(x_dtype)
+    assert matvec.applies_int8(x_1I, qweight_OI)
+    with torch.no_grad():
+        got = matvec.rows_int8(x_1I, qweight_OI, scales_O)
+    want = (qweight_OI.double() @ x_1I.double().reshape(-1)) * scales_O.double()
+    assert got.shape == (1, out_features) and got.dtype == x_dtype
+    if x_dtype == torch.float32:
+        bound = 1e-6 * 8 * ((qweight_OI.double().abs() @ x_1I.double().abs().reshape(-1)) * scales_O.double()).max()
+        assert (got.double().reshape(-1) - want).abs().max().item() <= bound.item() + 1e-7
+    else:  # one rounding to bfloat16 of a nearly exact sum
+        torch.testing.assert_close(got.float().reshape(-1), want.float(), rtol=2**-7, atol=1e-5)
+    assert not matvec.applies_int8(torch.randn(2, in_features), qweight_OI)
+    assert not matvec.applies_int8(x_1I, qweight_OI.float())

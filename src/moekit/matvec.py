@@ -131,6 +131,8 @@ def _load() -> ctypes.CDLL | None:
                     function = getattr(library, name)
                     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                     function.restype = ctypes.c_int
+                library.moekit_rows_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                library.moekit_rows_i8.restype = ctypes.c_int
                 _library = library
                 _status = f"native ({Path(compiler).name} {' '.join(flags)})"
                 return library
@@ -208,6 +210,38 @@ def cols(x: Tensor, weight_IO: Tensor) -> Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"matvec.cols: x has {x.shape[-1]} features, the weight [I, O] = {tuple(weight_IO.shape)}")
     return _run("moekit_cols", x, weight_IO, in_features, out_features, out_features)
+
+
+def applies_int8(x: Tensor, qweight_OI: Tensor) -> bool:
+    """Whether ``rows_int8`` runs ``x`` (one row, float32 / bfloat16 / float16) times an int8
+    [out, in] weight: the same conditions as ``applies``."""
+    if not _enabled or qweight_OI.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if qweight_OI.dim() != 2 or qweight_OI.dtype != torch.int8 or not qweight_OI.is_contiguous():
+        return False
+    if qweight_OI.numel() < MIN_WEIGHT_ELEMENTS or x.numel() != x.shape[-1] or x.numel() != qweight_OI.shape[1]:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and _load() is not None
+
+
+def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
+    """``(x @ qweight_OI.T) · scales_O`` for one row x [..., I] and int8 weights with one scale
+    per output (``torch._weight_int8pack_mm``'s contract); float32 sums, x's dtype out. Check
+    ``applies_int8`` first."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"moekit.matvec.rows_int8: the kernels are {status()}")
+    out_features, in_features = qweight_OI.shape
+    x_I = x.reshape(-1).float().contiguous()
+    scales_O = scales_O.float().contiguous()
+    y_O = torch.empty(out_features, dtype=torch.float32)
+    library.moekit_rows_i8(
+        qweight_OI.data_ptr(), scales_O.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), out_features, in_features,
+        torch.get_num_threads(),
+    )
+    return y_O.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:

@@ -402,7 +402,7 @@ def add_bench_offload(subparsers: argparse._SubParsersAction) -> None:
         "offload",
         help="prefill and decode tokens/s from an expert store at memory budgets, vs all in memory",
         description="Generation (batch 1, greedy) of one moekit LM with random weights from an expert store at\n"
-        "memory budgets of 100%%, 50%% and 25%% of its expert bytes, and int8 / int4 experts, against the\n"
+        "memory budgets of 100%, 50% and 25% of its expert bytes, and int8 / int4 experts, against the\n"
         "same model all in memory; bit-exactness, peak resident bytes, cache hit rates beside LRU and\n"
         "Belady on the run's trace, and the measured storage read bandwidth.",
         epilog=EPILOG_OFFLOAD,

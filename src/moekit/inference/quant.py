@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.experts import GroupedExperts, ModuleExperts, activate
 from moekit.layer import MoE, moe_layers
 
@@ -166,6 +167,8 @@ def int4_layout() -> str | None:
 def kernel_status() -> dict[str, str]:
     """Per scheme, the kernel used where shapes allow, or why the fallback runs."""
     int8 = "torch._weight_int8pack_mm" if _int8_mm is not None else "fallback: torch._weight_int8pack_mm missing"
+    if matvec.available():
+        int8 += "; one row (decoding): moekit.matvec.rows_int8"
     layout = int4_layout()
     if layout is not None:
         int4 = f"torch._weight_int4pack_mm_for_cpu ({layout} packed layout)"
@@ -243,6 +246,9 @@ class QuantizedLinear:
             raise ValueError(f"impl={impl!r} is invalid: use auto or dequant")
         if x_MK.shape[-1] != self.in_features:
             raise ValueError(f"input has {x_MK.shape[-1]} features but the projection takes {self.in_features}")
+        if impl == "auto" and self.scheme == "int8" and matvec.applies_int8(x_MK, self.qweight):
+            # One row (decoding): moekit's streaming kernel, the same contract as PyTorch's.
+            return matvec.rows_int8(x_MK, self.qweight, self._scales_as(torch.float32))
         if impl == "auto" and self.kernel_applies() and x_MK.dtype in (torch.bfloat16, torch.float16, torch.float32):
             x_MK = x_MK.contiguous()
             if self.scheme == "int8":
