@@ -206,26 +206,34 @@ int moekit_cols_bf16(const uint16_t *W, const float *x, float *y, int64_t I, int
 }
 
 /* y[O] = scale[O] · (Q[O, I] x[I]): int8 weights, one float32 scale per output row (symmetric
- * per-channel quantization, moekit.inference.quant's int8). Each int8 is exact in float32. */
-typedef int8_t v8i8 __attribute__((vector_size(8)));
-
-static inline v8f load_i8(const int8_t *p) { v8i8 v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, v8f); }
+ * per-channel quantization, moekit.inference.quant's int8). 32 int8 are read as eight 32-bit
+ * words; byte j of every word, sign-extended by two shifts, is exact in float32. x is permuted
+ * once so that its elements pair with those bytes. */
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 int moekit_rows_i8(const int8_t *Q, const float *scale, const float *x, float *y, int64_t O, int64_t I, int threads) {
     const int64_t I32 = I & ~(int64_t)31;
+    float *x_perm = malloc(sizeof(float) * (size_t)(I32 + 1));
+    if (!x_perm) return -1;
+    for (int64_t i = 0; i < I32; i += 32)
+        for (int j = 0; j < 4; j++)
+            for (int m = 0; m < 8; m++) x_perm[i + 8 * j + m] = x[i + 4 * m + j];
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < O; o++) {
         const int8_t *q = Q + o * I;
         v8f a = {0}, b = {0}, c = {0}, d = {0};
         for (int64_t i = 0; i < I32; i += 32) {
-            a += load_i8(q + i) * load_f(x + i);
-            b += load_i8(q + i + 8) * load_f(x + i + 8);
-            c += load_i8(q + i + 16) * load_f(x + i + 16);
-            d += load_i8(q + i + 24) * load_f(x + i + 24);
+            v8i w;
+            memcpy(&w, q + i, sizeof w);
+            a += __builtin_convertvector((w << 24) >> 24, v8f) * load_f(x_perm + i);
+            b += __builtin_convertvector((w << 16) >> 24, v8f) * load_f(x_perm + i + 8);
+            c += __builtin_convertvector((w << 8) >> 24, v8f) * load_f(x_perm + i + 16);
+            d += __builtin_convertvector(w >> 24, v8f) * load_f(x_perm + i + 24);
         }
         float s = sum8((a + b) + (c + d));
         for (int64_t i = I32; i < I; i++) s += (float)q[i] * x[i];
         y[o] = s * scale[o];
     }
+    free(x_perm);
     return 0;
 }

@@ -237,10 +237,12 @@ def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
     x_I = x.reshape(-1).float().contiguous()
     scales_O = scales_O.float().contiguous()
     y_O = torch.empty(out_features, dtype=torch.float32)
-    library.moekit_rows_i8(
+    code = library.moekit_rows_i8(
         qweight_OI.data_ptr(), scales_O.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), out_features, in_features,
         torch.get_num_threads(),
     )
+    if code != 0:
+        raise MemoryError("moekit.matvec.rows_int8: could not allocate its scratch buffer")
     return y_O.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
