@@ -218,3 +218,27 @@ def test_rows_int8_equals_the_dequantized_product(shape, x_dtype):
         torch.testing.assert_close(got.float().reshape(-1), want.float(), rtol=2**-7, atol=1e-5)
     assert not matvec.applies_int8(torch.randn(2, in_features), qweight_OI)
     assert not matvec.applies_int8(x_1I, qweight_OI.float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cols_experts_equals_one_cols_call_per_expert_bit_for_bit(dtype):
+    """A token's k experts in one call sum each product as a call of its own does (the
+    offloaded experts, which run one at a time, rely on it)."""
+    w_EIO = torch.randn(6, 300, 264).to(dtype)
+    x_kI = torch.randn(3, 300).to(dtype)
+    experts = [4, 0, 4]
+    with torch.no_grad():
+        together = matvec.cols_experts(x_kI, w_EIO, experts)
+        apart = torch.cat([matvec.cols(x_kI[j : j + 1], w_EIO[e]) for j, e in enumerate(experts)])
+    assert together.dtype == dtype and torch.equal(together, apart)
+    want = (x_kI.double().unsqueeze(1) @ w_EIO[experts].double()).squeeze(1).float()
+    tolerance = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(together.float(), want, **tolerance)
+    x_1I = x_kI[:1]
+    with torch.no_grad():
+        assert matvec.applies_experts(x_1I, w_EIO, torch.randn(6, 264, 300).to(dtype))
+        assert not matvec.applies_experts(x_1I, w_EIO[:, :, :8])  # 2,400 elements per matrix: torch's
+        assert not matvec.applies_experts(torch.randn(2, 300).to(dtype), w_EIO)  # two tokens
+    with pytest.raises(ValueError, match="experts"):
+        matvec.cols_experts(x_kI, w_EIO, [0, 1, 6])

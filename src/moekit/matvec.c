@@ -104,15 +104,22 @@ static float *partial_buffer(size_t floats) {
     return partials;
 }
 
-int moekit_cols_f32(const float *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+/* Y[k, O] = X[k, I] W_e[I, O] for k weight matrices at once (a token's k experts): one parallel
+ * region over every (matrix, row block), so one thread wake-up for all of them. Each matrix's
+ * sums are those of a call with k = 1. */
+int moekit_cols_batch_f32(const float *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                          int threads) {
     int64_t per;
     const int64_t blocks = row_blocks(I, &per);
-    float *part = partial_buffer((size_t)(blocks * O));
+    float *part = partial_buffer((size_t)(k * blocks * O));
     if (!part) return -1;
     const int64_t O8 = O & ~(int64_t)7;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        float *acc = part + blk * O;
+    for (int64_t task = 0; task < k * blocks; task++) {
+        const int64_t e = task / blocks, blk = task % blocks;
+        const float *W = Ws[e];
+        const float *x = X + e * I;
+        float *acc = part + task * O;
         const int64_t start = blk * per, end = start + per < I ? start + per : I;
         memset(acc, 0, sizeof(float) * (size_t)O);
         int64_t i = start;
@@ -137,24 +144,30 @@ int moekit_cols_f32(const float *W, const float *x, float *y, int64_t I, int64_t
         for (; i < end; i++)
             for (int64_t c = 0; c < O; c++) acc[c] += W[i * O + c] * x[i];
     }
-    for (int64_t c = 0; c < O; c++) {
-        float s = part[c];
-        for (int64_t blk = 1; blk < blocks; blk++) s += part[blk * O + c];
-        y[c] = s;
-    }
+    for (int64_t e = 0; e < k; e++)
+        for (int64_t c = 0; c < O; c++) {
+            const float *p = part + e * blocks * O;
+            float s = p[c];
+            for (int64_t blk = 1; blk < blocks; blk++) s += p[blk * O + c];
+            Y[e * O + c] = s;
+        }
     return 0;
 }
 
-int moekit_cols_bf16(const uint16_t *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+int moekit_cols_batch_bf16(const uint16_t *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                           int threads) {
     int64_t per;
     const int64_t blocks = row_blocks(I, &per);
-    float *part = partial_buffer((size_t)(blocks * O));
+    float *part = partial_buffer((size_t)(k * blocks * O));
     if (!part) return -1;
     const int64_t O16 = O & ~(int64_t)15;
     /* Within each 16-column group the partial sums are kept as [8 even columns, 8 odd]. */
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        float *acc = part + blk * O;
+    for (int64_t task = 0; task < k * blocks; task++) {
+        const int64_t e = task / blocks, blk = task % blocks;
+        const uint16_t *W = Ws[e];
+        const float *x = X + e * I;
+        float *acc = part + task * O;
         const int64_t start = blk * per, end = start + per < I ? start + per : I;
         memset(acc, 0, sizeof(float) * (size_t)O);
         int64_t i = start;
@@ -191,18 +204,28 @@ int moekit_cols_bf16(const uint16_t *W, const float *x, float *y, int64_t I, int
             for (int64_t c = O16; c < O; c++) acc[c] += bf16_to_f(w[c]) * x[i];
         }
     }
-    for (int64_t c = 0; c < O; c++) {
-        float s = part[c];
-        for (int64_t blk = 1; blk < blocks; blk++) s += part[blk * O + c];
-        /* back to column order: group position j < 8 is column 2j, j >= 8 is column 2(j-8)+1 */
-        int64_t column = c;
-        if (c < O16) {
-            const int64_t group = c & ~(int64_t)15, j = c - group;
-            column = group + (j < 8 ? 2 * j : 2 * (j - 8) + 1);
+    for (int64_t e = 0; e < k; e++)
+        for (int64_t c = 0; c < O; c++) {
+            const float *p = part + e * blocks * O;
+            float s = p[c];
+            for (int64_t blk = 1; blk < blocks; blk++) s += p[blk * O + c];
+            /* back to column order: group position j < 8 is column 2j, j >= 8 is column 2(j-8)+1 */
+            int64_t column = c;
+            if (c < O16) {
+                const int64_t group = c & ~(int64_t)15, j = c - group;
+                column = group + (j < 8 ? 2 * j : 2 * (j - 8) + 1);
+            }
+            Y[e * O + column] = s;
         }
-        y[column] = s;
-    }
     return 0;
+}
+
+int moekit_cols_f32(const float *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+    return moekit_cols_batch_f32(&W, x, y, 1, I, O, threads);
+}
+
+int moekit_cols_bf16(const uint16_t *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
+    return moekit_cols_batch_bf16(&W, x, y, 1, I, O, threads);
 }
 
 /* y[O] = scale[O] · (Q[O, I] x[I]): int8 weights, one float32 scale per output row (symmetric

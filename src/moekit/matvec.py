@@ -131,6 +131,10 @@ def _load() -> ctypes.CDLL | None:
                     function = getattr(library, name)
                     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                     function.restype = ctypes.c_int
+                for name in ("moekit_cols_batch_f32", "moekit_cols_batch_bf16"):
+                    function = getattr(library, name)
+                    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+                    function.restype = ctypes.c_int
                 library.moekit_rows_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 library.moekit_rows_i8.restype = ctypes.c_int
                 _library = library
@@ -162,18 +166,11 @@ def set_enabled(enabled: bool) -> bool:
 
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x`` (one row) times ``weight`` runs here: CPU, inference (no autograd graph to
-    build), a contiguous float32 or bfloat16 2-D weight, and x float32 or the weight's dtype."""
-    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu":
+    build), a contiguous float32 or bfloat16 2-D weight of at least ``MIN_WEIGHT_ELEMENTS``,
+    and x float32 or the weight's dtype."""
+    if x.numel() == 0 or x.numel() != x.shape[-1]:
         return False
-    if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
-        return False
-    if weight.numel() < MIN_WEIGHT_ELEMENTS:
-        return False
-    if x.dtype not in (torch.float32, weight.dtype) or x.numel() == 0 or x.numel() != x.shape[-1]:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return _load() is not None
+    return _matrix_applies(x, weight)
 
 
 def _run(name: str, x: Tensor, weight: Tensor, rows: int, inner: int, out_features: int) -> Tensor:
@@ -244,6 +241,55 @@ def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
     if code != 0:
         raise MemoryError("moekit.matvec.rows_int8: could not allocate its scratch buffer")
     return y_O.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def applies_experts(x: Tensor, *weights_EIO: Tensor) -> bool:
+    """Whether ``cols_experts`` runs a token ``x`` (one row) through these contiguous [E, I, O]
+    expert weights (the first one's I is x's features): ``applies``' conditions per matrix."""
+    if x.numel() != x.shape[-1] or not weights_EIO or weights_EIO[0].dim() != 3:
+        return False
+    if weights_EIO[0].shape[1] != x.shape[-1]:
+        return False
+    if not all(weight.dim() == 3 and weight.is_contiguous() for weight in weights_EIO):
+        return False
+    return all(_matrix_applies(x, weight[0]) for weight in weights_EIO)
+
+
+def _matrix_applies(x: Tensor, weight: Tensor) -> bool:
+    """``applies`` without the shape match between x and the weight."""
+    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
+        return False
+    if weight.numel() < MIN_WEIGHT_ELEMENTS or x.dtype not in (torch.float32, weight.dtype):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _load() is not None
+
+
+def cols_experts(x_kI: Tensor, weight_EIO: Tensor, experts: list[int]) -> Tensor:
+    """Row j of the result is ``x_kI[j] @ weight_EIO[experts[j]]``: a token's k experts in one
+    kernel call (one thread wake-up), each product summed exactly as ``cols`` sums it. Check
+    ``applies_experts`` first."""
+    num_experts, in_features, out_features = weight_EIO.shape
+    if len(experts) != x_kI.shape[0] or not all(0 <= e < num_experts for e in experts):
+        raise ValueError(f"matvec.cols_experts: {x_kI.shape[0]} rows for experts {experts} of {num_experts}")
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"moekit.matvec.cols_experts: the kernels are {status()}")
+    suffix = "f32" if weight_EIO.dtype == torch.float32 else "bf16"
+    matrix_bytes = in_features * out_features * weight_EIO.element_size()
+    pointers = (ctypes.c_void_p * len(experts))(*(weight_EIO.data_ptr() + e * matrix_bytes for e in experts))
+    x_kI32 = x_kI.float().contiguous()
+    y_kO = torch.empty(len(experts), out_features, dtype=torch.float32)
+    code = getattr(library, f"moekit_cols_batch_{suffix}")(
+        ctypes.cast(pointers, ctypes.c_void_p), x_kI32.data_ptr(), y_kO.data_ptr(), len(experts), in_features,
+        out_features, torch.get_num_threads(),
+    )
+    if code != 0:
+        raise MemoryError("moekit.matvec.cols_experts: could not allocate its scratch buffer")
+    return y_kO if x_kI.dtype == torch.float32 else y_kO.to(x_kI.dtype)
 
 
 def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:
