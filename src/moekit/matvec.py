@@ -245,14 +245,22 @@ def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
 
 def applies_experts(x: Tensor, *weights_EIO: Tensor) -> bool:
     """Whether ``cols_experts`` runs a token ``x`` (one row) through these contiguous [E, I, O]
-    expert weights (the first one's I is x's features): ``applies``' conditions per matrix."""
-    if x.numel() != x.shape[-1] or not weights_EIO or weights_EIO[0].dim() != 3:
+    expert weights (the first one's I is x's features): ``applies``' conditions per matrix.
+
+    NOTE: checked on every decode step of every layer, so without building per-expert views."""
+    if not _enabled or x.device.type != "cpu" or x.numel() != x.shape[-1]:
         return False
-    if weights_EIO[0].shape[1] != x.shape[-1]:
+    if not weights_EIO or weights_EIO[0].dim() != 3 or weights_EIO[0].shape[1] != x.shape[-1]:
         return False
-    if not all(weight.dim() == 3 and weight.is_contiguous() for weight in weights_EIO):
-        return False
-    return all(_matrix_applies(x, weight[0]) for weight in weights_EIO)
+    grad = torch.is_grad_enabled() and x.requires_grad
+    for weight in weights_EIO:
+        if weight.dim() != 3 or weight.dtype not in WEIGHT_DTYPES or x.dtype not in (torch.float32, weight.dtype):
+            return False
+        if weight.shape[1] * weight.shape[2] < MIN_WEIGHT_ELEMENTS or weight.device.type != "cpu":
+            return False
+        if not weight.is_contiguous() or grad or (torch.is_grad_enabled() and weight.requires_grad):
+            return False
+    return _library is not None or _load() is not None
 
 
 def _matrix_applies(x: Tensor, weight: Tensor) -> bool:

@@ -74,11 +74,17 @@ def topk_assignments(topk_ids_TK: Tensor, weights_TK: Tensor, scores_TE: Tensor)
     """Flatten a [T, K] top-k selection into token-major assignments."""
     num_tokens, top_k = topk_ids_TK.shape
     device = topk_ids_TK.device
+    if num_tokens == 1:  # decoding: the same indices in two ops instead of four
+        token_idx_N = torch.zeros(top_k, dtype=torch.long, device=device)
+        rank_N = torch.arange(top_k, device=device)
+    else:
+        token_idx_N = torch.arange(num_tokens, device=device).repeat_interleave(top_k)
+        rank_N = torch.arange(top_k, device=device).repeat(num_tokens)
     return Assignments(
-        token_idx_N=torch.arange(num_tokens, device=device).repeat_interleave(top_k),
+        token_idx_N=token_idx_N,
         expert_idx_N=topk_ids_TK.reshape(-1),
         weight_N=weights_TK.reshape(-1),
-        rank_N=torch.arange(top_k, device=device).repeat(num_tokens),
+        rank_N=rank_N,
         score_N=scores_TE.detach().gather(1, topk_ids_TK).reshape(-1),
     )
 
