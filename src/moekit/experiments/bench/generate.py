@@ -433,7 +433,8 @@ class ImplResult:
     prefill_vs_transformers: float  # median of the per-round ratios to transformers' tokens/s
     decode_vs_transformers: float
     weight_read_gb_per_s: float  # bytes_per_token · decode tokens/s / 1e9
-    share_of_bandwidth: float | None  # weight_read_gb_per_s / the measured memory bandwidth
+    # median over rounds of the round's weight read rate / the probe taken as that round began
+    share_of_bandwidth: float | None
     identical_tokens: bool  # same greedy tokens as transformers in every round
     first_mismatch: int | None  # index of the first differing new token (None when identical)
     round_prefill_tokens_per_s: list[float]
@@ -485,6 +486,7 @@ class FamilyResult:
             "experts_implementation": self.experts_implementation,
             "identical_tokens": self.identical_tokens,
             "skipped": self.skipped,
+            "round_bandwidth_gb_per_s": [round(b, 3) for b in self.bandwidth_gbps],
             "results": [r.to_dict() for r in self.results],
         }
 
@@ -613,8 +615,8 @@ class GenerateBenchReport:
             f"all but the first); median of {self.rounds} alternating rounds"
             + (" (--quick: tiny models)" if self.quick else ""),
             f"memory bandwidth: {self.bandwidth:.2f} GB/s (sum of a {self.bandwidth_buffer_bytes / 1e9:.2f} GB buffer, "
-            f"median of {len(self.bandwidth_gbps)} runs); weights GB/s = MB/token x decode tok/s, "
-            "of bw = its share of that",
+            f"median of {len(self.bandwidth_gbps)} runs); weights GB/s = MB/token x decode tok/s; of bw = median "
+            "over rounds of a round's weight read rate over the probe taken as that round began",
             "x tf: median of per-round ratios to transformers as loaded; tokens: greedy tokens vs transformers'",
             f"moekit's batch-1 kernels (moekit.matvec): {self.matvec}; transparent huge pages: {self.huge_pages} "
             "(patch_moe and moekit_lm place their weights in them; transformers as loaded does not)",
@@ -722,7 +724,10 @@ def run_family(
             prefill_vs_transformers=_median_ratio(prefill, reference_prefill),
             decode_vs_transformers=_median_ratio(decode, reference_decode),
             weight_read_gb_per_s=read,
-            share_of_bandwidth=None,  # filled in once the whole run's bandwidth is known
+            share_of_bandwidth=statistics.median(
+                bytes_per_token["total"] * tokens_per_s / 1e9 / probe
+                for tokens_per_s, probe in zip(decode, probes, strict=True)
+            ) if all(p > 0 for p in probes) else None,
             identical_tokens=mismatch[impl] is None,
             first_mismatch=mismatch[impl],
             round_prefill_tokens_per_s=prefill,
@@ -809,7 +814,4 @@ def bench_generate(
     report = GenerateBenchReport(
         results, dtype, prompt_tokens, new_tokens, rounds, quick, seed, probes, buffer_bytes, cpu_busy_before=busy
     )
-    for result in results:
-        for r in result.results:
-            r.share_of_bandwidth = r.weight_read_gb_per_s / report.bandwidth if report.bandwidth > 0 else None
     return report
