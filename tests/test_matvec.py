@@ -99,6 +99,7 @@ def test_applies_only_to_one_row_inference_on_supported_weights():
         assert not matvec.applies(one_row, weight.t())  # not contiguous
         assert not matvec.applies(one_row, weight.double())
         assert not matvec.applies(one_row.bfloat16(), weight)  # mixed: bf16 x, float32 weight
+        assert not matvec.applies(one_row, weight.bfloat16())  # mixed: float32 x, bf16 weight (F.linear refuses)
     trainable = nn.Parameter(weight)
     assert not matvec.applies(one_row, trainable)  # autograd on: torch's matmul
     previous = matvec.set_enabled(False)

@@ -167,7 +167,7 @@ def set_enabled(enabled: bool) -> bool:
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x`` (one row) times ``weight`` runs here: CPU, inference (no autograd graph to
     build), a contiguous float32 or bfloat16 2-D weight of at least ``MIN_WEIGHT_ELEMENTS``,
-    and x float32 or the weight's dtype."""
+    and x of the weight's dtype (as F.linear requires)."""
     if x.numel() == 0 or x.numel() != x.shape[-1]:
         return False
     return _matrix_applies(x, weight)
@@ -254,7 +254,7 @@ def applies_experts(x: Tensor, *weights_EIO: Tensor) -> bool:
         return False
     grad = torch.is_grad_enabled() and x.requires_grad
     for weight in weights_EIO:
-        if weight.dim() != 3 or weight.dtype not in WEIGHT_DTYPES or x.dtype not in (torch.float32, weight.dtype):
+        if weight.dim() != 3 or weight.dtype not in WEIGHT_DTYPES or x.dtype != weight.dtype:
             return False
         if weight.shape[1] * weight.shape[2] < MIN_WEIGHT_ELEMENTS or weight.device.type != "cpu":
             return False
@@ -269,7 +269,7 @@ def _matrix_applies(x: Tensor, weight: Tensor) -> bool:
         return False
     if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
         return False
-    if weight.numel() < MIN_WEIGHT_ELEMENTS or x.dtype not in (torch.float32, weight.dtype):
+    if weight.numel() < MIN_WEIGHT_ELEMENTS or x.dtype != weight.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
