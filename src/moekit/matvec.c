@@ -104,120 +104,116 @@ static float *partial_buffer(size_t floats) {
     return partials;
 }
 
+/* One row block [start, end) of x[I] W[I, O] into the partial sums acc[O]. */
+static void block_f32(const void *weights, const float *x, float *acc, int64_t start, int64_t end, int64_t O) {
+    const float *W = weights;
+    const int64_t O8 = O & ~(int64_t)7;
+    memset(acc, 0, sizeof(float) * (size_t)O);
+    int64_t i = start;
+    /* Eight rows per pass over the partial sums: fewer loads and stores of them per weight read. */
+    for (; i + 8 <= end; i += 8) {
+        const float *w = W + i * O;
+        const float *x8 = x + i;
+        for (int64_t c = 0; c < O8; c += 8) {
+            v8f s = load_f(acc + c);
+            s += ((load_f(w + c) * x8[0] + load_f(w + O + c) * x8[1])
+                  + (load_f(w + 2 * O + c) * x8[2] + load_f(w + 3 * O + c) * x8[3]))
+                 + ((load_f(w + 4 * O + c) * x8[4] + load_f(w + 5 * O + c) * x8[5])
+                    + (load_f(w + 6 * O + c) * x8[6] + load_f(w + 7 * O + c) * x8[7]));
+            store_f(acc + c, s);
+        }
+        for (int64_t c = O8; c < O; c++) {
+            float s = 0;
+            for (int r = 0; r < 8; r++) s += w[r * O + c] * x8[r];
+            acc[c] += s;
+        }
+    }
+    for (; i < end; i++)
+        for (int64_t c = 0; c < O; c++) acc[c] += W[i * O + c] * x[i];
+}
+
+/* The same for bfloat16 weights; within each 16-column group acc is kept as [8 even columns,
+ * 8 odd] (put back in column order by the caller). */
+static void block_bf16(const void *weights, const float *x, float *acc, int64_t start, int64_t end, int64_t O) {
+    const uint16_t *W = weights;
+    const int64_t O16 = O & ~(int64_t)15;
+    memset(acc, 0, sizeof(float) * (size_t)O);
+    int64_t i = start;
+    for (; i + 8 <= end; i += 8) {
+        const uint16_t *w = W + i * O;
+        const float *x8 = x + i;
+        for (int64_t c = 0; c < O16; c += 16) {
+            v8u u[8];
+            for (int r = 0; r < 8; r++) u[r] = load_u(w + r * O + c);
+            v8f even = ((even_bf16(u[0]) * x8[0] + even_bf16(u[1]) * x8[1])
+                        + (even_bf16(u[2]) * x8[2] + even_bf16(u[3]) * x8[3]))
+                       + ((even_bf16(u[4]) * x8[4] + even_bf16(u[5]) * x8[5])
+                          + (even_bf16(u[6]) * x8[6] + even_bf16(u[7]) * x8[7]));
+            v8f odd = ((odd_bf16(u[0]) * x8[0] + odd_bf16(u[1]) * x8[1])
+                       + (odd_bf16(u[2]) * x8[2] + odd_bf16(u[3]) * x8[3]))
+                      + ((odd_bf16(u[4]) * x8[4] + odd_bf16(u[5]) * x8[5])
+                         + (odd_bf16(u[6]) * x8[6] + odd_bf16(u[7]) * x8[7]));
+            store_f(acc + c, load_f(acc + c) + even);
+            store_f(acc + c + 8, load_f(acc + c + 8) + odd);
+        }
+        for (int64_t c = O16; c < O; c++) {
+            float t = 0;
+            for (int r = 0; r < 8; r++) t += bf16_to_f(w[r * O + c]) * x8[r];
+            acc[c] += t;
+        }
+    }
+    for (; i < end; i++) {
+        const uint16_t *w = W + i * O;
+        for (int64_t c = 0; c < O16; c += 16) {
+            v8u u = load_u(w + c);
+            store_f(acc + c, load_f(acc + c) + even_bf16(u) * x[i]);
+            store_f(acc + c + 8, load_f(acc + c + 8) + odd_bf16(u) * x[i]);
+        }
+        for (int64_t c = O16; c < O; c++) acc[c] += bf16_to_f(w[c]) * x[i];
+    }
+}
+
+typedef void (*block_fn)(const void *, const float *, float *, int64_t, int64_t, int64_t);
+
 /* Y[k, O] = X[k, I] W_e[I, O] for k weight matrices at once (a token's k experts): one parallel
  * region over every (matrix, row block), so one thread wake-up for all of them. Each matrix's
  * sums are those of a call with k = 1. */
-int moekit_cols_batch_f32(const float *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
-                          int threads) {
+static int cols_batch(const void *const *Ws, block_fn block, int even_odd, const float *X, float *Y, int64_t k,
+                      int64_t I, int64_t O, int threads) {
     int64_t per;
     const int64_t blocks = row_blocks(I, &per);
     float *part = partial_buffer((size_t)(k * blocks * O));
     if (!part) return -1;
-    const int64_t O8 = O & ~(int64_t)7;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < k * blocks; task++) {
-        const int64_t e = task / blocks, blk = task % blocks;
-        const float *W = Ws[e];
-        const float *x = X + e * I;
-        float *acc = part + task * O;
-        const int64_t start = blk * per, end = start + per < I ? start + per : I;
-        memset(acc, 0, sizeof(float) * (size_t)O);
-        int64_t i = start;
-        /* Eight rows per pass over the partial sums: fewer loads and stores of them per weight read. */
-        for (; i + 8 <= end; i += 8) {
-            const float *w = W + i * O;
-            const float *x8 = x + i;
-            for (int64_t c = 0; c < O8; c += 8) {
-                v8f s = load_f(acc + c);
-                s += ((load_f(w + c) * x8[0] + load_f(w + O + c) * x8[1])
-                      + (load_f(w + 2 * O + c) * x8[2] + load_f(w + 3 * O + c) * x8[3]))
-                     + ((load_f(w + 4 * O + c) * x8[4] + load_f(w + 5 * O + c) * x8[5])
-                        + (load_f(w + 6 * O + c) * x8[6] + load_f(w + 7 * O + c) * x8[7]));
-                store_f(acc + c, s);
-            }
-            for (int64_t c = O8; c < O; c++) {
-                float s = 0;
-                for (int r = 0; r < 8; r++) s += w[r * O + c] * x8[r];
-                acc[c] += s;
-            }
-        }
-        for (; i < end; i++)
-            for (int64_t c = 0; c < O; c++) acc[c] += W[i * O + c] * x[i];
+        const int64_t e = task / blocks, start = (task % blocks) * per;
+        block(Ws[e], X + e * I, part + task * O, start, start + per < I ? start + per : I, O);
     }
-    for (int64_t e = 0; e < k; e++)
-        for (int64_t c = 0; c < O; c++) {
-            const float *p = part + e * blocks * O;
-            float s = p[c];
-            for (int64_t blk = 1; blk < blocks; blk++) s += p[blk * O + c];
-            Y[e * O + c] = s;
-        }
-    return 0;
-}
-
-int moekit_cols_batch_bf16(const uint16_t *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
-                           int threads) {
-    int64_t per;
-    const int64_t blocks = row_blocks(I, &per);
-    float *part = partial_buffer((size_t)(k * blocks * O));
-    if (!part) return -1;
     const int64_t O16 = O & ~(int64_t)15;
-    /* Within each 16-column group the partial sums are kept as [8 even columns, 8 odd]. */
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t task = 0; task < k * blocks; task++) {
-        const int64_t e = task / blocks, blk = task % blocks;
-        const uint16_t *W = Ws[e];
-        const float *x = X + e * I;
-        float *acc = part + task * O;
-        const int64_t start = blk * per, end = start + per < I ? start + per : I;
-        memset(acc, 0, sizeof(float) * (size_t)O);
-        int64_t i = start;
-        for (; i + 8 <= end; i += 8) {
-            const uint16_t *w = W + i * O;
-            const float *x8 = x + i;
-            for (int64_t c = 0; c < O16; c += 16) {
-                v8u u[8];
-                for (int r = 0; r < 8; r++) u[r] = load_u(w + r * O + c);
-                v8f even = ((even_bf16(u[0]) * x8[0] + even_bf16(u[1]) * x8[1])
-                            + (even_bf16(u[2]) * x8[2] + even_bf16(u[3]) * x8[3]))
-                           + ((even_bf16(u[4]) * x8[4] + even_bf16(u[5]) * x8[5])
-                              + (even_bf16(u[6]) * x8[6] + even_bf16(u[7]) * x8[7]));
-                v8f odd = ((odd_bf16(u[0]) * x8[0] + odd_bf16(u[1]) * x8[1])
-                           + (odd_bf16(u[2]) * x8[2] + odd_bf16(u[3]) * x8[3]))
-                          + ((odd_bf16(u[4]) * x8[4] + odd_bf16(u[5]) * x8[5])
-                             + (odd_bf16(u[6]) * x8[6] + odd_bf16(u[7]) * x8[7]));
-                store_f(acc + c, load_f(acc + c) + even);
-                store_f(acc + c + 8, load_f(acc + c + 8) + odd);
-            }
-            for (int64_t c = O16; c < O; c++) {
-                float t = 0;
-                for (int r = 0; r < 8; r++) t += bf16_to_f(w[r * O + c]) * x8[r];
-                acc[c] += t;
-            }
-        }
-        for (; i < end; i++) {
-            const uint16_t *w = W + i * O;
-            for (int64_t c = 0; c < O16; c += 16) {
-                v8u u = load_u(w + c);
-                store_f(acc + c, load_f(acc + c) + even_bf16(u) * x[i]);
-                store_f(acc + c + 8, load_f(acc + c + 8) + odd_bf16(u) * x[i]);
-            }
-            for (int64_t c = O16; c < O; c++) acc[c] += bf16_to_f(w[c]) * x[i];
-        }
-    }
     for (int64_t e = 0; e < k; e++)
         for (int64_t c = 0; c < O; c++) {
             const float *p = part + e * blocks * O;
             float s = p[c];
             for (int64_t blk = 1; blk < blocks; blk++) s += p[blk * O + c];
-            /* back to column order: group position j < 8 is column 2j, j >= 8 is column 2(j-8)+1 */
+            /* even/odd groups back to column order: position j < 8 is column 2j, j >= 8 is 2(j-8)+1 */
             int64_t column = c;
-            if (c < O16) {
+            if (even_odd && c < O16) {
                 const int64_t group = c & ~(int64_t)15, j = c - group;
                 column = group + (j < 8 ? 2 * j : 2 * (j - 8) + 1);
             }
             Y[e * O + column] = s;
         }
     return 0;
+}
+
+int moekit_cols_batch_f32(const float *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                          int threads) {
+    return cols_batch((const void *const *)Ws, block_f32, 0, X, Y, k, I, O, threads);
+}
+
+int moekit_cols_batch_bf16(const uint16_t *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                           int threads) {
+    return cols_batch((const void *const *)Ws, block_bf16, 1, X, Y, k, I, O, threads);
 }
 
 int moekit_cols_f32(const float *W, const float *x, float *y, int64_t I, int64_t O, int threads) {
