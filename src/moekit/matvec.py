@@ -14,7 +14,9 @@ to ``torch`` and ``status()`` says why; nothing else changes.
 Two layouts, both row-major and contiguous:
 
 - ``rows(x, weight_OI)`` = ``x @ weight_OI.T``: nn.Linear's layout [out, in];
-- ``cols(x, weight_IO)`` = ``x @ weight_IO``: moekit's expert layout [in, out].
+- ``cols(x, weight_IO)`` = ``x @ weight_IO``: moekit's expert layout [in, out];
+  ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call;
+- ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row.
 
 Weights float32 or bfloat16, arithmetic in float32. A bfloat16 ``x`` is widened to float32 and
 the result rounded back to bfloat16 once, as PyTorch's bfloat16 GEMM accumulates in float32.
@@ -51,7 +53,7 @@ FLAG_SETS = (
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # Below this many weight elements torch's GEMM, in cache and with less per-call overhead, is
 # faster (measured: 10 µs per call here against 3.5 µs for a 128 × 128 F.linear, and 15 against
-# 27 µs at 256 × 256, on the 2-core development machine).
+# 27 µs at 256 × 256, on a 2-core AMD EPYC).
 MIN_WEIGHT_ELEMENTS = 32768
 
 _lock = threading.Lock()
