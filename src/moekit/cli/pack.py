@@ -114,6 +114,7 @@ def sample_store(args: argparse.Namespace) -> int:
     """``moekit sample`` of an expert store (its flags validated by ``cmd_sample``)."""
     import torch
 
+    from moekit import matvec
     from moekit.inference.offload import BudgetError, load
     from moekit.inference.residency import resident_bytes
     from moekit.training.data import tokenizer_from_dict
@@ -168,6 +169,7 @@ def sample_store(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": idx.numel() / max(prefill_s, 1e-9),
             "decode_tokens_per_s": args.tokens * args.samples / decode_s,
             "dtype": args.dtype,
+            "matvec": matvec.status(),  # the one-row kernels' state (moekit.matvec)
             "memory": model.memory_plan.to_dict(),
             # "generate" counts model.generate's whole run, its own forward of the prompt included.
             "expert_cache": {"prefill": prefill_stats.to_dict(), "generate": generate_stats.to_dict()},

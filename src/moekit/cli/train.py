@@ -453,7 +453,10 @@ def _sample_hf_folder(args: argparse.Namespace) -> int:
     print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} "
           f"tokens/s; {len(patched)} MoE blocks run as moekit layers", file=sys.stderr)
     if args.json:
-        print_json({**result.to_dict(), "patched_blocks": len(patched), "dtype": args.dtype})
+        from moekit import matvec
+
+        print_json({**result.to_dict(), "patched_blocks": len(patched), "dtype": args.dtype,
+                    "matvec": matvec.status()})
     return 0
 
 
@@ -514,6 +517,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1}")
         print(text)
     if args.json:
+        from moekit import matvec
+
         print_json({"samples": texts, "prefill_tokens_per_s": idx.numel() / max(prefill_s, 1e-9),
-                    "decode_tokens_per_s": args.tokens * args.samples / decode_s, "dtype": args.dtype})
+                    "decode_tokens_per_s": args.tokens * args.samples / decode_s, "dtype": args.dtype,
+                    "matvec": matvec.status()})
     return 0
