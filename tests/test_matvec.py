@@ -168,6 +168,8 @@ def test_huge_page_copy_is_equal_aligned_and_its_own_storage():
     copied = huge_page_copy(tensor)
     assert torch.equal(copied, tensor) and copied.dtype == tensor.dtype and copied.shape == tensor.shape
     assert copied.data_ptr() % HUGE_PAGE_BYTES == 0
+    # its storage is exactly its bytes: torch.save writes no padding
+    assert copied.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     copied.add_(1)  # a copy, not a view of the original
     assert not torch.equal(copied, tensor)
 

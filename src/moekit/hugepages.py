@@ -40,12 +40,15 @@ def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> 
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     # Private: an anonymous shared mapping is shmem, which has its own THP setting (often never).
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = torch.frombuffer(mapping, dtype=torch.uint8)  # holds a reference to the mapping
-    offset = -base.data_ptr() % HUGE_PAGE_BYTES
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    offset = -torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() % HUGE_PAGE_BYTES
     whole_pages = nbytes - nbytes % HUGE_PAGE_BYTES
     if whole_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE, offset, whole_pages)
-    return base[offset : offset + nbytes].view(dtype).view(shape)
+    # The storage covers exactly the tensor's bytes (torch.save writes a whole storage); it holds
+    # a reference to the mapping.
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
 
 
 def huge_page_copy(tensor: Tensor) -> Tensor:
