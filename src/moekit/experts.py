@@ -185,8 +185,7 @@ class GroupedExperts(nn.Module):
         # outermost dimension), so each product reads the stored weights with no copy, through
         # moekit.matvec's streaming kernel in inference (torch's matmul otherwise).
         w_in_EDH, w_out_EFD = self.w_in, self.w_out
-        num_tokens = x_TD.shape[0]
-        if num_tokens == 1 and matvec.applies_experts(x_TD, w_in_EDH, w_out_EFD):
+        if x_TD.shape[0] == 1 and matvec.applies_experts(x_TD, w_in_EDH, w_out_EFD):
             # One token (decoding): its k experts' products in one kernel call per projection,
             # each summed as the per-assignment loop below would through moekit.matvec.
             experts = expert_idx_N.tolist()
@@ -197,7 +196,7 @@ class GroupedExperts(nn.Module):
             out_ND = matvec.cols_experts(act_kF, w_out_EFD, experts)
             if self.b_out is not None:
                 out_ND = out_ND + self.b_out[expert_idx_N]
-            return self._combine(out_ND, token_idx_N, weight_N, num_tokens, x_TD)
+            return self._combine(out_ND, token_idx_N, weight_N, x_TD)
         for token, expert in zip(token_idx_N.tolist(), expert_idx_N.tolist(), strict=True):
             h_1H = matvec.vecmat(x_TD[token : token + 1], w_in_EDH[expert])
             if self.b_in is not None:
@@ -207,11 +206,12 @@ class GroupedExperts(nn.Module):
             if self.b_out is not None:
                 out_1D = out_1D + self.b_out[expert]
             rows.append(out_1D)
-        return self._combine(torch.cat(rows, dim=0), token_idx_N, weight_N, num_tokens, x_TD)
+        return self._combine(torch.cat(rows, dim=0), token_idx_N, weight_N, x_TD)
 
-    def _combine(self, out_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int, x_TD: Tensor) -> Tensor:
+    def _combine(self, out_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, x_TD: Tensor) -> Tensor:
         # Combine in float32 with the same reduction as the path this replaces (the fused
         # path's embedding_bag, the dispatcher's index_add), so the sums round alike.
+        num_tokens = x_TD.shape[0]
         if self.fusable:
             rows_N = torch.arange(token_idx_N.numel(), device=x_TD.device)
             if num_tokens == 1:  # one bag holding every row: no counting needed

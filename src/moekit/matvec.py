@@ -166,23 +166,46 @@ def set_enabled(enabled: bool) -> bool:
     return previous
 
 
+def _eligible(x: Tensor, weight: Tensor, matrix_elements: int, x_dtypes: tuple[torch.dtype, ...]) -> bool:
+    """The conditions every kernel shares: enabled and built, CPU tensors, a contiguous weight
+    whose matrices hold at least ``MIN_WEIGHT_ELEMENTS``, x of an accepted dtype, and no
+    autograd graph to build (inference)."""
+    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu" or not weight.is_contiguous():
+        return False
+    if matrix_elements < MIN_WEIGHT_ELEMENTS or x.dtype not in x_dtypes:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return _library is not None or _load() is not None
+
+
+def _one_row(x: Tensor) -> bool:
+    return x.numel() != 0 and x.numel() == x.shape[-1]
+
+
+def _kernel(name: str) -> Any:
+    """The C function ``name``; an error saying why when the kernels are off."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"moekit.matvec: {name} cannot run: the kernels are {status()}")
+    return getattr(library, name)
+
+
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether ``x`` (one row) times ``weight`` runs here: CPU, inference (no autograd graph to
     build), a contiguous float32 or bfloat16 2-D weight of at least ``MIN_WEIGHT_ELEMENTS``,
     and x of the weight's dtype (as F.linear requires)."""
-    if x.numel() == 0 or x.numel() != x.shape[-1]:
-        return False
-    return _matrix_applies(x, weight)
+    return (
+        _one_row(x) and weight.dim() == 2 and weight.dtype in WEIGHT_DTYPES
+        and _eligible(x, weight, weight.numel(), (weight.dtype,))
+    )
 
 
 def _run(name: str, x: Tensor, weight: Tensor, rows: int, inner: int, out_features: int) -> Tensor:
     function = _functions.get((name, weight.dtype))
     if function is None:
-        library = _load()
-        if library is None:
-            raise RuntimeError(f"moekit.matvec.{name.removeprefix('moekit_')}: the kernels are {status()}")
         suffix = "f32" if weight.dtype == torch.float32 else "bf16"
-        function = _functions[(name, weight.dtype)] = getattr(library, f"{name}_{suffix}")
+        function = _functions[(name, weight.dtype)] = _kernel(f"{name}_{suffix}")
     x_I = x.reshape(-1)
     if x_I.dtype != torch.float32:
         x_I = x_I.float()
@@ -214,29 +237,22 @@ def cols(x: Tensor, weight_IO: Tensor) -> Tensor:
 def applies_int8(x: Tensor, qweight_OI: Tensor) -> bool:
     """Whether ``rows_int8`` runs ``x`` (one row, float32 / bfloat16 / float16) times an int8
     [out, in] weight: the same conditions as ``applies``."""
-    if not _enabled or qweight_OI.device.type != "cpu" or x.device.type != "cpu":
-        return False
-    if qweight_OI.dim() != 2 or qweight_OI.dtype != torch.int8 or not qweight_OI.is_contiguous():
-        return False
-    if qweight_OI.numel() < MIN_WEIGHT_ELEMENTS or x.numel() != x.shape[-1] or x.numel() != qweight_OI.shape[1]:
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return not (torch.is_grad_enabled() and x.requires_grad) and _load() is not None
+    return (
+        _one_row(x) and qweight_OI.dim() == 2 and qweight_OI.dtype == torch.int8
+        and x.shape[-1] == qweight_OI.shape[1]
+        and _eligible(x, qweight_OI, qweight_OI.numel(), (torch.float32, torch.bfloat16, torch.float16))
+    )
 
 
 def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
     """``(x @ qweight_OI.T) · scales_O`` for one row x [..., I] and int8 weights with one scale
     per output (``torch._weight_int8pack_mm``'s contract); float32 sums, x's dtype out. Check
     ``applies_int8`` first."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"moekit.matvec.rows_int8: the kernels are {status()}")
     out_features, in_features = qweight_OI.shape
     x_I = x.reshape(-1).float().contiguous()
     scales_O = scales_O.float().contiguous()
     y_O = torch.empty(out_features, dtype=torch.float32)
-    code = library.moekit_rows_i8(
+    code = _kernel("moekit_rows_i8")(
         qweight_OI.data_ptr(), scales_O.data_ptr(), x_I.data_ptr(), y_O.data_ptr(), out_features, in_features,
         torch.get_num_threads(),
     )
@@ -250,32 +266,12 @@ def applies_experts(x: Tensor, *weights_EIO: Tensor) -> bool:
     expert weights (the first one's I is x's features): ``applies``' conditions per matrix.
 
     NOTE: checked on every decode step of every layer, so without building per-expert views."""
-    if not _enabled or x.device.type != "cpu" or x.numel() != x.shape[-1]:
+    if not _one_row(x) or not weights_EIO or weights_EIO[0].dim() != 3 or weights_EIO[0].shape[1] != x.shape[-1]:
         return False
-    if not weights_EIO or weights_EIO[0].dim() != 3 or weights_EIO[0].shape[1] != x.shape[-1]:
-        return False
-    grad = torch.is_grad_enabled() and x.requires_grad
-    for weight in weights_EIO:
-        if weight.dim() != 3 or weight.dtype not in WEIGHT_DTYPES or x.dtype != weight.dtype:
-            return False
-        if weight.shape[1] * weight.shape[2] < MIN_WEIGHT_ELEMENTS or weight.device.type != "cpu":
-            return False
-        if not weight.is_contiguous() or grad or (torch.is_grad_enabled() and weight.requires_grad):
-            return False
-    return _library is not None or _load() is not None
-
-
-def _matrix_applies(x: Tensor, weight: Tensor) -> bool:
-    """``applies`` without the shape match between x and the weight."""
-    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu":
-        return False
-    if weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES or not weight.is_contiguous():
-        return False
-    if weight.numel() < MIN_WEIGHT_ELEMENTS or x.dtype != weight.dtype:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return _load() is not None
+    return all(
+        w.dim() == 3 and w.dtype in WEIGHT_DTYPES and _eligible(x, w, w.shape[1] * w.shape[2], (w.dtype,))
+        for w in weights_EIO
+    )
 
 
 def cols_experts(x_kI: Tensor, weight_EIO: Tensor, experts: list[int]) -> Tensor:
@@ -285,15 +281,12 @@ def cols_experts(x_kI: Tensor, weight_EIO: Tensor, experts: list[int]) -> Tensor
     num_experts, in_features, out_features = weight_EIO.shape
     if len(experts) != x_kI.shape[0] or not all(0 <= e < num_experts for e in experts):
         raise ValueError(f"matvec.cols_experts: {x_kI.shape[0]} rows for experts {experts} of {num_experts}")
-    library = _load()
-    if library is None:
-        raise RuntimeError(f"moekit.matvec.cols_experts: the kernels are {status()}")
     suffix = "f32" if weight_EIO.dtype == torch.float32 else "bf16"
     matrix_bytes = in_features * out_features * weight_EIO.element_size()
     pointers = (ctypes.c_void_p * len(experts))(*(weight_EIO.data_ptr() + e * matrix_bytes for e in experts))
     x_kI32 = x_kI.float().contiguous()
     y_kO = torch.empty(len(experts), out_features, dtype=torch.float32)
-    code = getattr(library, f"moekit_cols_batch_{suffix}")(
+    code = _kernel(f"moekit_cols_batch_{suffix}")(
         ctypes.cast(pointers, ctypes.c_void_p), x_kI32.data_ptr(), y_kO.data_ptr(), len(experts), in_features,
         out_features, torch.get_num_threads(),
     )
