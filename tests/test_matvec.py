@@ -245,3 +245,27 @@ def test_cols_experts_equals_one_cols_call_per_expert_bit_for_bit(dtype):
         assert not matvec.applies_experts(torch.randn(2, 300).to(dtype), w_EIO)  # two tokens
     with pytest.raises(ValueError, match="experts"):
         matvec.cols_experts(x_kI, w_EIO, [0, 1, 6])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cols_matrices_equals_cols_experts_bit_for_bit(dtype):
+    """Separately stored matrices (an offloaded layer's cached experts) sum each product as
+    ``cols_experts`` sums the same matrices stacked: the offloaded model's decode equals the
+    in-memory model's bit for bit."""
+    w_EIO = torch.randn(5, 300, 264).to(dtype)
+    apart = [w_EIO[e].clone() for e in range(5)]  # own storage each
+    x_kI = torch.randn(2, 300).to(dtype)
+    experts = [3, 1]
+    with torch.no_grad():
+        got = matvec.cols_matrices(x_kI, [apart[e] for e in experts])
+        assert got.dtype == dtype and torch.equal(got, matvec.cols_experts(x_kI, w_EIO, experts))
+        x_1I = x_kI[:1]
+        assert matvec.applies_matrices(x_1I, apart[:2], [torch.randn(264, 300).to(dtype)] * 2)
+        assert not matvec.applies_matrices(x_1I, [torch.randn(264, 300).to(dtype)] * 2)  # I != x's 300
+        assert not matvec.applies_matrices(x_1I, [apart[0], apart[1][:, :8]])  # shapes differ
+        assert not matvec.applies_matrices(x_1I, [apart[0].t()])  # not contiguous
+        assert not matvec.applies_matrices(x_1I, [])
+        assert not matvec.applies_matrices(torch.randn(2, 300).to(dtype), apart[:2])  # two tokens
+    with pytest.raises(ValueError, match="2 rows for 3 matrices"):
+        matvec.cols_matrices(x_kI, apart[:3])

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from moekit import matvec
 from moekit.inference import load, minimum_budget, parse_size
 from moekit.inference.cache import CacheError, ExpertCache
 from moekit.inference.offload import BudgetError, OffloadedExperts, plain_lm_from_store, plan_memory
@@ -145,6 +146,30 @@ def test_offloaded_logits_equal_the_plain_lm_bitwise(tmp_path, dtype, batch):
         assert torch.equal(got, want), f"step {step}: the plain LM differs by up to {difference:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype, monkeypatch):
+    """Experts large enough for moekit.matvec (the tests above run torch's products): a decode
+    step takes the layer's one-token fast path, the token's cached experts in one kernel call
+    per projection (``cols_matrices``), and its logits equal the in-memory model's bit for bit
+    (``cols_experts`` on the stacked weights) at the minimum budget and with every expert cached."""
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec kernels: {matvec.status()}")
+    store, model = make_store(tmp_path, dtype, d_model=256, n_head=4, moe=dict(d_model=256, d_ff=128))
+    idx = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(5))
+    plain = prefill_then_decode(model, idx, prompt=8)
+    calls = []
+    real = matvec.cols_matrices
+    monkeypatch.setattr(matvec, "cols_matrices", lambda *args: calls.append(1) or real(*args))
+    for budget in (minimum_budget(store), None):
+        offloaded = load(store, memory_budget=budget)
+        outputs = prefill_then_decode(offloaded, idx, prompt=8)
+        for step, (got, want) in enumerate(zip(outputs, plain, strict=True)):
+            assert torch.equal(got, want), f"budget {budget}: step {step} differs"
+        assert offloaded.expert_cache.stats().misses > 0
+    decode_steps, moe_layers = 14 - 8, 3
+    assert len(calls) == 2 * 2 * decode_steps * moe_layers  # two budgets, two projections
+
+
 def test_bf16_view_of_a_float32_store_is_bit_identical_across_budgets(tmp_path):
     store, _ = make_store(tmp_path)
     idx = torch.randint(0, 64, (1, 12))
@@ -193,7 +218,7 @@ def test_offloaded_experts_refuse_training_mode(tmp_path):
 def counting_cache(slots: int, layers=(0,)) -> tuple[ExpertCache, list]:
     loads = []
 
-    def load_expert(layer, expert):
+    def load_expert(layer, expert, spare):
         loads.append((layer, expert))
         return f"w{layer}.{expert}", 100
 
@@ -469,16 +494,20 @@ def test_a_prefill_frees_each_evicted_expert_before_reading_the_next(tmp_path):
     worst = {"alive_at_a_read": 0}
     real_load = cache.load
 
-    def watched_load(layer: int, expert: int):
-        refs = [ref for ref in alive.get(layer, []) if ref() is not None]
+    def watched_load(layer: int, expert: int, spare):
+        # The evicted expert (spare) is alive at the read only as the buffer read into.
+        refs = [ref for ref in alive.get(layer, []) if ref() is not None and ref() is not spare]
         worst["alive_at_a_read"] = max(worst["alive_at_a_read"], len(refs))
-        value, nbytes = real_load(layer, expert)
+        value, nbytes = real_load(layer, expert, spare)
+        if spare is not None:
+            assert value.buffer is spare.buffer  # read into the evicted expert's memory
+            worst["reused"] = worst.get("reused", 0) + 1
         alive[layer] = [*refs, weakref.ref(value)]
         return value, nbytes
 
     cache.load = watched_load
     with torch.no_grad():
         model(torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(4)))
-    assert cache.stats().evictions > 0
+    assert cache.stats().evictions > 0 and worst["reused"] == cache.stats().evictions
     # Before each read one slot was freed: at most slots - 1 experts of the layer are alive then.
     assert worst["alive_at_a_read"] <= max(cache.slots.values()) - 1

@@ -137,6 +137,25 @@ def hidden_width(config: MoEConfig, d_ff: int) -> int:
     return 2 * d_ff if config.activation in GATED_ACTIVATIONS else d_ff
 
 
+def combine_assignments(
+    out_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int, fusable: bool
+) -> Tensor:
+    """y[t] = Σ weight · out over token t's assignments (rows in assignment order), float32
+    [T, D]: the decode fast path's combine, with the same reduction as the path it replaces
+    (``fusable``: the fused path's embedding_bag; else the dispatcher's index_add), so that the
+    sums round alike."""
+    if fusable:
+        rows_N = torch.arange(token_idx_N.numel(), device=out_ND.device)
+        if num_tokens == 1:  # one bag holding every row: no counting needed
+            bag_offsets_T = torch.zeros(1, dtype=torch.long, device=out_ND.device)
+        else:
+            per_token_T = torch.bincount(token_idx_N, minlength=num_tokens)
+            bag_offsets_T = torch.cumsum(per_token_T, 0) - per_token_T
+        return F.embedding_bag(rows_N, out_ND.float(), bag_offsets_T, mode="sum", per_sample_weights=weight_N.float())
+    weighted_ND = out_ND.float() * weight_N.float()[:, None]
+    return weighted_ND.new_zeros(num_tokens, out_ND.shape[1]).index_add(0, token_idx_N, weighted_ND)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs as 3-D weights: w_in [E, D, H], w_out [E, F, D]."""
 
@@ -209,21 +228,7 @@ class GroupedExperts(nn.Module):
         return self._combine(torch.cat(rows, dim=0), token_idx_N, weight_N, x_TD)
 
     def _combine(self, out_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, x_TD: Tensor) -> Tensor:
-        # Combine in float32 with the same reduction as the path this replaces (the fused
-        # path's embedding_bag, the dispatcher's index_add), so the sums round alike.
-        num_tokens = x_TD.shape[0]
-        if self.fusable:
-            rows_N = torch.arange(token_idx_N.numel(), device=x_TD.device)
-            if num_tokens == 1:  # one bag holding every row: no counting needed
-                bag_offsets_T = torch.zeros(1, dtype=torch.long, device=x_TD.device)
-            else:
-                per_token_T = torch.bincount(token_idx_N, minlength=num_tokens)
-                bag_offsets_T = torch.cumsum(per_token_T, 0) - per_token_T
-            return F.embedding_bag(
-                rows_N, out_ND.float(), bag_offsets_T, mode="sum", per_sample_weights=weight_N.float()
-            )
-        weighted_ND = out_ND.float() * weight_N.float()[:, None]
-        return weighted_ND.new_zeros(num_tokens, x_TD.shape[1]).index_add(0, token_idx_N, weighted_ND)
+        return combine_assignments(out_ND, token_idx_N, weight_N, x_TD.shape[0], self.fusable)
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""

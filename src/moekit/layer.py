@@ -161,7 +161,6 @@ class MoE(nn.Module):
         assignments = routing.assignments
         num_routed = len(assignments)
         if valid_idx is None and self._decode_fast_path(num_tokens, capacity_factor, routing):
-            assert isinstance(self.experts, GroupedExperts)
             y_TD = self.experts.forward_per_assignment(
                 x_TD, assignments.token_idx_N, assignments.expert_idx_N, assignments.weight_N
             ).to(x.dtype)
@@ -226,15 +225,23 @@ class MoE(nn.Module):
         return _ContiguousGrad.apply(y_TD.reshape(x.shape))
 
     def _decode_fast_path(self, num_tokens: int, capacity_factor: float | None, routing: RoutingResult) -> bool:
-        """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop."""
+        """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop.
+
+        Experts modules other than ``GroupedExperts`` take the path for one token when they set
+        ``one_token_fast_path`` (the offloaded experts of moekit.inference: the same kernels and
+        combine, so the same sums)."""
+        experts = self.experts
+        per_assignment = isinstance(experts, GroupedExperts) or (
+            num_tokens == 1 and getattr(experts, "one_token_fast_path", False)
+        )
         return (
-            not self.training
+            per_assignment
+            and not self.training
             and 0 < num_tokens <= self.decode_fast_path_tokens
             and capacity_factor is None
             and self.config.expert_capacity is None
             and routing.capacity is None
             and self.dispatcher.fusable
-            and isinstance(self.experts, GroupedExperts)
         )
 
     def _record(

@@ -15,7 +15,8 @@ Two layouts, both row-major and contiguous:
 
 - ``rows(x, weight_OI)`` = ``x @ weight_OI.T``: nn.Linear's layout [out, in];
 - ``cols(x, weight_IO)`` = ``x @ weight_IO``: moekit's expert layout [in, out];
-  ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call;
+  ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call,
+  ``cols_matrices`` k separately stored [in, out] matrices (an offloaded layer's experts);
 - ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row.
 
 Weights float32 or bfloat16, arithmetic in float32. A bfloat16 ``x`` is widened to float32 and
@@ -35,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,17 +283,56 @@ def cols_experts(x_kI: Tensor, weight_EIO: Tensor, experts: list[int]) -> Tensor
     num_experts, in_features, out_features = weight_EIO.shape
     if len(experts) != x_kI.shape[0] or not all(0 <= e < num_experts for e in experts):
         raise ValueError(f"matvec.cols_experts: {x_kI.shape[0]} rows for experts {experts} of {num_experts}")
-    suffix = "f32" if weight_EIO.dtype == torch.float32 else "bf16"
     matrix_bytes = in_features * out_features * weight_EIO.element_size()
-    pointers = (ctypes.c_void_p * len(experts))(*(weight_EIO.data_ptr() + e * matrix_bytes for e in experts))
+    addresses = [weight_EIO.data_ptr() + e * matrix_bytes for e in experts]
+    return _cols_batch(x_kI, addresses, weight_EIO.dtype, in_features, out_features, "cols_experts")
+
+
+def applies_matrices(x: Tensor, *matrices_kIO: Sequence[Tensor]) -> bool:
+    """Whether ``cols_matrices`` runs a token ``x`` (one row) through each list of [I, O]
+    matrices (one per row of the batch; the first list's I is x's features): contiguous
+    matrices of one shape and dtype per list, ``applies``' conditions on each.
+
+    NOTE: checked on every decode step of every offloaded layer: the first matrix of a list
+    stands for the list in ``_eligible``."""
+    if not _one_row(x) or not matrices_kIO or not matrices_kIO[0] or matrices_kIO[0][0].shape[0] != x.shape[-1]:
+        return False
+    for matrices in matrices_kIO:
+        if not matrices:
+            return False
+        first = matrices[0]
+        if first.dim() != 2 or first.dtype not in WEIGHT_DTYPES:
+            return False
+        if any(m.shape != first.shape or m.dtype != first.dtype or not m.is_contiguous() for m in matrices):
+            return False
+        if not _eligible(x, first, first.numel(), (first.dtype,)):
+            return False
+    return True
+
+
+def cols_matrices(x_kI: Tensor, matrices_kIO: Sequence[Tensor]) -> Tensor:
+    """Row j of the result is ``x_kI[j] @ matrices_kIO[j]``: k separately stored [I, O]
+    matrices (an offloaded layer's cached experts) in one kernel call, each product summed
+    exactly as ``cols`` (and ``cols_experts``) sums it. Check ``applies_matrices`` first."""
+    if len(matrices_kIO) != x_kI.shape[0]:
+        raise ValueError(f"matvec.cols_matrices: {x_kI.shape[0]} rows for {len(matrices_kIO)} matrices")
+    in_features, out_features = matrices_kIO[0].shape
+    addresses = [matrix.data_ptr() for matrix in matrices_kIO]
+    return _cols_batch(x_kI, addresses, matrices_kIO[0].dtype, in_features, out_features, "cols_matrices")
+
+
+def _cols_batch(x_kI: Tensor, addresses: list[int], dtype: torch.dtype, in_features: int, out_features: int,
+                caller: str) -> Tensor:
+    suffix = "f32" if dtype == torch.float32 else "bf16"
+    pointers = (ctypes.c_void_p * len(addresses))(*addresses)
     x_kI32 = x_kI.float().contiguous()
-    y_kO = torch.empty(len(experts), out_features, dtype=torch.float32)
+    y_kO = torch.empty(len(addresses), out_features, dtype=torch.float32)
     code = _kernel(f"moekit_cols_batch_{suffix}")(
-        ctypes.cast(pointers, ctypes.c_void_p), x_kI32.data_ptr(), y_kO.data_ptr(), len(experts), in_features,
+        ctypes.cast(pointers, ctypes.c_void_p), x_kI32.data_ptr(), y_kO.data_ptr(), len(addresses), in_features,
         out_features, torch.get_num_threads(),
     )
     if code != 0:
-        raise MemoryError("moekit.matvec.cols_experts: could not allocate its scratch buffer")
+        raise MemoryError(f"moekit.matvec.{caller}: could not allocate its scratch buffer")
     return y_kO if x_kI.dtype == torch.float32 else y_kO.to(x_kI.dtype)
 
 

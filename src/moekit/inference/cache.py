@@ -7,6 +7,12 @@ that layer to make room; the acquired experts stay pinned until ``release`` (an 
 by the current forward is never evicted). A ``protect`` set names experts to evict only when
 nothing else can go (the decode working set during a prefill, see ``offload.py``).
 
+A miss that evicts hands the evicted value to the loader (``load(layer, expert, spare)``):
+the cache holds it no more, so the loader may read the new expert into its memory. The
+offloaded experts do (one page-aligned buffer per slot, allocated once): a fresh buffer per
+read paid its page faults inside the read and an unmap per eviction, which halved the disk's
+read rate (docs/offload.md).
+
 The counters (hits, misses, evictions, bytes read) are what ``moekit sample --json`` reports.
 The cache is single-threaded: the forward that acquires is the forward that releases.
 
@@ -49,12 +55,14 @@ class CacheStats:
 class ExpertCache:
     """Cached values per (layer, expert), ``slots[layer]`` of them per layer at most.
 
-    ``load(layer, expert) -> (value, nbytes)`` reads an expert; ``nbytes`` is what it holds in
-    memory and what was read, at most ``slot_bytes[layer]`` (the size the budget was split by).
+    ``load(layer, expert, spare) -> (value, nbytes)`` reads an expert; ``nbytes`` is what it
+    holds in memory and what was read, at most ``slot_bytes[layer]`` (the size the budget was
+    split by); ``spare`` is the value evicted to make room for it (None when nothing was), no
+    longer held by the cache, whose memory the loader may reuse.
     """
 
     def __init__(
-        self, slots: dict[int, int], slot_bytes: dict[int, int], load: Callable[[int, int], tuple[Any, int]]
+        self, slots: dict[int, int], slot_bytes: dict[int, int], load: Callable[[int, int, Any], tuple[Any, int]]
     ) -> None:
         for layer, count in slots.items():
             if count < 1:
@@ -96,9 +104,11 @@ class ExpertCache:
                 self.hits += 1
                 entries.move_to_end(expert)
                 continue
+            spare = None
             while len(entries) >= self.slots[layer]:
-                self._evict_one(layer, protect)
-            value, nbytes = self.load(layer, expert)
+                spare = self._evict_one(layer, protect)
+            value, nbytes = self.load(layer, expert, spare)
+            del spare
             if nbytes > self.slot_bytes[layer]:
                 raise CacheError(f"layer {layer} expert {expert}: {nbytes} bytes, more than the slot's "
                                  f"{self.slot_bytes[layer]} the budget was split by")
@@ -122,14 +132,16 @@ class ExpertCache:
             else:
                 self.pins[layer, expert] = count - 1
 
-    def _evict_one(self, layer: int, protect: Collection[int]) -> None:
+    def _evict_one(self, layer: int, protect: Collection[int]) -> Any:
+        """Drop the LRU unpinned expert of ``layer`` (one outside ``protect`` if any); its value."""
         entries = self.entries[layer]
         unpinned = [expert for expert in entries if not self.is_pinned(layer, expert)]  # LRU first
         if not unpinned:
             raise CacheError(f"layer {layer}: all {len(entries)} cached experts are pinned; nothing can be evicted")
         victim = next((expert for expert in unpinned if expert not in protect), unpinned[0])
-        del entries[victim]
+        value, _ = entries.pop(victim)
         self.evictions += 1
+        return value
 
     def clear(self) -> None:
         """Drop every unpinned expert (the counters stay)."""

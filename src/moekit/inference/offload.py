@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,9 @@ from torch import Tensor, nn
 from moekit import matvec
 from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, LocalDispatcher
-from moekit.experts import GroupedExperts, activate
+from moekit.experts import GroupedExperts, activate, combine_assignments
 from moekit.fused import combine_dtype
+from moekit.hugepages import huge_page_empty
 from moekit.inference.cache import ExpertCache
 from moekit.inference.quant import SCHEMES, QuantizedExpert, QuantizedExperts
 from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
@@ -204,12 +206,15 @@ def _numel(shape: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One expert's weights as cached: w_in [D, H], w_out [F, D], optional biases b_in [H], b_out [D]."""
+    """One expert's weights as cached: w_in [D, H], w_out [F, D], optional biases b_in [H], b_out [D];
+    ``buffer``: the slot buffer they are views into (read into again once the expert is evicted),
+    None when they live in memory of their own (converted to another dtype)."""
 
     w_in_DH: Tensor
     w_out_FD: Tensor
     b_in_H: Tensor | None = None
     b_out_D: Tensor | None = None
+    buffer: Any = None
 
     def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig, one_token: bool = False) -> None:
         """out = FFN(x) for this expert's rows, written into ``out_nD``: the same ops as
@@ -233,7 +238,7 @@ class OffloadedExperts(nn.Module):
     has ``GroupedExperts``' contract: rows grouped by expert, ``counts[e]`` rows for expert e.
     """
 
-    def __init__(self, config: MoEConfig, layer: int, cache: ExpertCache) -> None:
+    def __init__(self, config: MoEConfig, layer: int, cache: ExpertCache, quantized: bool = False) -> None:
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
@@ -241,6 +246,10 @@ class OffloadedExperts(nn.Module):
         self.cache = cache
         self.protect: frozenset[int] = frozenset()  # the last token's experts, set by StoreDispatcher
         self.one_token = False  # whether the forward is one token's, set by StoreDispatcher
+        # The MoE layer's decode fast path (forward_per_assignment) for one token, as the
+        # in-memory GroupedExperts take it. Quantized experts stay on the generic path, as the
+        # in-memory QuantizedExperts do, so that their sums round alike.
+        self.one_token_fast_path = not quantized
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.cache.slots[self.layer]}"
@@ -282,6 +291,41 @@ class OffloadedExperts(nn.Module):
             remaining = remaining[len(wave) :]
             self._run_wave(wave, starts, counts, x_ND, out_ND)
         return out_ND
+
+    @torch.no_grad()
+    def forward_per_assignment(
+        self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor
+    ) -> Tensor:
+        """One token's output, float32 [1, D]: ``GroupedExperts.forward_per_assignment``'s ops
+        (one kernel call per projection for the token's k experts, the same combine) on the
+        cached experts' weights. The k experts are acquired at once (a layer has at least k
+        slots) and are the decode working set the next step protects."""
+        if self.training:
+            raise RuntimeError("OffloadedExperts runs inference only: call model.eval() first")
+        if x_TD.shape[0] != 1:
+            raise ValueError(f"OffloadedExperts.forward_per_assignment takes one token, got {x_TD.shape[0]}")
+        experts = expert_idx_N.tolist()
+        config = self.config
+        weights = self.cache.acquire(self.layer, experts)
+        try:
+            w_in = [w.w_in_DH for w in weights]
+            w_out = [w.w_out_FD for w in weights]
+            if matvec.applies_matrices(x_TD, w_in, w_out):
+                h_kH = matvec.cols_matrices(x_TD.expand(len(experts), -1), w_in)
+                if weights[0].b_in_H is not None:
+                    h_kH = h_kH + torch.stack([w.b_in_H for w in weights])
+                act_kF = activate(h_kH, config.activation, config.swiglu_alpha, config.swiglu_limit)
+                out_kD = matvec.cols_matrices(act_kF, w_out)
+                if weights[0].b_out_D is not None:
+                    out_kD = out_kD + torch.stack([w.b_out_D for w in weights])
+            else:
+                out_kD = x_TD.new_empty(len(experts), config.d_model)
+                for row, expert_weights in enumerate(weights):
+                    expert_weights.apply(x_TD, out_kD[row : row + 1], config, one_token=True)
+        finally:
+            self.cache.release(self.layer, experts)
+        self.protect = frozenset(experts)
+        return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=True)
 
     def _run_wave(
         self, wave: list[int], starts: list[int], counts: Sequence[int], x_ND: Tensor, out_ND: Tensor
@@ -337,27 +381,52 @@ class StoreDispatcher(LocalDispatcher):
 
 @dataclass(frozen=True)
 class QuantizedExpertWeights:
-    """One int8/int4 expert as cached: a ``QuantizedExpert`` whose tensors are views into its blob's buffer."""
+    """One int8/int4 expert as cached: a ``QuantizedExpert`` whose tensors are views into its
+    slot buffer (``buffer``)."""
 
     expert: QuantizedExpert
+    buffer: Any = None
 
     def apply(self, x_nD: Tensor, out_nD: Tensor, config: MoEConfig, one_token: bool = False) -> None:
         """out = FFN(x) for this expert's rows: the call ``QuantizedExperts`` (``quantize_experts``) makes."""
         out_nD.copy_(self.expert(x_nD))
 
 
-def _expert_loader(store: ExpertStore, dtype: torch.dtype | None):
-    def load_expert(layer: int, expert: int) -> tuple[ExpertWeights | QuantizedExpertWeights, int]:
+def slot_buffer(nbytes: int) -> memoryview:
+    """A page-aligned buffer for one cached expert, in transparent huge pages where the kernel
+    has them (the decode streams the expert's weights from it: docs/bench_generate.md)."""
+    return memoryview(huge_page_empty((nbytes,), torch.uint8).numpy())
+
+
+def _expert_loader(store: ExpertStore, dtype: torch.dtype | None, slot_bytes: dict[int, int]):
+    """The cache's ``load``: reads (layer, expert) into the evicted expert's buffer (``spare``)
+    or, while the layer's slots fill up, a new one of the layer's slot size (a fresh read
+    buffer for layers ``slot_bytes`` does not name)."""
+
+    def load_expert(layer: int, expert: int, spare: Any = None) -> tuple[ExpertWeights | QuantizedExpertWeights, int]:
+        def read_buffer() -> Any:
+            reused = getattr(spare, "buffer", None)
+            if reused is not None:
+                return reused
+            return slot_buffer(slot_bytes[layer]) if layer in slot_bytes else None
+
         if store.experts_dtype in SCHEMES:
             # NOTE: quantized experts are held as stored whatever ``dtype`` is: the kernels take
             # bf16 scales with activations of any float dtype.
-            quantized, nbytes = store.expert(layer, expert)
-            return QuantizedExpertWeights(quantized), nbytes
-        tensors, nbytes = store.expert_tensors(layer, expert)
-        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            buffer = read_buffer()
+            quantized, nbytes = store.expert(layer, expert, buffer)
+            return QuantizedExpertWeights(quantized, buffer), nbytes
+        blob = store.blob(layer, expert)
+        if dtype is not None and any(t.dtype.is_floating_point and t.dtype != dtype for t in blob.tensors):
+            # Held converted, in memory of their own: the read buffer goes after the conversion.
+            tensors, _ = store.expert_tensors(layer, expert)
             tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return ExpertWeights(tensors["w_in"], tensors["w_out"], tensors.get("b_in"), tensors.get("b_out")), nbytes
+            nbytes, buffer = sum(t.numel() * t.element_size() for t in tensors.values()), None
+        else:
+            buffer = read_buffer()
+            tensors, nbytes = store.expert_tensors(layer, expert, buffer)
+        weights = ExpertWeights(tensors["w_in"], tensors["w_out"], tensors.get("b_in"), tensors.get("b_out"), buffer)
+        return weights, nbytes
 
     return load_expert
 
@@ -406,7 +475,7 @@ def load(
     """
     opened = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=verify)
     plan = plan_memory(opened, memory_budget, dtype)
-    cache = ExpertCache(plan.slots, plan.slot_bytes, _expert_loader(opened, dtype))
+    cache = ExpertCache(plan.slots, plan.slot_bytes, _expert_loader(opened, dtype, plan.slot_bytes))
     model = _skeleton_with_resident(opened, dtype)
     for block in model.blocks:
         moe = block.ffn
@@ -414,9 +483,10 @@ def load(
             continue
         if not isinstance(moe.experts, GroupedExperts):
             raise StoreError(f"{opened.path}: layer {block.attn.layer_idx} has no grouped experts to offload")
-        experts = OffloadedExperts(moe.config, block.attn.layer_idx, cache)
+        quantized = opened.experts_dtype in SCHEMES
+        experts = OffloadedExperts(moe.config, block.attn.layer_idx, cache, quantized)
         moe.experts = experts
-        moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts, opened.experts_dtype in SCHEMES)
+        moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts, quantized)
     model.expert_cache = cache
     model.expert_store = opened
     model.memory_plan = plan
@@ -441,7 +511,7 @@ def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | No
     """
     opened = store if isinstance(store, ExpertStore) else ExpertStore(store)
     model = _skeleton_with_resident(opened, dtype)
-    load_expert = _expert_loader(opened, dtype)
+    load_expert = _expert_loader(opened, dtype, {})
     for spec in model_layout(opened.config).expert_layers:
         if opened.experts_dtype in SCHEMES:
             moe = model.get_submodule(spec.module.rpartition(".")[0])
