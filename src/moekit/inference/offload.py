@@ -52,7 +52,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch import DispatchPlan, LocalDispatcher
 from moekit.experts import GroupedExperts, activate, combine_assignments
 from moekit.fused import combine_dtype
-from moekit.hugepages import huge_page_empty
+from moekit.hugepages import huge_page_empty, place_in_huge_pages
 from moekit.inference.cache import ExpertCache
 from moekit.inference.quant import SCHEMES, QuantizedExpert, QuantizedExperts
 from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
@@ -487,6 +487,9 @@ def load(
         experts = OffloadedExperts(moe.config, block.attn.layer_idx, cache, quantized)
         moe.experts = experts
         moe.dispatcher = StoreDispatcher(moe.config.num_experts, experts, quantized)
+    # The resident weights in huge pages, as moekit sample places a run's (moekit.hugepages):
+    # the decode streams them every token. The cached experts' slot buffers are (slot_buffer).
+    place_in_huge_pages(model)
     model.expert_cache = cache
     model.expert_store = opened
     model.memory_plan = plan
@@ -528,4 +531,5 @@ def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | No
             stacked["b_out"] = torch.stack([w.b_out_D for w in per_expert])  # type: ignore[misc]
         for name, value in stacked.items():
             experts._parameters[name] = nn.Parameter(value, requires_grad=False)
+    place_in_huge_pages(model)  # as load() and moekit sample place theirs
     return model.eval()

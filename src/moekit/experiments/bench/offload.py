@@ -7,7 +7,8 @@ that decode streams experts from memory, and the store from disk. It is packed i
 temporary expert store three times: in its own dtype, int8 and int4 (``moekit pack
 --experts-dtype``). Rows, all in this process and with the same weights:
 
-- ``in memory``: the plain LM (every expert resident), the reference of every ratio;
+- ``in memory``: the plain LM (every expert resident, its weights in huge pages as ``moekit
+  sample`` places them), the reference of every ratio;
 - ``store B%``: ``moekit.inference.load(store, memory_budget)`` with budget = non-expert bytes +
   B% of the expert bytes (default 100, 50, 25);
 - ``int8 B%`` / ``int4 B%``: the int8 / int4 store at B% of the same-dtype expert bytes (the
@@ -60,6 +61,7 @@ from torch import Tensor
 from moekit.config import MoEConfig
 from moekit.experiments.bench.generate import last_level_cache_bytes
 from moekit.experiments.bench.layer import cpu_busy_fraction, cpu_model_name
+from moekit.hugepages import place_in_huge_pages
 from moekit.inference.generate import SamplingConfig, timed_generate
 from moekit.inference.offload import load, plain_lm_from_store, plan_memory
 from moekit.inference.policy_sim import simulate_trace
@@ -471,6 +473,9 @@ def bench_offload(
     torch.manual_seed(seed)
     log(f"building the model ({config.n_layer} layers, d={config.d_model}, {dtype})")
     plain = MoETransformerLM(config).to(torch_dtype).eval()
+    # NOTE: in huge pages, as moekit sample places a run's weights and load() an offloaded
+    # model's (resident weights and expert slots): every row streams its weights from them.
+    place_in_huge_pages(plain)
     if routing is not None:
         with replay_routing(plain, routing):  # refuses a trace this model cannot follow, by layer, before packing
             pass
