@@ -225,6 +225,40 @@ def counting_cache(slots: int, layers=(0,)) -> tuple[ExpertCache, list]:
     return ExpertCache(dict.fromkeys(layers, slots), dict.fromkeys(layers, 100), load_expert), loads
 
 
+def test_lfu_evicts_the_least_requested_and_breaks_ties_by_recency():
+    """Requests 0, 0, 1 then 2 with two slots: LRU evicts 0 (used longest ago), LFU evicts 1
+    (requested once against twice); with equal counts LFU falls back to LRU; clear() forgets."""
+    for policy, survivor in (("lru", 1), ("lfu", 0)):
+        cache = ExpertCache({0: 2}, {0: 100}, lambda layer, expert, spare: (expert, 100), policy)
+        for expert in (0, 0, 1, 2):
+            cache.acquire(0, [expert])
+            cache.release(0, [expert])
+        assert cache.cached(0) == [survivor, 2], policy
+    cache = ExpertCache({0: 2}, {0: 100}, lambda layer, expert, spare: (expert, 100), "lfu")
+    for expert in (0, 1, 2):  # one request each: the tie goes to the least recently used
+        cache.acquire(0, [expert])
+        cache.release(0, [expert])
+    assert cache.cached(0) == [1, 2]
+    cache.clear()
+    assert cache.requests == {} and cache.cached(0) == []
+    with pytest.raises(ValueError, match="cache policy 'mru' is invalid: use lru or lfu"):
+        ExpertCache({0: 2}, {0: 100}, lambda layer, expert, spare: (expert, 100), "mru")
+
+
+def test_an_eviction_hands_the_evicted_value_to_the_loader():
+    spares = []
+
+    def load_expert(layer, expert, spare):
+        spares.append(spare)
+        return f"w{expert}", 100
+
+    cache = ExpertCache({0: 1}, {0: 100}, load_expert)
+    for expert in (0, 1, 2):
+        cache.acquire(0, [expert])
+        cache.release(0, [expert])
+    assert spares == [None, "w0", "w1"]
+
+
 def test_pinned_experts_are_never_evicted():
     cache, loads = counting_cache(slots=2)
     assert cache.acquire(0, [0, 1]) == ["w0.0", "w0.1"]
@@ -412,6 +446,20 @@ def test_sample_with_a_memory_budget_json_is_one_document(byte_store, capsys):
     assert unlimited["samples"] == result["samples"] and unlimited["memory"]["memory_budget"] is None
     assert main([*args, "--memory-budget", "1GiB"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == result["samples"]
+    # The policy changes which experts stay, never the text.
+    assert result["cache_policy"] == "lru"
+    assert main([*args, "--memory-budget", str(minimum), "--cache-policy", "lfu"]) == 0
+    lfu = json.loads(capsys.readouterr().out)
+    assert lfu["cache_policy"] == "lfu" and lfu["samples"] == result["samples"]
+
+
+def test_sample_cache_policy_needs_a_store(tmp_path, capsys):
+    from moekit.cli.main import main
+
+    (tmp_path / "run").mkdir()
+    assert main(["sample", str(tmp_path / "run"), "--cache-policy", "lfu"]) == 2
+    captured = capsys.readouterr()
+    assert "--cache-policy applies to expert stores" in captured.err and "Traceback" not in captured.err
 
 
 @pytest.mark.parametrize("size", ["4XB", "-1", "0", "1.5B", "lots"])

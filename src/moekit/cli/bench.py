@@ -435,6 +435,8 @@ def add_bench_offload(subparsers: argparse._SubParsersAction) -> None:
                         help="a routing trace (moekit trace record) whose expert choices every row replays: a "
                         "trained model's locality instead of the random weights' (its experts and top-k must "
                         "match the model's: 16 and 2; 8 and 2 with --quick)")
+    parser.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru",
+                        help="the store rows' expert cache policy (default lru; moekit sample --cache-policy)")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_bench_offload)
 
@@ -464,6 +466,7 @@ def cmd_bench_offload(args: argparse.Namespace) -> int:
         directory=args.dir,
         log=lambda message: print(f"moekit bench offload: {message}", file=sys.stderr),
         routing_trace=args.routing_trace,
+        cache_policy=args.cache_policy,
     ))
     if report is None:
         return status

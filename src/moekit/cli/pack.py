@@ -126,7 +126,8 @@ def sample_store(args: argparse.Namespace) -> int:
         raise UsageError("--top-p applies to transformers folders; an expert store samples with --top-k")
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
     try:
-        model = load(args.run_dir, memory_budget=args.memory_budget, dtype=dtype)
+        model = load(args.run_dir, memory_budget=args.memory_budget, dtype=dtype,
+                     cache_policy=args.cache_policy or "lru")
     except BudgetError as error:
         raise UsageError(f"--memory-budget {args.memory_budget}: {error}") from error
     store, cache = model.expert_store, model.expert_cache
@@ -171,6 +172,7 @@ def sample_store(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "matvec": matvec.status(),  # the one-row kernels' state (moekit.matvec)
             "memory": model.memory_plan.to_dict(),
+            "cache_policy": cache.policy,
             # "generate" counts model.generate's whole run, its own forward of the prompt included.
             "expert_cache": {"prefill": prefill_stats.to_dict(), "generate": generate_stats.to_dict()},
             "residency": residency.to_dict(),

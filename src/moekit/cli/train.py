@@ -421,6 +421,9 @@ def add_sample(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--memory-budget", type=memory_size, default=None, metavar="SIZE",
                         help="MODEL is an expert store (moekit pack): hold at most SIZE of weights (e.g. 4GiB, "
                         "512MiB, 1.5GB, bytes), the experts in a cache; default: every expert once read")
+    parser.add_argument("--cache-policy", choices=("lru", "lfu"), default=None,
+                        help="MODEL is an expert store: which expert a miss evicts, the least recently (lru, "
+                        "default) or least frequently used (lfu)")
     add_json_flag(parser, document=True)
     parser.set_defaults(func=cmd_sample)
 
@@ -473,6 +476,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1]")
     if args.memory_budget is not None or is_store_dir(args.run_dir):
         return sample_store(args)
+    if args.cache_policy is not None:
+        raise UsageError(f"--cache-policy applies to expert stores (moekit pack); {args.run_dir} is not one "
+                         "and holds every expert in memory")
     if not _is_moekit_run(Path(args.run_dir)):
         return _sample_hf_folder(args)
     if args.top_p is not None:

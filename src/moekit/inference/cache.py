@@ -28,6 +28,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+POLICIES = ("lru", "lfu")
+
 
 class CacheError(RuntimeError):
     """The cache cannot make room: every expert of the layer is pinned (a wave larger than its slots)."""
@@ -59,14 +61,25 @@ class ExpertCache:
     holds in memory and what was read, at most ``slot_bytes[layer]`` (the size the budget was
     split by); ``spare`` is the value evicted to make room for it (None when nothing was), no
     longer held by the cache, whose memory the loader may reuse.
+
+    ``policy``: which unpinned expert a miss evicts. ``lru``: the least recently used. ``lfu``:
+    the least frequently requested since the cache was created or cleared, counting requests
+    of evicted experts too ("perfect" LFU, as ``policy_sim`` models it), ties to the least
+    recently used. On a trained model's routing LFU keeps the popular experts that LRU loses
+    to a burst of rare ones (docs/offload.md compares both with Belady's bound).
     """
 
     def __init__(
-        self, slots: dict[int, int], slot_bytes: dict[int, int], load: Callable[[int, int, Any], tuple[Any, int]]
+        self, slots: dict[int, int], slot_bytes: dict[int, int], load: Callable[[int, int, Any], tuple[Any, int]],
+        policy: str = "lru",
     ) -> None:
         for layer, count in slots.items():
             if count < 1:
                 raise ValueError(f"ExpertCache: layer {layer} has {count} slots; every layer needs at least 1")
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy {policy!r} is invalid: use {' or '.join(POLICIES)}")
+        self.policy = policy
+        self.requests: dict[tuple[int, int], int] = {}  # (layer, expert) -> times acquired (lfu)
         self.slots = dict(slots)
         self.slot_bytes = dict(slot_bytes)
         self.load = load
@@ -100,6 +113,7 @@ class ExpertCache:
                 f"layer {layer}: {len(experts)} experts acquired at once but the layer has {self.slots[layer]} slots"
             )
         for expert in experts:
+            self.requests[layer, expert] = self.requests.get((layer, expert), 0) + 1
             if expert in entries:
                 self.hits += 1
                 entries.move_to_end(expert)
@@ -138,13 +152,18 @@ class ExpertCache:
         unpinned = [expert for expert in entries if not self.is_pinned(layer, expert)]  # LRU first
         if not unpinned:
             raise CacheError(f"layer {layer}: all {len(entries)} cached experts are pinned; nothing can be evicted")
-        victim = next((expert for expert in unpinned if expert not in protect), unpinned[0])
+        candidates = [expert for expert in unpinned if expert not in protect] or unpinned
+        if self.policy == "lfu":  # min keeps the first of equals: the least recently used
+            victim = min(candidates, key=lambda expert: self.requests.get((layer, expert), 0))
+        else:
+            victim = candidates[0]
         value, _ = entries.pop(victim)
         self.evictions += 1
         return value
 
     def clear(self) -> None:
-        """Drop every unpinned expert (the counters stay)."""
+        """Drop every unpinned expert and the policy's request counts (the counters stay)."""
+        self.requests.clear()
         for layer, entries in self.entries.items():
             for expert in [e for e in entries if not self.is_pinned(layer, e)]:
                 del entries[expert]

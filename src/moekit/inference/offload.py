@@ -462,20 +462,22 @@ def load(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     preload: bool = False,
+    cache_policy: str = "lru",
 ) -> MoETransformerLM:
     """A moekit LM (in eval mode) whose routed experts are read from ``store`` through a cache.
 
     ``memory_budget``: bytes (or a size such as ``"4GiB"``) for the resident weights plus the
     cached experts; None caches every expert once read. ``dtype``: hold floating weights in
     this dtype (None: as stored). ``verify``: check CRC-32s (the resident file at load, each
-    blob as it is read). ``preload``: read every expert now (the budget must hold them all).
+    blob the first time it is read). ``preload``: read every expert now (the budget must hold
+    them all). ``cache_policy``: ``lru`` or ``lfu`` (``ExpertCache``).
 
     The model carries ``expert_cache`` (counters: ``model.expert_cache.stats()``),
     ``expert_store`` and ``memory_plan``.
     """
     opened = store if isinstance(store, ExpertStore) else ExpertStore(store, verify=verify)
     plan = plan_memory(opened, memory_budget, dtype)
-    cache = ExpertCache(plan.slots, plan.slot_bytes, _expert_loader(opened, dtype, plan.slot_bytes))
+    cache = ExpertCache(plan.slots, plan.slot_bytes, _expert_loader(opened, dtype, plan.slot_bytes), cache_policy)
     model = _skeleton_with_resident(opened, dtype)
     for block in model.blocks:
         moe = block.ffn

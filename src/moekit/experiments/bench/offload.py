@@ -28,7 +28,7 @@ Checks, in one untimed pass before the rounds (cold, as the timed runs):
   every few ms during the run, less the same figure just before it (the other rows' models
   live in this process too), plus the row's non-expert bytes; against budget x 1.05;
 - the routing of the run is recorded, and the cache-policy simulator replays it (token by
-  token, prompt then decoded tokens) with LRU and Belady's optimal policy at the row's
+  token, prompt then decoded tokens) with LRU, LFU and Belady's optimal policy at the row's
   capacity (its fewest slots per layer), beside the hit rate the run's cache had. The weights
   are random: the routing has no locality of a trained model, and the output says so.
 
@@ -357,6 +357,7 @@ class OffloadBenchReport:
     rounds: int
     rows: list[Row]
     trace_note: str
+    cache_policy: str = "lru"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -366,7 +367,7 @@ class OffloadBenchReport:
             "storage_read_gbps": self.storage_gbps, "storage_read_method": self.storage_method,
             "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "rounds": self.rounds,
             "all_bit_identical": all(row.identical for row in self.rows if row.identical is not None),
-            "trace_note": self.trace_note,
+            "trace_note": self.trace_note, "cache_policy": self.cache_policy,
             "rows": [row.to_dict() for row in self.rows],
         }
 
@@ -384,7 +385,8 @@ class OffloadBenchReport:
             f"model: {self.config['n_layer']} layers, d={self.config['d_model']}, {self.config['moe']['num_experts']} "
             f"experts top-{self.config['moe']['top_k']}, {self.dtype}; experts {self.expert_bytes / mb:,.0f} {unit} "
             f"({ratio}: {llc}), non-expert {self.non_expert_bytes / mb:,.1f} {unit}",
-            f"storage read bandwidth: {self.storage_gbps:.2f} GB/s ({self.storage_method}, the store's expert files)",
+            f"storage read bandwidth: {self.storage_gbps:.2f} GB/s ({self.storage_method}, the store's expert files); "
+            f"expert cache policy: {self.cache_policy}",
             f"batch 1, prompt {self.prompt_tokens} random tokens, {self.new_tokens} new fed random tokens (not the "
             f"argmax: a random model's greedy output repeats one token and routes without variety); "
             f"medians of {self.rounds} rounds; cold = expert cache emptied and store files evicted from the page "
@@ -392,7 +394,7 @@ class OffloadBenchReport:
             "",
             f"{'row':<14} {'budget ' + unit:>10} {'fit':>4} {'prefill/s':>10} {'decode/s':>9} {'x mem':>6} "
             f"{'warm dec/s':>10} {'x mem':>6} {'exact':>6} {'peak ' + unit:>9} {'limit ' + unit:>9} "
-            f"{'hit':>6} {'LRU sim':>7} {'Belady':>7}",
+            f"{'hit':>6} {'LRU sim':>7} {'LFU sim':>7} {'Belady':>7}",
         ]
 
         def fmt(value: float | None, spec: str) -> str:
@@ -411,7 +413,7 @@ class OffloadBenchReport:
                 f"{fmt(row.peak_resident_bytes and row.peak_resident_bytes / mb, ',.0f'):>9} "
                 f"{fmt(row.resident_limit_bytes and row.resident_limit_bytes / mb, ',.0f'):>9} "
                 f"{fmt(hit, '.1%'):>6} {fmt(row.simulated.get('lru'), '.1%'):>7} "
-                f"{fmt(row.simulated.get('belady'), '.1%'):>7}"
+                f"{fmt(row.simulated.get('lfu'), '.1%'):>7} {fmt(row.simulated.get('belady'), '.1%'):>7}"
             )
         quantized = [row for row in self.rows if row.offloaded and row.experts_dtype != "same"]
         fits = {row.experts_dtype: row.store_expert_percent for row in quantized}
@@ -422,8 +424,8 @@ class OffloadBenchReport:
             "x mem: decode tokens/s as a ratio to the in-memory row (same dtype) of the same round; exact: every "
             "step's logits equal the in-memory model's bit for bit (int8/int4: the in-memory model with the same "
             "quantized experts); peak: RSS + the store's page-cache bytes during the cold run, over its start, plus "
-            "the non-expert bytes; limit: budget x 1.05; hit: the cold run's expert-cache hit rate; LRU sim / "
-            "Belady: the policy simulator on the run's routing trace at the row's slots per layer.",
+            "the non-expert bytes; limit: budget x 1.05; hit: the cold run's expert-cache hit rate (its policy above); "
+            "LRU / LFU sim, Belady: the policy simulator on the run's routing trace at the row's slots per layer.",
             self.trace_note,
         ]
         return "\n".join(lines)
@@ -447,6 +449,7 @@ def bench_offload(
     directory: str | Path | None = None,
     log=None,
     routing_trace: str | Path | None = None,
+    cache_policy: str = "lru",
 ) -> OffloadBenchReport:
     """Build, pack, check and time (see the module docstring). ``directory``: where the
     temporary stores go (default the system's temporary directory); removed at the end.
@@ -499,7 +502,8 @@ def bench_offload(
                 store = stores[experts_dtype]
                 budget = non_expert + int(expert_bytes * percent / 100)
                 label = "store" if experts_dtype == "same" else experts_dtype
-                model = load(store, memory_budget=budget)  # BudgetError (a ValueError) names the minimum
+                # BudgetError (a ValueError) names the minimum
+                model = load(store, memory_budget=budget, cache_policy=cache_policy)
                 plan = model.memory_plan
                 rows.append(Row(
                     f"{label} {percent:g}%", experts_dtype, percent, model=model, store=store, memory_budget=budget,
@@ -516,7 +520,7 @@ def bench_offload(
             llc_bytes=llc, expert_bytes=expert_bytes, non_expert_bytes=non_expert,
             experts_vs_llc=expert_bytes / llc if llc else None, storage_gbps=gbps, storage_method=method,
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, rows=rows,
-            trace_note=_trace_note(routing, routing_trace),
+            trace_note=_trace_note(routing, routing_trace), cache_policy=cache_policy,
         )
     finally:
         for store in locals().get("stores", {}).values():
@@ -573,7 +577,7 @@ def _check_pass(
         row.resident_limit_bytes = int(row.memory_budget * (1 + RESIDENCY_SLACK))
         row.residency_note = sampler.note
         capacity = min(row.slots.values())
-        row.simulated = {r.policy: r.hit_rate for r in simulate_trace(trace, capacity, ("lru", "belady"))}
+        row.simulated = {r.policy: r.hit_rate for r in simulate_trace(trace, capacity, ("lru", "lfu", "belady"))}
         log(f"  {row.name}: logits {'identical' if row.identical else 'DIFFER'}, peak resident "
             f"{row.peak_resident_bytes / 1e6:,.2f} MB of {row.resident_limit_bytes / 1e6:,.2f} MB allowed")
 
