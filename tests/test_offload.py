@@ -241,6 +241,11 @@ def test_lfu_evicts_the_least_requested_and_breaks_ties_by_recency():
     assert cache.cached(0) == [1, 2]
     cache.clear()
     assert cache.requests == {} and cache.cached(0) == []
+    # A prefill's acquisition counts its rows: expert 0 (3 rows) outlives expert 1 (1 row).
+    cache.acquire(0, [0, 1], requests=[3, 1])
+    cache.release(0, [0, 1])
+    cache.acquire(0, [2])
+    assert cache.cached(0) == [0, 2] and cache.requests[0, 0] == 3
     with pytest.raises(ValueError, match="cache policy 'mru' is invalid: use lru or lfu"):
         ExpertCache({0: 2}, {0: 100}, lambda layer, expert, spare: (expert, 100), "mru")
 
@@ -322,8 +327,8 @@ def scripted_model(tmp_path: Path, budget_slots: int):
     cache._evict_one = checked_evict
     acquire = cache.acquire
 
-    def checked_acquire(layer, experts, protect=()):
-        values = acquire(layer, experts, protect)
+    def checked_acquire(layer, experts, protect=(), requests=None):
+        values = acquire(layer, experts, protect, requests)
         # Every expert of the wave is cached and pinned once the whole wave is loaded.
         assert all(cache.is_cached(layer, e) and cache.is_pinned(layer, e) for e in experts)
         return values

@@ -97,8 +97,12 @@ class ExpertCache:
     def is_pinned(self, layer: int, expert: int) -> bool:
         return self.pins.get((layer, expert), 0) > 0
 
-    def acquire(self, layer: int, experts: Sequence[int], protect: Collection[int] = ()) -> list[Any]:
-        """The values of ``experts`` (distinct, at most ``slots[layer]``), pinned until ``release``."""
+    def acquire(
+        self, layer: int, experts: Sequence[int], protect: Collection[int] = (), requests: Sequence[int] | None = None
+    ) -> list[Any]:
+        """The values of ``experts`` (distinct, at most ``slots[layer]``), pinned until ``release``.
+        ``requests``: how many requests each acquisition stands for in LFU's counts (a prefill's
+        rows per expert: its tokens' requests, as ``policy_sim`` replays them; default 1 each)."""
         if len(set(experts)) != len(experts):
             raise ValueError(f"ExpertCache.acquire: experts {list(experts)} repeat one")
         entries = self.entries[layer]
@@ -112,8 +116,10 @@ class ExpertCache:
             raise CacheError(
                 f"layer {layer}: {len(experts)} experts acquired at once but the layer has {self.slots[layer]} slots"
             )
-        for expert in experts:
-            self.requests[layer, expert] = self.requests.get((layer, expert), 0) + 1
+        for index, expert in enumerate(experts):
+            self.requests[layer, expert] = self.requests.get((layer, expert), 0) + (
+                1 if requests is None else requests[index]
+            )
             if expert in entries:
                 self.hits += 1
                 entries.move_to_end(expert)

@@ -333,7 +333,7 @@ class OffloadedExperts(nn.Module):
         # NOTE: a function of its own so that its references to the wave's weights end with it:
         # an expert the next wave evicts is then freed at once, not held until the loop rebinds
         # a variable (which would hold a wave of experts beyond the budget).
-        weights = self.cache.acquire(self.layer, wave, self.protect)
+        weights = self.cache.acquire(self.layer, wave, self.protect, [counts[expert] for expert in wave])
         try:
             for expert, expert_weights in zip(wave, weights, strict=True):
                 rows = slice(starts[expert], starts[expert] + counts[expert])
