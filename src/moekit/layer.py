@@ -228,8 +228,9 @@ class MoE(nn.Module):
         """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop.
 
         Experts modules other than ``GroupedExperts`` take the path for one token when they set
-        ``one_token_fast_path`` (the offloaded experts of moekit.inference: the same kernels and
-        combine, so the same sums)."""
+        ``one_token_fast_path`` (moekit.inference's quantized and offloaded experts: their
+        ``forward_per_assignment`` makes the same expert calls and combine as their generic path
+        or in-memory counterpart, so the same sums)."""
         experts = self.experts
         per_assignment = isinstance(experts, GroupedExperts) or (
             num_tokens == 1 and getattr(experts, "one_token_fast_path", False)

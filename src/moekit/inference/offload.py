@@ -247,9 +247,9 @@ class OffloadedExperts(nn.Module):
         self.protect: frozenset[int] = frozenset()  # the last token's experts, set by StoreDispatcher
         self.one_token = False  # whether the forward is one token's, set by StoreDispatcher
         # The MoE layer's decode fast path (forward_per_assignment) for one token, as the
-        # in-memory GroupedExperts take it. Quantized experts stay on the generic path, as the
-        # in-memory QuantizedExperts do, so that their sums round alike.
-        self.one_token_fast_path = not quantized
+        # in-memory GroupedExperts and QuantizedExperts take it (with their combine).
+        self.one_token_fast_path = True
+        self.quantized = quantized
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.cache.slots[self.layer]}"
@@ -298,8 +298,9 @@ class OffloadedExperts(nn.Module):
     ) -> Tensor:
         """One token's output, float32 [1, D]: ``GroupedExperts.forward_per_assignment``'s ops
         (one kernel call per projection for the token's k experts, the same combine) on the
-        cached experts' weights. The k experts are acquired at once (a layer has at least k
-        slots) and are the decode working set the next step protects."""
+        cached experts' weights; quantized experts: ``QuantizedExperts.forward_per_assignment``'s.
+        The k experts are acquired at once (a layer has at least k slots) and are the decode
+        working set the next step protects."""
         if self.training:
             raise RuntimeError("OffloadedExperts runs inference only: call model.eval() first")
         if x_TD.shape[0] != 1:
@@ -308,6 +309,10 @@ class OffloadedExperts(nn.Module):
         config = self.config
         weights = self.cache.acquire(self.layer, experts)
         try:
+            if self.quantized:
+                out_kD = torch.cat([w.expert(x_TD) for w in weights])
+                self.protect = frozenset(experts)
+                return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
             w_in = [w.w_in_DH for w in weights]
             w_out = [w.w_out_FD for w in weights]
             if matvec.applies_matrices(x_TD, w_in, w_out):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit import matvec
-from moekit.experts import GroupedExperts, ModuleExperts, activate
+from moekit.experts import GroupedExperts, ModuleExperts, activate, combine_assignments
 from moekit.layer import MoE, moe_layers
 
 __all__ = [
@@ -508,10 +508,14 @@ class QuantizedExperts(nn.Module):
     runs each non-empty expert on its rows (grouped by expert, as the dispatcher sends them),
     so prefill does one kernel call per projection per expert, and batch-1 decoding k of them.
 
-    The MoE layer takes its generic (dispatch → experts → combine) path for these experts, for
-    any number of tokens. The quantized tensors are plain attributes, not parameters: they are
-    not in ``state_dict()`` and ``model.to(...)`` leaves them on the CPU.
+    The MoE layer takes its generic (dispatch → experts → combine) path for these experts, and
+    for one token (decoding) its fast path (``forward_per_assignment``: no sorting or grouping,
+    the same expert calls and the same combine, so the same sums). The quantized tensors are
+    plain attributes, not parameters: they are not in ``state_dict()`` and ``model.to(...)``
+    leaves them on the CPU.
     """
+
+    one_token_fast_path = True  # moekit.layer.MoE's decode fast path, for one token
 
     def __init__(self, experts: Sequence[QuantizedExpert], impl: str = "auto") -> None:
         super().__init__()
@@ -544,6 +548,18 @@ class QuantizedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, experts={self.num_experts}, impl={self.impl}"
+
+    def forward_per_assignment(
+        self, x_TD: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor, weight_N: Tensor
+    ) -> Tensor:
+        """One token's output, float32 [1, D]: each of its experts on the token's row (the call
+        ``forward`` makes), combined as the local dispatcher combines (float32 index_add), so
+        equal bit for bit to the generic path."""
+        if x_TD.shape[0] != 1:
+            raise ValueError(f"QuantizedExperts.forward_per_assignment takes one token, got {x_TD.shape[0]}")
+        with torch.no_grad():
+            out_kD = torch.cat([self.experts[e](x_TD, self.impl) for e in expert_idx_N.tolist()])
+        return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         if len(counts) != self.num_experts:
