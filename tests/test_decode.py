@@ -193,3 +193,45 @@ def test_moekit_lm_from_bf16_mixtral_differs_from_transformers_only_by_the_gates
         bf16_gate, _ = lm(ids)
     assert lm.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(bf16_gate, want) and not torch.equal(float32_gate, want)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 8])
+def test_the_one_call_attention_half_equals_the_torch_ops(n_kv_head, monkeypatch):
+    """With weights large enough for moekit.matvec each decoded token's attention half runs in
+    one C call (``matvec.attention_block``); its logits equal the PyTorch ops' (float32, up to
+    summation order) over steps that grow the KV cache past its first allocation, and its cache
+    holds the same keys and values."""
+    from moekit import matvec
+    from moekit.models import lm as lm_module
+
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec is {matvec.status()}")
+    model = tiny_lm(d_model=256, n_head=8, n_kv_head=n_kv_head, seq_len=64,
+                    moe=MoEConfig(d_model=256, d_ff=128, num_experts=4, top_k=2))
+    idx = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = matvec.attention_block
+    monkeypatch.setattr(matvec, "attention_block", lambda *args: calls.append(1) or real(*args))
+
+    def decode() -> tuple[torch.Tensor, KVCache]:
+        cache = KVCache(model.config.n_layer, capacity=6)  # grows twice below
+        with torch.no_grad():
+            model(idx[:, :4], cache=cache)
+            steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(4, 24)]
+        return torch.cat(steps, dim=1), cache
+
+    got, got_cache = decode()
+    assert len(calls) == 20 * model.config.n_layer
+    with monkeypatch.context() as torch_ops:
+        torch_ops.setattr(lm_module.Block, "_decode_attention", lambda *args: None)
+        want, want_cache = decode()
+    assert len(calls) == 20 * model.config.n_layer
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got_k, want_k in zip(got_cache.keys + got_cache.values, want_cache.keys + want_cache.values, strict=True):
+        torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    # With autograd on (parameters that need gradients, no no_grad) the PyTorch ops run.
+    calls.clear()
+    cache = KVCache(model.config.n_layer)
+    model(idx[:, :4], cache=cache)
+    model(idx[:, 4:5], cache=cache)
+    assert calls == []

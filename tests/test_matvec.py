@@ -269,3 +269,80 @@ def test_cols_matrices_equals_cols_experts_bit_for_bit(dtype):
         assert not matvec.applies_matrices(torch.randn(2, 300).to(dtype), apart[:2])  # two tokens
     with pytest.raises(ValueError, match="2 rows for 3 matrices"):
         matvec.cols_matrices(x_kI, apart[:3])
+
+
+def naive_attention_block(x_D, w_qkv, w_proj, g_attn, g_ffn, eps, cos_K, sin_K, keys, values, position, n_head):
+    """The attention half written out in float64, one formula per line (the C kernel's spec)."""
+    f64 = torch.float64
+    _, n_kv, _, head_dim = keys.shape
+    x = x_D.to(f64)
+
+    def rms_norm(v, g):  # Zhang & Sennrich 2019: v / sqrt(mean(v^2) + eps) * g
+        return v / torch.sqrt((v * v).mean() + eps) * g.to(f64)
+
+    qkv = w_qkv.to(f64) @ rms_norm(x, g_attn)
+    q = qkv[: n_head * head_dim].view(n_head, head_dim)
+    k = qkv[n_head * head_dim : (n_head + n_kv) * head_dim].view(n_kv, head_dim)
+    v = qkv[(n_head + n_kv) * head_dim :].view(n_kv, head_dim)
+
+    def rotate(t):  # "rotate half": (a, b) -> (a cos - b sin, a sin + b cos), Su et al. 2021 eq. 34
+        a, b = t[:, : head_dim // 2], t[:, head_dim // 2 :]
+        c, s = cos_K.to(f64), sin_K.to(f64)
+        return torch.cat([a * c - b * s, a * s + b * c], dim=1)
+
+    q, k = rotate(q), rotate(k)
+    keys_all, values_all = keys[0, :, : position + 1].to(f64).clone(), values[0, :, : position + 1].to(f64).clone()
+    keys_all[:, position], values_all[:, position] = k, v
+    out = torch.empty(n_head, head_dim, dtype=f64)
+    for head in range(n_head):
+        g = head // (n_head // n_kv)  # grouped-query attention: kv head g serves these query heads
+        p = torch.softmax(keys_all[g] @ q[head] / head_dim**0.5, dim=0)
+        out[head] = p @ values_all[g]
+    x_out = x + w_proj.to(f64) @ out.reshape(-1)
+    return x_out, rms_norm(x_out, g_ffn), k, v
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_head", "n_kv", "position"), [(8, 2, 0), (8, 2, 37), (4, 4, 5)])
+def test_attention_block_equals_the_float64_formulas(dtype, n_head, n_kv, position):
+    torch.manual_seed(position)
+    d_model, head_dim, capacity = 256, 256 // n_head, 48
+    w_qkv = (torch.randn(d_model + 2 * n_kv * head_dim, d_model) / 16).to(dtype)
+    w_proj = (torch.randn(d_model, d_model) / 16).to(dtype)
+    g_attn, g_ffn = (1 + torch.rand(d_model)).to(dtype), (1 + torch.rand(d_model)).to(dtype)
+    angles = torch.rand(head_dim // 2) * 6
+    keys = torch.randn(1, n_kv, capacity, head_dim).to(dtype)
+    values = torch.randn(1, n_kv, capacity, head_dim).to(dtype)
+    x = torch.randn(1, d_model).to(dtype)
+    want_x, want_h, want_k, want_v = naive_attention_block(
+        x[0], w_qkv, w_proj, g_attn, g_ffn, 1e-6, angles.cos(), angles.sin(), keys, values, position, n_head)
+    before = keys.clone()
+    with torch.no_grad():
+        assert matvec.applies_attention_block(x, w_qkv, w_proj, keys, values)
+        got_x, got_h = matvec.attention_block(x, w_qkv, w_proj, g_attn, g_ffn, 1e-6, angles.cos(), angles.sin(),
+                                              keys, values, position, n_head)
+    tolerance = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.03)
+    assert got_x.dtype == got_h.dtype == dtype
+    torch.testing.assert_close(got_x.double(), want_x, **tolerance)
+    torch.testing.assert_close(got_h.double(), want_h, **tolerance)
+    # the token's key and value were written at its position, nothing else moved
+    torch.testing.assert_close(keys[0, :, position].double(), want_k, **tolerance)
+    torch.testing.assert_close(values[0, :, position].double(), want_v, **tolerance)
+    others = [t for t in range(capacity) if t != position]
+    assert torch.equal(keys[0, :, others], before[0, :, others])
+
+
+def test_attention_block_applies_only_to_inference_of_supported_tensors():
+    w_qkv, w_proj = torch.randn(384, 256), torch.randn(256, 256)
+    keys = torch.zeros(1, 2, 8, 32)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert not matvec.applies_attention_block(torch.randn(2, 256), w_qkv, w_proj, keys, keys)  # two tokens
+        assert not matvec.applies_attention_block(x, w_qkv, w_proj, keys.bfloat16(), keys)  # cache dtype
+        assert not matvec.applies_attention_block(x, w_qkv, w_proj.t(), keys, keys)  # not contiguous
+    w_proj.requires_grad_(True)
+    assert not matvec.applies_attention_block(x, w_qkv, w_proj, keys, keys)  # autograd would need the graph
+    with torch.no_grad(), pytest.raises(ValueError, match="position 8 of a cache of 8"):
+        matvec.attention_block(x, w_qkv, w_proj.detach(), torch.ones(256), torch.ones(256), 1e-6, torch.ones(16),
+                               torch.zeros(16), keys, keys.clone(), 8, 8)

@@ -8,6 +8,7 @@
  * Each output element is summed by one thread in an order fixed by the shapes alone, so a
  * result does not depend on the number of threads.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -254,5 +255,201 @@ int moekit_rows_i8(const int8_t *Q, const float *scale, const float *x, float *y
         y[o] = s * scale[o];
     }
     free(x_perm);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The attention half of a pre-norm decoder block, for one token (batch 1, decoding):
+ *
+ *   h = RMSNorm(x) g_attn                       (Zhang & Sennrich 2019)
+ *   [q | k | v] = W_qkv h                       (nn.Linear layout, rows kernel)
+ *   q, k rotated by the position's angles        (RoPE, Su et al. 2021 eq. 34, "rotate half" pairs)
+ *   k, v written at position pos of the caches   ([n_kv, capacity, hd] each, the model's dtype)
+ *   a_h = softmax(q_h K_g^T / sqrt(hd)) V_g      over positions 0..pos; g = h / (n_head / n_kv) (GQA)
+ *   x' = x + W_proj a                            (rows kernel)
+ *   h2 = RMSNorm(x') g_ffn                       (the FFN's input)
+ *
+ * x, x' and h2 are float32 arrays holding the model dtype's values. With bf16 = 1 every value
+ * the PyTorch block rounds to bfloat16 (each op's output, and the rotation's products) is rounded
+ * here too (round to nearest even), so the two differ only in summation order.
+ * ------------------------------------------------------------------------------------------- */
+static inline float round_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);  /* NaN/inf stay as they are */
+    u &= 0xffff0000u;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static inline void store_value(void *base, int64_t index, float v, int bf16) {
+    if (bf16) {
+        float r = round_bf16(v);
+        uint32_t u;
+        memcpy(&u, &r, 4);
+        ((uint16_t *)base)[index] = (uint16_t)(u >> 16);
+    } else {
+        ((float *)base)[index] = v;
+    }
+}
+
+/* One cached key or value row as float32. */
+static inline void cache_row(const void *cache, int64_t offset, float *row, int64_t hd, int bf16) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)cache + offset;
+        for (int64_t j = 0; j < hd; j++) { uint32_t w = (uint32_t)src[j] << 16; memcpy(row + j, &w, 4); }
+    } else {
+        memcpy(row, (const float *)cache + offset, sizeof(float) * (size_t)hd);
+    }
+}
+
+/* exp of eight floats at once (softmax's exponentials were most of the attention's time with
+ * the C library's scalar expf): exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two
+ * parts (Cody & Waite), exp(r) by Cephes' degree-7 polynomial (expf.c; about 1 ulp). x <= 0 here
+ * (scores less their maximum); below -87.3 the result is clamped to exp(-87.3) ~ 1e-38. */
+typedef int32_t v8s __attribute__((vector_size(32)));
+static inline v8f exp8(v8f x) {
+    const v8f low = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+    const v8s below = x < low; /* lanes of all ones where x < low */
+    x = (v8f)(((v8s)x & ~below) | ((v8s)low & below));
+    const v8f magic = x * 0 + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8f n = (x * 1.44269504088896341f + magic) - magic;
+    const v8f r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const v8s bits = (__builtin_convertvector(n, v8s) + 127) << 23;
+    return p * (v8f)bits;
+}
+
+static void rms_norm(const float *x, const float *g, float eps, float *out, int64_t D, int bf16) {
+    double squares = 0;
+    for (int64_t i = 0; i < D; i++) squares += (double)x[i] * x[i];
+    const float inv = 1.0f / sqrtf((float)(squares / (double)D) + eps);
+    for (int64_t i = 0; i < D; i++) {
+        const float v = (bf16 ? round_bf16(x[i] * inv) : x[i] * inv) * g[i];
+        out[i] = bf16 ? round_bf16(v) : v;
+    }
+}
+
+static void rotate(float *v, const float *cos_k, const float *sin_k, int64_t half, int bf16) {
+    for (int64_t j = 0; j < half; j++) {
+        const float a = v[j], b = v[j + half], c = cos_k[j], s = sin_k[j];
+        if (bf16) {
+            v[j] = round_bf16(round_bf16(a * c) - round_bf16(b * s));
+            v[j + half] = round_bf16(round_bf16(a * s) + round_bf16(b * c));
+        } else {
+            v[j] = a * c - b * s;
+            v[j + half] = a * s + b * c;
+        }
+    }
+}
+
+int moekit_attn_block(const void *w_qkv, const void *w_proj, const float *g_attn, const float *g_ffn, float eps,
+                      const float *cos_k, const float *sin_k, void *k_cache, void *v_cache, int64_t cache_stride,
+                      int64_t pos, const float *x, float *x_out, float *h2_out, int64_t D, int64_t n_head,
+                      int64_t n_kv, int64_t hd, int bf16, int threads) {
+    const int64_t q_dim = n_head * hd, kv_dim = n_kv * hd, width = q_dim + 2 * kv_dim, half = hd / 2;
+    const int64_t n_rep = n_head / n_kv, length = pos + 1;
+    float *h = malloc(sizeof(float) * (size_t)(D + width + q_dim + D));
+    float *scores = malloc(sizeof(float) * (size_t)(n_head * length));
+    if (!h || !scores) { free(h); free(scores); return -1; }
+    float *qkv = h + D, *attn = qkv + width, *y = attn + q_dim;
+    rms_norm(x, g_attn, eps, h, D, bf16);
+    int code = bf16 ? moekit_rows_bf16(w_qkv, h, qkv, width, D, threads) : moekit_rows_f32(w_qkv, h, qkv, width, D, threads);
+    if (code != 0) { free(h); free(scores); return code; }
+    if (bf16)
+        for (int64_t i = 0; i < width; i++) qkv[i] = round_bf16(qkv[i]);
+    /* rotate-half angles in the model dtype, as the PyTorch block casts its tables */
+    float cos_r[half > 0 ? half : 1], sin_r[half > 0 ? half : 1];
+    for (int64_t j = 0; j < half; j++) {
+        cos_r[j] = bf16 ? round_bf16(cos_k[j]) : cos_k[j];
+        sin_r[j] = bf16 ? round_bf16(sin_k[j]) : sin_k[j];
+    }
+    for (int64_t head = 0; head < n_head; head++) rotate(qkv + head * hd, cos_r, sin_r, half, bf16);
+    for (int64_t g = 0; g < n_kv; g++) {
+        float *k = qkv + q_dim + g * hd, *v = qkv + q_dim + kv_dim + g * hd;
+        rotate(k, cos_r, sin_r, half, bf16);
+        for (int64_t j = 0; j < hd; j++) {
+            store_value(k_cache, g * cache_stride + pos * hd + j, k[j], bf16);
+            store_value(v_cache, g * cache_stride + pos * hd + j, v[j], bf16);
+        }
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* One kv head per task: it serves its n_rep query heads (grouped-query attention reads the
+     * cache once per kv head), four heads at a time so that four independent sums are in
+     * flight (one dot product of 64 is a chain of dependent adds otherwise). */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < n_kv; g++) {
+        float row[hd > 0 ? hd : 1];
+        for (int64_t r0 = 0; r0 < n_rep; r0 += 4) {
+            const int64_t heads = n_rep - r0 < 4 ? n_rep - r0 : 4, first = g * n_rep + r0;
+            /* scores of the group's heads first..first+heads-1 against every position */
+            for (int64_t t = 0; t < length; t++) {
+                cache_row(k_cache, g * cache_stride + t * hd, row, hd, bf16);
+                v8f acc[4] = {{0}, {0}, {0}, {0}};
+                int64_t j = 0;
+                for (; j + 8 <= hd; j += 8) {
+                    const v8f k8 = load_f(row + j);
+                    for (int64_t r = 0; r < heads; r++) acc[r] += load_f(qkv + (first + r) * hd + j) * k8;
+                }
+                for (int64_t r = 0; r < heads; r++) {
+                    float dot_r = sum8(acc[r]);
+                    for (int64_t i = j; i < hd; i++) dot_r += qkv[(first + r) * hd + i] * row[i];
+                    scores[(first + r) * length + t] = dot_r * scale;
+                }
+            }
+            /* softmax over the positions */
+            for (int64_t r = 0; r < heads; r++) {
+                float *sc = scores + (first + r) * length;
+                float top = -INFINITY, total = 0;
+                for (int64_t t = 0; t < length; t++) top = sc[t] > top ? sc[t] : top;
+                int64_t t = 0;
+                for (; t + 8 <= length; t += 8) store_f(sc + t, exp8(load_f(sc + t) - top));
+                for (; t < length; t++) sc[t] = expf(sc[t] - top);
+                for (t = 0; t < length; t++) total += sc[t];
+                for (t = 0; t < length; t++) sc[t] /= total;
+            }
+            /* the heads' outputs, eight features at a time, summed over the positions in registers */
+            int64_t j = 0;
+            for (; j + 8 <= hd; j += 8) {
+                v8f acc[4] = {{0}, {0}, {0}, {0}};
+                for (int64_t t = 0; t < length; t++) {
+                    v8f v8;
+                    if (bf16) {
+                        const uint16_t *src = (const uint16_t *)v_cache + g * cache_stride + t * hd + j;
+                        for (int e = 0; e < 8; e++) { uint32_t w = (uint32_t)src[e] << 16; memcpy((float *)&v8 + e, &w, 4); }
+                    } else {
+                        v8 = load_f((const float *)v_cache + g * cache_stride + t * hd + j);
+                    }
+                    for (int64_t r = 0; r < heads; r++) acc[r] += scores[(first + r) * length + t] * v8;
+                }
+                for (int64_t r = 0; r < heads; r++) store_f(attn + (first + r) * hd + j, acc[r]);
+            }
+            for (; j < hd; j++)
+                for (int64_t r = 0; r < heads; r++) {
+                    float a = 0;
+                    for (int64_t t = 0; t < length; t++) {
+                        cache_row(v_cache, g * cache_stride + t * hd + j, row, 1, bf16);
+                        a += scores[(first + r) * length + t] * row[0];
+                    }
+                    attn[(first + r) * hd + j] = a;
+                }
+        }
+        if (bf16)
+            for (int64_t j = 0; j < n_rep * hd; j++) attn[g * n_rep * hd + j] = round_bf16(attn[g * n_rep * hd + j]);
+    }
+    code = bf16 ? moekit_rows_bf16(w_proj, attn, y, D, q_dim, threads) : moekit_rows_f32(w_proj, attn, y, D, q_dim, threads);
+    if (code != 0) { free(h); free(scores); return code; }
+    for (int64_t i = 0; i < D; i++) {
+        const float sum = x[i] + (bf16 ? round_bf16(y[i]) : y[i]);
+        x_out[i] = bf16 ? round_bf16(sum) : sum;
+    }
+    rms_norm(x_out, g_ffn, eps, h2_out, D, bf16);
+    free(h);
+    free(scores);
     return 0;
 }

@@ -17,7 +17,11 @@ Two layouts, both row-major and contiguous:
 - ``cols(x, weight_IO)`` = ``x @ weight_IO``: moekit's expert layout [in, out];
   ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call,
   ``cols_matrices`` k separately stored [in, out] matrices (an offloaded layer's experts);
-- ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row.
+- ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row;
+- ``attention_block``: a pre-norm block's whole attention half for one decoded token (norm,
+  qkv, rotary, KV-cache write, grouped-query attention, output projection, residual, the FFN's
+  norm) in one call: a decode step's per-layer Python and small-op time is most of what is not
+  weight streaming (docs/bench_generate.md).
 
 Weights float32 or bfloat16, arithmetic in float32. A bfloat16 ``x`` is widened to float32 and
 the result rounded back to bfloat16 once, as PyTorch's bfloat16 GEMM accumulates in float32.
@@ -93,7 +97,7 @@ def _compile(compiler: str, flags: tuple[str, ...], out: Path) -> str | None:
     """Compile the source to ``out`` (atomically); the compiler's error text on failure."""
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         built = Path(scratch) / out.name
-        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE)]
+        command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(SOURCE), "-lm"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -141,6 +145,11 @@ def _load() -> ctypes.CDLL | None:
                     function.restype = ctypes.c_int
                 library.moekit_rows_i8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 library.moekit_rows_i8.restype = ctypes.c_int
+                library.moekit_attn_block.argtypes = (
+                    [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+                    + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+                )
+                library.moekit_attn_block.restype = ctypes.c_int
                 _library = library
                 _status = f"native ({Path(compiler).name} {' '.join(flags)})"
                 return library
@@ -334,6 +343,48 @@ def _cols_batch(x_kI: Tensor, addresses: list[int], dtype: torch.dtype, in_featu
     if code != 0:
         raise MemoryError(f"moekit.matvec.{caller}: could not allocate its scratch buffer")
     return y_kO if x_kI.dtype == torch.float32 else y_kO.to(x_kI.dtype)
+
+
+def applies_attention_block(x: Tensor, w_qkv_OI: Tensor, w_proj_OI: Tensor, keys: Tensor, values: Tensor) -> bool:
+    """Whether ``attention_block`` runs this decode step: one token of the weights' dtype, an
+    inference forward, contiguous CPU weights and [1, n_kv, capacity, head_dim] caches of that
+    dtype."""
+    dtype = w_qkv_OI.dtype
+    return (
+        _one_row(x) and dtype in WEIGHT_DTYPES and w_proj_OI.dtype == dtype and keys.dtype == dtype
+        and values.dtype == dtype and keys.is_contiguous() and values.is_contiguous() and keys.shape[0] == 1
+        and w_proj_OI.is_contiguous() and _eligible(x, w_qkv_OI, MIN_WEIGHT_ELEMENTS, (dtype,))
+        and not (torch.is_grad_enabled() and w_proj_OI.requires_grad)
+    )
+
+
+def attention_block(
+    x_D: Tensor, w_qkv_OI: Tensor, w_proj_OI: Tensor, g_attn_D: Tensor, g_ffn_D: Tensor, eps: float,
+    cos_K: Tensor, sin_K: Tensor, keys: Tensor, values: Tensor, position: int, n_head: int,
+) -> tuple[Tensor, Tensor]:
+    """The attention half of a pre-norm block for one decoded token, in one C call (check
+    ``applies_attention_block`` first): x' = x + W_proj·attention(RoPE(W_qkv·RMSNorm(x))) with
+    the token's key and value written at ``position`` of ``keys`` / ``values`` ([1, n_kv,
+    capacity, head_dim]), and h2 = RMSNorm(x') (the FFN's input). Returns (x', h2), [D] each in
+    x's dtype. ``cos_K`` / ``sin_K``: the position's rotary angles [head_dim / 2]."""
+    _, n_kv, capacity, head_dim = keys.shape
+    d_model = x_D.shape[-1]
+    if position >= capacity or n_head % n_kv or w_qkv_OI.shape != (d_model + 2 * n_kv * head_dim, d_model):
+        raise ValueError(f"matvec.attention_block: position {position} of a cache of {capacity}, {n_head} heads "
+                         f"over {n_kv} kv heads of {head_dim}, qkv weight {tuple(w_qkv_OI.shape)}")
+    x32 = x_D.reshape(-1).float().contiguous()
+    out = torch.empty(2, d_model, dtype=torch.float32)
+    floats = [t.float().contiguous() for t in (g_attn_D, g_ffn_D, cos_K, sin_K)]
+    code = _kernel("moekit_attn_block")(
+        w_qkv_OI.data_ptr(), w_proj_OI.data_ptr(), floats[0].data_ptr(), floats[1].data_ptr(), eps,
+        floats[2].data_ptr(), floats[3].data_ptr(), keys.data_ptr(), values.data_ptr(), capacity * head_dim,
+        position, x32.data_ptr(), out[0].data_ptr(), out[1].data_ptr(), d_model, n_head, n_kv, head_dim,
+        int(w_qkv_OI.dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    if code != 0:
+        raise MemoryError("moekit.matvec.attention_block: could not allocate its scratch buffers")
+    out = out.to(x_D.dtype)
+    return out[0], out[1]
 
 
 def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.config import ConfigError, MoEConfig, is_finite_number, is_int, reject_unknown_fields
 from moekit.experts import DenseFFN
 from moekit.layer import MoE
@@ -269,21 +270,37 @@ class KVCache:
         position so far: [B, H, length + S, K] views of the layer's buffers."""
         past, seq = self._lengths[layer_idx], k_BHSK.shape[2]
         end = past + seq
+        keys, values = self._room(layer_idx, end, k_BHSK)
+        keys[:, :, past:end] = k_BHSK
+        values[:, :, past:end] = v_BHSK
+        self._lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reserve(self, layer_idx: int, like_BHSK: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Room for one more position (a decoded token's, written by the caller): the layer's
+        whole key and value buffers [B, H, capacity, K] (grown as ``append`` grows them, shaped
+        and typed like ``like_BHSK``) and the position to write, which the length now counts."""
+        position = self._lengths[layer_idx]
+        keys, values = self._room(layer_idx, position + 1, like_BHSK)
+        self._lengths[layer_idx] = position + 1
+        return keys, values, position
+
+    def _room(self, layer_idx: int, end: int, like_BHSK: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's buffers, replaced by larger ones (the cached positions copied) when they
+        hold fewer than ``end`` positions."""
+        past = self._lengths[layer_idx]
         keys, values = self._keys[layer_idx], self._values[layer_idx]
         if keys is None or values is None or keys.shape[2] < end:
             capacity = max(end, self.MIN_CAPACITY if self.capacity is None else self.capacity)
             if keys is not None:
                 capacity = max(capacity, 2 * keys.shape[2])
-            new_keys = k_BHSK.new_empty(*k_BHSK.shape[:2], capacity, k_BHSK.shape[3])
-            new_values = v_BHSK.new_empty(*v_BHSK.shape[:2], capacity, v_BHSK.shape[3])
+            new_keys = like_BHSK.new_empty(*like_BHSK.shape[:2], capacity, like_BHSK.shape[3])
+            new_values = like_BHSK.new_empty(*like_BHSK.shape[:2], capacity, like_BHSK.shape[3])
             if keys is not None and values is not None and past:
                 new_keys[:, :, :past] = keys[:, :, :past]
                 new_values[:, :, :past] = values[:, :, :past]
             self._keys[layer_idx], self._values[layer_idx] = keys, values = new_keys, new_values
-        keys[:, :, past:end] = k_BHSK
-        values[:, :, past:end] = v_BHSK
-        self._lengths[layer_idx] = end
-        return keys[:, :, :end], values[:, :, :end]
+        return keys, values
 
 
 class CausalSelfAttention(nn.Module):
@@ -352,8 +369,39 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BSD: Tensor, cos_SK: Tensor, sin_SK: Tensor, cache: KVCache | None) -> Tensor:
+        if cache is not None and x_BSD.shape[0] * x_BSD.shape[1] == 1 and not self.training:
+            halves = self._decode_attention(x_BSD, cos_SK, sin_SK, cache)
+            if halves is not None:
+                x_BSD, h_BSD = halves
+                return x_BSD + self.ffn(h_BSD)
         x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, cache))
         return x_BSD + self.resid_dropout(self.ffn(self.ffn_norm(x_BSD)))
+
+    def _decode_attention(
+        self, x_11D: Tensor, cos_1K: Tensor, sin_1K: Tensor, cache: KVCache
+    ) -> tuple[Tensor, Tensor] | None:
+        """One decoded token's attention half (norm, attention, residual, the FFN's norm) in one
+        ``moekit.matvec.attention_block`` call; None where it does not apply (torch runs it).
+
+        NOTE: the same function as the PyTorch ops above, summed in another order: a decode
+        step's many small ops cost more than its attention weights take to stream
+        (docs/bench_generate.md)."""
+        attn = self.attn
+        qkv, proj = attn.qkv.weight, attn.proj.weight
+        if (attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
+                or self.attn_norm.eps != self.ffn_norm.eps):
+            return None
+        like_BHSK = qkv.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
+        keys = cache._keys[attn.layer_idx]
+        if not matvec.applies_attention_block(x_11D, qkv, proj, keys if keys is not None else like_BHSK,
+                                              keys if keys is not None else like_BHSK):
+            return None
+        keys, values, position = cache.reserve(attn.layer_idx, like_BHSK)
+        x_D, h_D = matvec.attention_block(
+            x_11D, qkv, proj, self.attn_norm.weight, self.ffn_norm.weight, self.attn_norm.eps, cos_1K[0], sin_1K[0],
+            keys, values, position, attn.n_head,
+        )
+        return x_D.view_as(x_11D), h_D.view_as(x_11D)
 
 
 class MoETransformerLM(nn.Module):
