@@ -220,12 +220,14 @@ def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype, torch_ma
 @pytest.mark.parametrize("family", sorted(FAST_PATH_CONFIGS))
 def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(family, dtype, monkeypatch):
     """With the streaming kernels the fast path sums in another order: equal to rounding, the
-    same experts chosen. (Experts large enough for matvec: w_out [256, 128].)"""
+    same experts chosen. (Experts large enough for matvec: w_out [256, 128].) The token's k
+    experts and their weighted sum are one C call (``experts_ffn``)."""
     layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype, d_model=128, d_ff=256)
     kernel_calls = []
-    cols_experts = matvec.cols_experts
+    experts_ffn = matvec.experts_ffn
     monkeypatch.setattr(
-        matvec, "cols_experts", lambda x, w, experts: kernel_calls.append(experts) or cols_experts(x, w, experts)
+        matvec, "experts_ffn", lambda x, w_in, w_out, experts, *rest: kernel_calls.append(experts)
+        or experts_ffn(x, w_in, w_out, experts, *rest)
     )
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for seed in range(4):
@@ -233,8 +235,8 @@ def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(fami
         with torch.no_grad():
             kernel_calls.clear()
             fast = layer(x)
-            # one call for the k experts' w_in, one for their w_out
-            assert len(kernel_calls) == 2 and len(kernel_calls[0]) == layer.config.top_k
+            # one call for the token's k experts
+            assert len(kernel_calls) == 1 and len(kernel_calls[0]) == layer.config.top_k
             fast_stats = layer.last_stats
             layer.decode_fast_path_tokens = 0
             normal = layer(x)

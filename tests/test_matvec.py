@@ -346,3 +346,55 @@ def test_attention_block_applies_only_to_inference_of_supported_tensors():
     with torch.no_grad(), pytest.raises(ValueError, match="position 8 of a cache of 8"):
         matvec.attention_block(x, w_qkv, w_proj.detach(), torch.ones(256), torch.ones(256), 1e-6, torch.ones(16),
                                torch.zeros(16), keys, keys.clone(), 8, 8)
+
+
+def naive_experts(x_D, w_in_EDH, w_out_EFD, experts, weights, activation, alpha, limit, b_in_EH, b_out_ED):
+    """Σ_j w_j FFN_{e_j}(x) in float64, the formulas of moekit.experts.activate written out."""
+    f64 = torch.float64
+    y = torch.zeros(w_out_EFD.shape[2], dtype=f64)
+    for e, w in zip(experts, weights.tolist(), strict=True):
+        h = x_D.to(f64) @ w_in_EDH[e].to(f64) + (0 if b_in_EH is None else b_in_EH[e].to(f64))
+        if activation in ("swiglu", "clamped_swiglu"):
+            gate, up = h.chunk(2)
+            if activation == "swiglu":  # Shazeer 2020 eq. 6: silu(gate) · up
+                a = gate * torch.sigmoid(gate) * up
+            else:  # GPT-OSS: (clamp(up) + 1) · g · sigmoid(alpha g), g = min(gate, limit)
+                gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+                a = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        elif activation == "gelu":  # the erf form
+            a = 0.5 * h * (1 + torch.erf(h / 2**0.5))
+        else:
+            a = h.clamp(min=0)
+        y += w * (a @ w_out_EFD[e].to(f64) + (0 if b_out_ED is None else b_out_ED[e].to(f64)))
+    return y
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("activation", "biases"), [("swiglu", False), ("clamped_swiglu", True), ("gelu", False),
+                                                    ("relu", True)])
+def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activation, biases):
+    torch.manual_seed(1)
+    d_model, d_ff, num_experts = 256, 192, 5
+    hidden = 2 * d_ff if "swiglu" in activation else d_ff
+    w_in = (torch.randn(num_experts, d_model, hidden) / 16).to(dtype)
+    w_out = (torch.randn(num_experts, d_ff, d_model) / 16).to(dtype)
+    b_in = (torch.randn(num_experts, hidden) / 4).to(dtype) if biases else None
+    b_out = (torch.randn(num_experts, d_model) / 4).to(dtype) if biases else None
+    x = torch.randn(1, d_model).to(dtype)
+    experts, weights = [3, 0, 4], torch.tensor([0.5, 0.3, 0.2])
+    with torch.no_grad():
+        assert matvec.applies_experts(x, w_in, w_out)
+        stacked = matvec.experts_ffn(x, w_in, w_out, experts, weights, activation, 1.702, 0.7, b_in, b_out)
+        listed = matvec.experts_ffn(
+            x, [w_in[e].clone() for e in experts], [w_out[e].clone() for e in experts], experts, weights, activation,
+            1.702, 0.7, None if b_in is None else [b_in[e].clone() for e in experts],
+            None if b_out is None else [b_out[e].clone() for e in experts],
+        )
+    assert stacked.dtype == torch.float32 and stacked.shape == (1, d_model)
+    assert torch.equal(stacked, listed)  # the same sums, however the experts are held
+    want = naive_experts(x[0], w_in, w_out, experts, weights, activation, 1.702, 0.7, b_in, b_out)
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(stacked[0].double(), want, **tolerance)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        matvec.experts_ffn(x, w_in, w_out, experts, weights, "tanh")

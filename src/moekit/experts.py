@@ -205,9 +205,17 @@ class GroupedExperts(nn.Module):
         # moekit.matvec's streaming kernel in inference (torch's matmul otherwise).
         w_in_EDH, w_out_EFD = self.w_in, self.w_out
         if x_TD.shape[0] == 1 and matvec.applies_experts(x_TD, w_in_EDH, w_out_EFD):
+            experts = expert_idx_N.tolist()
+            if config.activation in matvec.DECODE_ACTIVATIONS:
+                # One token (decoding): its k experts and their weighted sum in one C call (the
+                # ops below, each product summed as moekit.matvec sums it, without their ~10
+                # small torch ops per layer and step).
+                return matvec.experts_ffn(
+                    x_TD, w_in_EDH, w_out_EFD, experts, weight_N, config.activation, config.swiglu_alpha,
+                    config.swiglu_limit, self.b_in, self.b_out,
+                )
             # One token (decoding): its k experts' products in one kernel call per projection,
             # each summed as the per-assignment loop below would through moekit.matvec.
-            experts = expert_idx_N.tolist()
             h_kH = matvec.cols_experts(x_TD.expand(len(experts), -1), w_in_EDH, experts)
             if self.b_in is not None:
                 h_kH = h_kH + self.b_in[expert_idx_N]

@@ -293,6 +293,10 @@ static inline void store_value(void *base, int64_t index, float v, int bf16) {
     }
 }
 
+static inline float as_value(const void *base, int64_t index, int bf16) {
+    return bf16 ? bf16_to_f(((const uint16_t *)base)[index]) : ((const float *)base)[index];
+}
+
 /* One cached key or value row as float32. */
 static inline void cache_row(const void *cache, int64_t offset, float *row, int64_t hd, int bf16) {
     if (bf16) {
@@ -451,5 +455,70 @@ int moekit_attn_block(const void *w_qkv, const void *w_proj, const float *g_attn
     rms_norm(x_out, g_ffn, eps, h2_out, D, bf16);
     free(h);
     free(scores);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * A decoded token's routed experts, combined, in one call:
+ *
+ *   h_j = x W_in[e_j] (+ b_in[e_j])     [H]   (cols kernel, the k experts at once)
+ *   a_j = act(h_j)                       [F]   (SwiGLU: silu(gate) * up on h = [gate | up],
+ *                                               Shazeer 2020 eq. 6; GPT-OSS's clamped SwiGLU;
+ *                                               GELU (erf form); ReLU)
+ *   o_j = a_j W_out[e_j] (+ b_out[e_j])  [D]
+ *   y   = sum_j w_j o_j                  [D]   (float32, in the order j = 0..k-1)
+ *
+ * With bf16 = 1 every value the PyTorch path rounds to bfloat16 (each op's output) is rounded
+ * here too. Biases (b_in, b_out: k pointers each, or NULL) are in the weights' dtype.
+ * ------------------------------------------------------------------------------------------- */
+enum { ACT_SWIGLU = 0, ACT_CLAMPED_SWIGLU = 1, ACT_GELU = 2, ACT_RELU = 3 };
+
+static inline float rnd_if(float v, int bf16) { return bf16 ? round_bf16(v) : v; }
+static inline float sigmoid_f(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+int moekit_experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
+                          const void *const *b_out, const float *weights, const float *x, float *y, int64_t k,
+                          int64_t D, int64_t H, int64_t F, int activation, float alpha, float limit, int bf16,
+                          int threads) {
+    float *buf = malloc(sizeof(float) * (size_t)(k * D + k * H + k * F + k * D));
+    if (!buf) return -1;
+    float *xs = buf, *h = xs + k * D, *a = h + k * H, *o = a + k * F;
+    for (int64_t j = 0; j < k; j++) memcpy(xs + j * D, x, sizeof(float) * (size_t)D);
+    int code = cols_batch(w_in, bf16 ? block_bf16 : block_f32, bf16, xs, h, k, D, H, threads);
+    if (code != 0) { free(buf); return code; }
+    for (int64_t j = 0; j < k; j++) {
+        float *hj = h + j * H, *aj = a + j * F;
+        for (int64_t i = 0; i < H; i++) {
+            hj[i] = rnd_if(hj[i], bf16);
+            if (b_in) hj[i] = rnd_if(hj[i] + as_value(b_in[j], i, bf16), bf16);
+        }
+        for (int64_t i = 0; i < F; i++) {
+            float v;
+            if (activation == ACT_SWIGLU) {
+                const float gate = hj[i], up = hj[F + i];
+                v = rnd_if(rnd_if(gate * sigmoid_f(gate), bf16) * up, bf16);
+            } else if (activation == ACT_CLAMPED_SWIGLU) {
+                const float gate = hj[i] > limit ? limit : hj[i];
+                const float up = hj[F + i] > limit ? limit : (hj[F + i] < -limit ? -limit : hj[F + i]);
+                const float sig = rnd_if(sigmoid_f(rnd_if(gate * alpha, bf16)), bf16);
+                v = rnd_if(rnd_if(up + 1.0f, bf16) * rnd_if(gate * sig, bf16), bf16);
+            } else if (activation == ACT_GELU) {
+                v = rnd_if(0.5f * hj[i] * (1.0f + erff(hj[i] * 0.70710678118654752f)), bf16);
+            } else {
+                v = hj[i] > 0 ? hj[i] : 0.0f;
+            }
+            aj[i] = v;
+        }
+    }
+    code = cols_batch(w_out, bf16 ? block_bf16 : block_f32, bf16, a, o, k, F, D, threads);
+    if (code != 0) { free(buf); return code; }
+    for (int64_t i = 0; i < D; i++) y[i] = 0.0f;
+    for (int64_t j = 0; j < k; j++)
+        for (int64_t i = 0; i < D; i++) {
+            float v = rnd_if(o[j * D + i], bf16);
+            if (b_out) v = rnd_if(v + as_value(b_out[j], i, bf16), bf16);
+            y[i] += weights[j] * v;
+        }
+    free(buf);
     return 0;
 }

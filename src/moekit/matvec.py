@@ -18,6 +18,8 @@ Two layouts, both row-major and contiguous:
   ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call,
   ``cols_matrices`` k separately stored [in, out] matrices (an offloaded layer's experts);
 - ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row;
+- ``experts_ffn``: a decoded token's k experts (both projections, the nonlinearity) and their
+  weighted sum in one call;
 - ``attention_block``: a pre-norm block's whole attention half for one decoded token (norm,
   qkv, rotary, KV-cache write, grouped-query attention, output projection, residual, the FFN's
   norm) in one call: a decode step's per-layer Python and small-op time is most of what is not
@@ -150,6 +152,12 @@ def _load() -> ctypes.CDLL | None:
                     + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
                 )
                 library.moekit_attn_block.restype = ctypes.c_int
+                library.moekit_experts_decode.argtypes = (
+                    [ctypes.c_void_p] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                                             ctypes.c_int, ctypes.c_int]
+                )
+                library.moekit_experts_decode.restype = ctypes.c_int
                 _library = library
                 _status = f"native ({Path(compiler).name} {' '.join(flags)})"
                 return library
@@ -385,6 +393,64 @@ def attention_block(
         raise MemoryError("moekit.matvec.attention_block: could not allocate its scratch buffers")
     out = out.to(x_D.dtype)
     return out[0], out[1]
+
+
+# moekit.experts.activate's names → matvec.c's codes (experts_decode)
+DECODE_ACTIVATIONS = {"swiglu": 0, "clamped_swiglu": 1, "gelu": 2, "relu": 3}
+
+
+def experts_ffn(
+    x: Tensor, w_in: Tensor | Sequence[Tensor], w_out: Tensor | Sequence[Tensor], experts: list[int], weight_k: Tensor,
+    activation: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+    b_in: Tensor | Sequence[Tensor] | None = None, b_out: Tensor | Sequence[Tensor] | None = None,
+) -> Tensor:
+    """One token's routed experts, combined, in one C call: y = Σ_j weight_k[j] ·
+    FFN_{experts[j]}(x), float32 [1, D] (moekit.experts.activate's nonlinearities; biases
+    optional). The weights are either stacked [E, I, O] tensors (indexed by ``experts``, as
+    ``GroupedExperts`` holds them; biases [E, H] / [E, D]) or lists of the k experts' own [I, O]
+    matrices in order (an offloaded layer's cached experts; ``experts`` then only counts them).
+    Check ``applies_experts`` (stacked) or ``applies_matrices`` (lists), and that
+    ``activation`` is in ``DECODE_ACTIVATIONS``, first. Each expert's products are
+    ``cols_experts``' sums; the activation and the combine are the PyTorch ops' formulas with
+    the same roundings (bfloat16), summed in the assignment order."""
+    stacked = isinstance(w_in, Tensor)
+
+    def addresses(weights: Tensor | Sequence[Tensor] | None) -> Any:
+        if weights is None:
+            return None
+        if isinstance(weights, Tensor):
+            row_bytes = weights[0].numel() * weights.element_size()
+            chosen = [weights.data_ptr() + e * row_bytes for e in experts]
+        else:
+            chosen = [t.data_ptr() for t in weights]
+        return (ctypes.c_void_p * len(chosen))(*chosen)
+
+    first_in = w_in[0]
+    first_out = w_out[0]
+    d_model, hidden = first_in.shape
+    width = first_out.shape[0]
+    k = len(experts)
+    if (not stacked and (len(w_in) != k or len(w_out) != k)) or weight_k.numel() != k:
+        raise ValueError(f"matvec.experts_ffn: {k} experts, {weight_k.numel()} weights")
+    if activation not in DECODE_ACTIVATIONS:
+        raise ValueError(f"matvec.experts_ffn: activation {activation!r} is not one of {sorted(DECODE_ACTIVATIONS)}")
+    for biases in (b_in, b_out):
+        if biases is not None and any(not b.is_contiguous() or b.dtype != first_in.dtype for b in biases):
+            raise ValueError("matvec.experts_ffn: biases must be contiguous and of the weights' dtype")
+    x32 = x.reshape(-1).float().contiguous()
+    weights32 = weight_k.reshape(-1).float().contiguous()
+    y = torch.empty(1, d_model, dtype=torch.float32)
+    code = _kernel("moekit_experts_decode")(
+        ctypes.cast(addresses(w_in), ctypes.c_void_p), ctypes.cast(addresses(w_out), ctypes.c_void_p),
+        None if b_in is None else ctypes.cast(addresses(b_in), ctypes.c_void_p),
+        None if b_out is None else ctypes.cast(addresses(b_out), ctypes.c_void_p),
+        weights32.data_ptr(), x32.data_ptr(), y.data_ptr(), k, d_model, hidden, width,
+        DECODE_ACTIVATIONS[activation], swiglu_alpha, swiglu_limit, int(first_in.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        raise MemoryError("moekit.matvec.experts_ffn: could not allocate its scratch buffers")
+    return y
 
 
 def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:

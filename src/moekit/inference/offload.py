@@ -315,6 +315,14 @@ class OffloadedExperts(nn.Module):
                 return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
             w_in = [w.w_in_DH for w in weights]
             w_out = [w.w_out_FD for w in weights]
+            if matvec.applies_matrices(x_TD, w_in, w_out) and config.activation in matvec.DECODE_ACTIVATIONS:
+                # The in-memory layer's one C call (GroupedExperts.forward_per_assignment) on the
+                # cached experts' own matrices: the same sums.
+                b_in = None if weights[0].b_in_H is None else [w.b_in_H for w in weights]
+                b_out = None if weights[0].b_out_D is None else [w.b_out_D for w in weights]
+                self.protect = frozenset(experts)
+                return matvec.experts_ffn(x_TD, w_in, w_out, experts, weight_N, config.activation,
+                                          config.swiglu_alpha, config.swiglu_limit, b_in, b_out)
             if matvec.applies_matrices(x_TD, w_in, w_out):
                 h_kH = matvec.cols_matrices(x_TD.expand(len(experts), -1), w_in)
                 if weights[0].b_in_H is not None:
