@@ -392,9 +392,9 @@ class Block(nn.Module):
                 or self.attn_norm.eps != self.ffn_norm.eps):
             return None
         like_BHSK = qkv.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
-        keys = cache._keys[attn.layer_idx]
-        if not matvec.applies_attention_block(x_11D, qkv, proj, keys if keys is not None else like_BHSK,
-                                              keys if keys is not None else like_BHSK):
+        keys, values = cache._keys[attn.layer_idx], cache._values[attn.layer_idx]
+        if not matvec.applies_attention_block(x_11D, qkv, proj, like_BHSK if keys is None else keys,
+                                              like_BHSK if values is None else values):
             return None
         keys, values, position = cache.reserve(attn.layer_idx, like_BHSK)
         x_D, h_D = matvec.attention_block(
