@@ -398,3 +398,33 @@ def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activa
     torch.testing.assert_close(stacked[0].double(), want, **tolerance)
     with pytest.raises(ValueError, match="activation 'tanh'"):
         matvec.experts_ffn(x, w_in, w_out, experts, weights, "tanh")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("activation", "biases"), [("swiglu", False), ("clamped_swiglu", True), ("relu", False)])
+def test_experts_ffn_int8_equals_the_float64_formulas(dtype, activation, biases):
+    """int8 experts ([out, in] weights, one scale per output): the dequantized weights through
+    the same float64 formulas."""
+    torch.manual_seed(2)
+    d_model, d_ff, k = 256, 192, 2
+    hidden = 2 * d_ff if "swiglu" in activation else d_ff
+    q_in = [torch.randint(-127, 128, (hidden, d_model), dtype=torch.int8) for _ in range(k)]
+    q_out = [torch.randint(-127, 128, (d_model, d_ff), dtype=torch.int8) for _ in range(k)]
+    s_in = [torch.rand(hidden) / 2000 for _ in range(k)]
+    s_out = [torch.rand(d_model) / 2000 for _ in range(k)]
+    b_in = [torch.randn(hidden) / 4 for _ in range(k)] if biases else None
+    b_out = [torch.randn(d_model) / 4 for _ in range(k)] if biases else None
+    x = torch.randn(1, d_model).to(dtype)
+    weights = torch.tensor([0.7, 0.3])
+    with torch.no_grad():
+        assert matvec.applies_int8_experts(x, q_in, q_out)
+        assert not matvec.applies_int8_experts(x, q_out, q_in)  # w_in's inputs are not x's features
+        got = matvec.experts_ffn_int8(x, q_in, s_in, q_out, s_out, weights, activation, 1.702, 0.7, b_in, b_out)
+    w_in = torch.stack([(q.double() * s.double()[:, None]).t() for q, s in zip(q_in, s_in, strict=True)])
+    w_out = torch.stack([(q.double() * s.double()[:, None]).t() for q, s in zip(q_out, s_out, strict=True)])
+    want = naive_experts(x[0], w_in, w_out, [0, 1], weights, activation, 1.702, 0.7,
+                         None if b_in is None else torch.stack(b_in), None if b_out is None else torch.stack(b_out))
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    assert got.shape == (1, d_model) and got.dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want, **tolerance)

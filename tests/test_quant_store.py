@@ -130,6 +130,29 @@ def test_logits_equal_quantize_experts_bitwise_at_full_and_small_budgets(tmp_pat
     assert_bitwise_equal(prefill_then_decode(plain, idx, prompt=14), want, f"{scheme} in memory from the store")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decode_in_one_c_call_is_bitwise_equal_offloaded_and_in_memory(tmp_path, dtype, monkeypatch):
+    """Experts wide enough for moekit.matvec's int8 kernel (d_ff 256): a decoded token's int8
+    experts run in one ``experts_ffn_int8`` call in both models, with the same sums."""
+    from moekit import matvec
+
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec is {matvec.status()}")
+    model = quant_model(dtype, moe={"d_ff": 256})
+    store = pack(model, tmp_path / "store", "int8")
+    in_memory = copy.deepcopy(model)
+    quantize_experts(in_memory, "int8")
+    calls = []
+    real = matvec.experts_ffn_int8
+    monkeypatch.setattr(matvec, "experts_ffn_int8", lambda *args: calls.append(1) or real(*args))
+    idx = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(2))
+    want = prefill_then_decode(in_memory, idx, prompt=14)
+    assert len(calls) == (20 - 14) * model.config.n_layer
+    offloaded = load(store, memory_budget=minimum_budget(store))
+    assert_bitwise_equal(prefill_then_decode(offloaded, idx, prompt=14), want, "int8 at the minimum budget")
+    assert len(calls) == 2 * (20 - 14) * model.config.n_layer
+
+
 def test_bf16_view_of_a_float32_quantized_store_equals_quantize_experts_in_bf16(tmp_path):
     model = quant_model()
     store = pack(model, tmp_path / "store", "int8")

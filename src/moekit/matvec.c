@@ -507,6 +507,27 @@ enum { ACT_SWIGLU = 0, ACT_CLAMPED_SWIGLU = 1, ACT_GELU = 2, ACT_RELU = 3 };
 static inline float rnd_if(float v, int bf16) { return bf16 ? round_bf16(v) : v; }
 static inline float sigmoid_f(float v) { return 1.0f / (1.0f + expf(-v)); }
 
+/* a[F] = act(h) for one expert's hidden row h (h = [gate | up], 2F values, for the gated ones). */
+static void activate_row(const float *h, float *a, int64_t F, int activation, float alpha, float limit, int bf16) {
+    for (int64_t i = 0; i < F; i++) {
+        float v;
+        if (activation == ACT_SWIGLU) {
+            const float gate = h[i], up = h[F + i];
+            v = rnd_if(rnd_if(gate * sigmoid_f(gate), bf16) * up, bf16);
+        } else if (activation == ACT_CLAMPED_SWIGLU) {
+            const float gate = h[i] > limit ? limit : h[i];
+            const float up = h[F + i] > limit ? limit : (h[F + i] < -limit ? -limit : h[F + i]);
+            const float sig = rnd_if(sigmoid_f(rnd_if(gate * alpha, bf16)), bf16);
+            v = rnd_if(rnd_if(up + 1.0f, bf16) * rnd_if(gate * sig, bf16), bf16);
+        } else if (activation == ACT_GELU) {
+            v = rnd_if(0.5f * h[i] * (1.0f + erff(h[i] * 0.70710678118654752f)), bf16);
+        } else {
+            v = h[i] > 0 ? h[i] : 0.0f;
+        }
+        a[i] = v;
+    }
+}
+
 int moekit_experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
                           const void *const *b_out, const float *weights, const float *x, float *y, int64_t k,
                           int64_t D, int64_t H, int64_t F, int activation, float alpha, float limit, int bf16,
@@ -518,28 +539,12 @@ int moekit_experts_decode(const void *const *w_in, const void *const *w_out, con
     int code = cols_batch(w_in, bf16 ? block_bf16 : block_f32, bf16, xs, h, k, D, H, threads);
     if (code != 0) { free(buf); return code; }
     for (int64_t j = 0; j < k; j++) {
-        float *hj = h + j * H, *aj = a + j * F;
+        float *hj = h + j * H;
         for (int64_t i = 0; i < H; i++) {
             hj[i] = rnd_if(hj[i], bf16);
             if (b_in) hj[i] = rnd_if(hj[i] + as_value(b_in[j], i, bf16), bf16);
         }
-        for (int64_t i = 0; i < F; i++) {
-            float v;
-            if (activation == ACT_SWIGLU) {
-                const float gate = hj[i], up = hj[F + i];
-                v = rnd_if(rnd_if(gate * sigmoid_f(gate), bf16) * up, bf16);
-            } else if (activation == ACT_CLAMPED_SWIGLU) {
-                const float gate = hj[i] > limit ? limit : hj[i];
-                const float up = hj[F + i] > limit ? limit : (hj[F + i] < -limit ? -limit : hj[F + i]);
-                const float sig = rnd_if(sigmoid_f(rnd_if(gate * alpha, bf16)), bf16);
-                v = rnd_if(rnd_if(up + 1.0f, bf16) * rnd_if(gate * sig, bf16), bf16);
-            } else if (activation == ACT_GELU) {
-                v = rnd_if(0.5f * hj[i] * (1.0f + erff(hj[i] * 0.70710678118654752f)), bf16);
-            } else {
-                v = hj[i] > 0 ? hj[i] : 0.0f;
-            }
-            aj[i] = v;
-        }
+        activate_row(hj, a + j * F, F, activation, alpha, limit, bf16);
     }
     code = cols_batch(w_out, bf16 ? block_bf16 : block_f32, bf16, a, o, k, F, D, threads);
     if (code != 0) { free(buf); return code; }
@@ -550,6 +555,38 @@ int moekit_experts_decode(const void *const *w_in, const void *const *w_out, con
             if (b_out) v = rnd_if(v + as_value(b_out[j], i, bf16), bf16);
             y[i] += weights[j] * v;
         }
+    free(buf);
+    return 0;
+}
+
+/* The same for int8 experts (moekit.inference.quant's int8: qweight [out, in], one float32 scale
+ * per output, float32 biases): each projection through moekit_rows_i8, rounded to the
+ * activations' dtype as QuantizedExpert rounds its products, biases rounded to it before the
+ * add, the nonlinearity and the weighted sum as above. */
+int moekit_experts_decode_i8(const int8_t *const *q_in, const float *const *s_in, const int8_t *const *q_out,
+                             const float *const *s_out, const float *const *b_in, const float *const *b_out,
+                             const float *weights, const float *x, float *y, int64_t k, int64_t D, int64_t H,
+                             int64_t F, int activation, float alpha, float limit, int bf16, int threads) {
+    float *buf = malloc(sizeof(float) * (size_t)(H + F + D));
+    if (!buf) return -1;
+    float *h = buf, *a = h + H, *o = a + F;
+    for (int64_t i = 0; i < D; i++) y[i] = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        int code = moekit_rows_i8(q_in[j], s_in[j], x, h, H, D, threads);
+        if (code != 0) { free(buf); return code; }
+        for (int64_t i = 0; i < H; i++) {
+            h[i] = rnd_if(h[i], bf16);
+            if (b_in) h[i] = rnd_if(h[i] + rnd_if(b_in[j][i], bf16), bf16);
+        }
+        activate_row(h, a, F, activation, alpha, limit, bf16);
+        code = moekit_rows_i8(q_out[j], s_out[j], a, o, D, F, threads);
+        if (code != 0) { free(buf); return code; }
+        for (int64_t i = 0; i < D; i++) {
+            float v = rnd_if(o[i], bf16);
+            if (b_out) v = rnd_if(v + rnd_if(b_out[j][i], bf16), bf16);
+            y[i] += weights[j] * v;
+        }
+    }
     free(buf);
     return 0;
 }

@@ -18,8 +18,8 @@ Two layouts, both row-major and contiguous:
   ``cols_experts`` runs a token's k experts of an [E, in, out] weight in one call,
   ``cols_matrices`` k separately stored [in, out] matrices (an offloaded layer's experts);
 - ``rows_int8(x, q_OI, scales_O)``: int8 weights with one scale per output row;
-- ``experts_ffn``: a decoded token's k experts (both projections, the nonlinearity) and their
-  weighted sum in one call;
+- ``experts_ffn`` / ``experts_ffn_int8``: a decoded token's k experts (both projections, the
+  nonlinearity) and their weighted sum in one call;
 - ``attention_block``: a pre-norm block's whole attention half for one decoded token (norm,
   qkv, rotary, KV-cache write, grouped-query attention, output projection, residual, the FFN's
   norm) in one call: a decode step's per-layer Python and small-op time is most of what is not
@@ -158,6 +158,11 @@ def _load() -> ctypes.CDLL | None:
                                              ctypes.c_int, ctypes.c_int]
                 )
                 library.moekit_experts_decode.restype = ctypes.c_int
+                library.moekit_experts_decode_i8.argtypes = (
+                    [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                                                                     ctypes.c_int, ctypes.c_int]
+                )
+                library.moekit_experts_decode_i8.restype = ctypes.c_int
                 _library = library
                 _status = f"native ({Path(compiler).name} {' '.join(flags)})"
                 return library
@@ -450,6 +455,58 @@ def experts_ffn(
     )
     if code != 0:
         raise MemoryError("moekit.matvec.experts_ffn: could not allocate its scratch buffers")
+    return y
+
+
+def applies_int8_experts(x: Tensor, qweights_in: Sequence[Tensor], qweights_out: Sequence[Tensor]) -> bool:
+    """Whether ``experts_ffn_int8`` runs a token ``x`` (one row, float32 or bfloat16) through
+    these int8 experts: ``applies_int8``'s conditions for every projection."""
+    if not _one_row(x) or x.dtype not in WEIGHT_DTYPES or not qweights_in or len(qweights_in) != len(qweights_out):
+        return False
+    for q_in, q_out in zip(qweights_in, qweights_out, strict=True):
+        if q_in.dim() != 2 or q_out.dim() != 2 or q_in.dtype != torch.int8 or q_out.dtype != torch.int8:
+            return False
+        if q_in.shape[1] != x.shape[-1] or not q_in.is_contiguous() or not q_out.is_contiguous():
+            return False
+    first_in, first_out = qweights_in[0], qweights_out[0]
+    return _eligible(x, first_in, first_in.numel(), WEIGHT_DTYPES) and first_out.numel() >= MIN_WEIGHT_ELEMENTS
+
+
+def experts_ffn_int8(
+    x: Tensor, qweights_in: Sequence[Tensor], scales_in: Sequence[Tensor], qweights_out: Sequence[Tensor],
+    scales_out: Sequence[Tensor], weight_k: Tensor, activation: str, swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0, b_in: Sequence[Tensor] | None = None, b_out: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """``experts_ffn`` for int8 experts (one scale per output channel, ``rows_int8``'s contract):
+    the k experts ([out, in] int8 weights, float32 scales and float32 biases, in order) and
+    their weighted sum in one C call, float32 [1, D], each product rounded to x's dtype as the
+    per-expert calls round it. Check ``applies_int8_experts`` first."""
+    k = len(qweights_in)
+    if weight_k.numel() != k or not (len(scales_in) == len(scales_out) == len(qweights_out) == k):
+        raise ValueError(f"matvec.experts_ffn_int8: {k} experts, {weight_k.numel()} weights")
+    if activation not in DECODE_ACTIVATIONS:
+        raise ValueError(
+            f"matvec.experts_ffn_int8: activation {activation!r} is not one of {sorted(DECODE_ACTIVATIONS)}"
+        )
+    hidden, d_model = qweights_in[0].shape
+    width = qweights_out[0].shape[1]
+    floats = [t.float().contiguous() for t in (*scales_in, *scales_out, *(b_in or ()), *(b_out or ()))]
+
+    def pointers(tensors: Sequence[Tensor]) -> Any:
+        return ctypes.cast((ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors)), ctypes.c_void_p)
+
+    x32 = x.reshape(-1).float().contiguous()
+    weights32 = weight_k.reshape(-1).float().contiguous()
+    y = torch.empty(1, d_model, dtype=torch.float32)
+    code = _kernel("moekit_experts_decode_i8")(
+        pointers(qweights_in), pointers(floats[:k]), pointers(qweights_out), pointers(floats[k : 2 * k]),
+        None if b_in is None else pointers(floats[2 * k : 3 * k]),
+        None if b_out is None else pointers(floats[len(floats) - k :]),
+        weights32.data_ptr(), x32.data_ptr(), y.data_ptr(), k, d_model, hidden, width, DECODE_ACTIVATIONS[activation],
+        swiglu_alpha, swiglu_limit, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    if code != 0:
+        raise MemoryError("moekit.matvec.experts_ffn_int8: could not allocate its scratch buffers")
     return y
 
 

@@ -54,7 +54,7 @@ from moekit.experts import GroupedExperts, activate, combine_assignments
 from moekit.fused import combine_dtype
 from moekit.hugepages import huge_page_empty, place_in_huge_pages
 from moekit.inference.cache import ExpertCache
-from moekit.inference.quant import SCHEMES, QuantizedExpert, QuantizedExperts
+from moekit.inference.quant import SCHEMES, QuantizedExpert, QuantizedExperts, experts_one_token
 from moekit.inference.store import ExpertStore, StoreError, meta_lm, model_layout
 from moekit.layer import MoE
 from moekit.models.lm import MoETransformerLM
@@ -310,9 +310,8 @@ class OffloadedExperts(nn.Module):
         weights = self.cache.acquire(self.layer, experts)
         try:
             if self.quantized:
-                out_kD = torch.cat([w.expert(x_TD) for w in weights])
                 self.protect = frozenset(experts)
-                return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
+                return experts_one_token([w.expert for w in weights], x_TD, token_idx_N, weight_N)
             w_in = [w.w_in_DH for w in weights]
             w_out = [w.w_out_FD for w in weights]
             if matvec.applies_matrices(x_TD, w_in, w_out) and config.activation in matvec.DECODE_ACTIVATIONS:

@@ -503,6 +503,32 @@ def quantize_expert(
 # --------------------------------------------------------------------------------------------
 
 
+def experts_one_token(
+    experts: Sequence[QuantizedExpert], x_1D: Tensor, token_idx_N: Tensor, weight_N: Tensor, impl: str = "auto"
+) -> Tensor:
+    """One token's k quantized experts, combined, float32 [1, D]: int8 experts in one
+    ``matvec.experts_ffn_int8`` call where it applies (the per-expert calls' products and
+    roundings, the nonlinearity and the weighted sum in C), else each expert's call and the
+    local dispatcher's float32 index_add. The in-memory and the offloaded quantized layers both
+    decode through here, so their sums are the same."""
+    first = experts[0]
+    if (
+        impl == "auto" and first.scheme == "int8" and first.activation in matvec.DECODE_ACTIVATIONS
+        and all(e.scheme == "int8" and (e.b_in is None) == (first.b_in is None)
+                and (e.b_out is None) == (first.b_out is None) for e in experts)
+        and matvec.applies_int8_experts(x_1D, [e.w_in.qweight for e in experts], [e.w_out.qweight for e in experts])
+    ):
+        return matvec.experts_ffn_int8(
+            x_1D, [e.w_in.qweight for e in experts], [e.w_in._scales_as(torch.float32) for e in experts],
+            [e.w_out.qweight for e in experts], [e.w_out._scales_as(torch.float32) for e in experts], weight_N,
+            first.activation, first.swiglu_alpha, first.swiglu_limit,
+            None if first.b_in is None else [e.b_in for e in experts],
+            None if first.b_out is None else [e.b_out for e in experts],
+        )
+    out_kD = torch.cat([expert(x_1D, impl) for expert in experts])
+    return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
+
+
 class QuantizedExperts(nn.Module):
     """Drop-in for ``GroupedExperts`` at inference: ``forward(x_ND, group_ends_E, counts)``
     runs each non-empty expert on its rows (grouped by expert, as the dispatcher sends them),
@@ -557,9 +583,9 @@ class QuantizedExperts(nn.Module):
         equal bit for bit to the generic path."""
         if x_TD.shape[0] != 1:
             raise ValueError(f"QuantizedExperts.forward_per_assignment takes one token, got {x_TD.shape[0]}")
+        chosen = [self.experts[e] for e in expert_idx_N.tolist()]
         with torch.no_grad():
-            out_kD = torch.cat([self.experts[e](x_TD, self.impl) for e in expert_idx_N.tolist()])
-        return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=False)
+            return experts_one_token(chosen, x_TD, token_idx_N, weight_N, self.impl)
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         if len(counts) != self.num_experts:
