@@ -385,7 +385,9 @@ class Block(nn.Module):
 
         NOTE: the same function as the PyTorch ops above, summed in another order: a decode
         step's many small ops cost more than its attention weights take to stream
-        (docs/bench_generate.md)."""
+        (docs/bench_generate.md). The ``attn`` and norm modules are not called for such a token,
+        so forward hooks registered on them do not run for it (``matvec.set_enabled(False)``
+        restores the module calls)."""
         attn = self.attn
         qkv, proj = attn.qkv.weight, attn.proj.weight
         if (attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
