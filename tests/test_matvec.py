@@ -400,6 +400,13 @@ def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activa
         matvec.experts_ffn(x, w_in, w_out, experts, weights, "tanh")
 
 
+def test_the_c_calls_know_every_activation_a_config_allows():
+    """The decode fast paths call experts_ffn for every config: no activation may lack a C code."""
+    from moekit.config import ACTIVATIONS
+
+    assert set(matvec.DECODE_ACTIVATIONS) == set(ACTIVATIONS)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("activation", "biases"), [("swiglu", False), ("clamped_swiglu", True), ("relu", False)])

@@ -205,25 +205,13 @@ class GroupedExperts(nn.Module):
         # moekit.matvec's streaming kernel in inference (torch's matmul otherwise).
         w_in_EDH, w_out_EFD = self.w_in, self.w_out
         if x_TD.shape[0] == 1 and matvec.applies_experts(x_TD, w_in_EDH, w_out_EFD):
-            experts = expert_idx_N.tolist()
-            if config.activation in matvec.DECODE_ACTIVATIONS:
-                # One token (decoding): its k experts and their weighted sum in one C call (the
-                # ops below, each product summed as moekit.matvec sums it, without their ~10
-                # small torch ops per layer and step).
-                return matvec.experts_ffn(
-                    x_TD, w_in_EDH, w_out_EFD, experts, weight_N, config.activation, config.swiglu_alpha,
-                    config.swiglu_limit, self.b_in, self.b_out,
-                )
-            # One token (decoding): its k experts' products in one kernel call per projection,
-            # each summed as the per-assignment loop below would through moekit.matvec.
-            h_kH = matvec.cols_experts(x_TD.expand(len(experts), -1), w_in_EDH, experts)
-            if self.b_in is not None:
-                h_kH = h_kH + self.b_in[expert_idx_N]
-            act_kF = self.dropout(activate(h_kH, self.activation, config.swiglu_alpha, config.swiglu_limit))
-            out_ND = matvec.cols_experts(act_kF, w_out_EFD, experts)
-            if self.b_out is not None:
-                out_ND = out_ND + self.b_out[expert_idx_N]
-            return self._combine(out_ND, token_idx_N, weight_N, x_TD)
+            # One token (decoding): its k experts and their weighted sum in one C call (the
+            # ops below, each product summed as moekit.matvec sums it, without their ~10 small
+            # torch ops per layer and step).
+            return matvec.experts_ffn(
+                x_TD, w_in_EDH, w_out_EFD, expert_idx_N.tolist(), weight_N, config.activation,
+                config.swiglu_alpha, config.swiglu_limit, self.b_in, self.b_out,
+            )
         for token, expert in zip(token_idx_N.tolist(), expert_idx_N.tolist(), strict=True):
             h_1H = matvec.vecmat(x_TD[token : token + 1], w_in_EDH[expert])
             if self.b_in is not None:
@@ -233,10 +221,7 @@ class GroupedExperts(nn.Module):
             if self.b_out is not None:
                 out_1D = out_1D + self.b_out[expert]
             rows.append(out_1D)
-        return self._combine(torch.cat(rows, dim=0), token_idx_N, weight_N, x_TD)
-
-    def _combine(self, out_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, x_TD: Tensor) -> Tensor:
-        return combine_assignments(out_ND, token_idx_N, weight_N, x_TD.shape[0], self.fusable)
+        return combine_assignments(torch.cat(rows, dim=0), token_idx_N, weight_N, x_TD.shape[0], self.fusable)
 
     def forward(self, x_ND: Tensor, group_ends_E: Tensor, counts: Sequence[int]) -> Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in order) → [N, D]."""

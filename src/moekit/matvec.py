@@ -414,8 +414,8 @@ def experts_ffn(
     optional). The weights are either stacked [E, I, O] tensors (indexed by ``experts``, as
     ``GroupedExperts`` holds them; biases [E, H] / [E, D]) or lists of the k experts' own [I, O]
     matrices in order (an offloaded layer's cached experts; ``experts`` then only counts them).
-    Check ``applies_experts`` (stacked) or ``applies_matrices`` (lists), and that
-    ``activation`` is in ``DECODE_ACTIVATIONS``, first. Each expert's products are
+    Check ``applies_experts`` (stacked) or ``applies_matrices`` (lists) first; ``activation``
+    is one of moekit.config.ACTIVATIONS (``DECODE_ACTIVATIONS`` holds their C codes). Each expert's products are
     ``cols_experts``' sums; the activation and the combine are the PyTorch ops' formulas with
     the same roundings (bfloat16), summed in the assignment order."""
     stacked = isinstance(w_in, Tensor)

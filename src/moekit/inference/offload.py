@@ -307,36 +307,25 @@ class OffloadedExperts(nn.Module):
             raise ValueError(f"OffloadedExperts.forward_per_assignment takes one token, got {x_TD.shape[0]}")
         experts = expert_idx_N.tolist()
         config = self.config
+        self.protect = frozenset(experts)
         weights = self.cache.acquire(self.layer, experts)
         try:
             if self.quantized:
-                self.protect = frozenset(experts)
                 return experts_one_token([w.expert for w in weights], x_TD, token_idx_N, weight_N)
             w_in = [w.w_in_DH for w in weights]
             w_out = [w.w_out_FD for w in weights]
-            if matvec.applies_matrices(x_TD, w_in, w_out) and config.activation in matvec.DECODE_ACTIVATIONS:
+            if matvec.applies_matrices(x_TD, w_in, w_out):
                 # The in-memory layer's one C call (GroupedExperts.forward_per_assignment) on the
                 # cached experts' own matrices: the same sums.
                 b_in = None if weights[0].b_in_H is None else [w.b_in_H for w in weights]
                 b_out = None if weights[0].b_out_D is None else [w.b_out_D for w in weights]
-                self.protect = frozenset(experts)
                 return matvec.experts_ffn(x_TD, w_in, w_out, experts, weight_N, config.activation,
                                           config.swiglu_alpha, config.swiglu_limit, b_in, b_out)
-            if matvec.applies_matrices(x_TD, w_in, w_out):
-                h_kH = matvec.cols_matrices(x_TD.expand(len(experts), -1), w_in)
-                if weights[0].b_in_H is not None:
-                    h_kH = h_kH + torch.stack([w.b_in_H for w in weights])
-                act_kF = activate(h_kH, config.activation, config.swiglu_alpha, config.swiglu_limit)
-                out_kD = matvec.cols_matrices(act_kF, w_out)
-                if weights[0].b_out_D is not None:
-                    out_kD = out_kD + torch.stack([w.b_out_D for w in weights])
-            else:
-                out_kD = x_TD.new_empty(len(experts), config.d_model)
-                for row, expert_weights in enumerate(weights):
-                    expert_weights.apply(x_TD, out_kD[row : row + 1], config, one_token=True)
+            out_kD = x_TD.new_empty(len(experts), config.d_model)
+            for row, expert_weights in enumerate(weights):
+                expert_weights.apply(x_TD, out_kD[row : row + 1], config, one_token=True)
         finally:
             self.cache.release(self.layer, experts)
-        self.protect = frozenset(experts)
         return combine_assignments(out_kD, token_idx_N, weight_N, 1, fusable=True)
 
     def _run_wave(

@@ -513,7 +513,7 @@ def experts_one_token(
     decode through here, so their sums are the same."""
     first = experts[0]
     if (
-        impl == "auto" and first.scheme == "int8" and first.activation in matvec.DECODE_ACTIVATIONS
+        impl == "auto" and first.scheme == "int8"
         and all(e.scheme == "int8" and (e.b_in is None) == (first.b_in is None)
                 and (e.b_out is None) == (first.b_out is None) for e in experts)
         and matvec.applies_int8_experts(x_1D, [e.w_in.qweight for e in experts], [e.w_out.qweight for e in experts])
