@@ -12,20 +12,25 @@ expert has a row.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
 from moekit.experts import (
+    EXPERT_LAYOUTS,
     GroupedExperts,
     GroupedMatmul,
     ModuleExperts,
     grouped_matmul,
     grouped_mm_available,
     grouped_weight_grad,
+    set_expert_layout,
     use_grouped_mm,
 )
+from moekit.matvec import expert_layout
 
 
 def ends_of(counts: list[int]) -> torch.Tensor:
@@ -90,12 +95,14 @@ def test_misaligned_layout_falls_back_to_the_loop():
     assert not use_grouped_mm("auto", torch.randn(4, 16, dtype=torch.float64), torch.randn(2, 16, 8))
 
 
+@pytest.mark.parametrize("layout", EXPERT_LAYOUTS)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 @pytest.mark.parametrize("impl", ["auto", "loop"])
-def test_grouped_experts_match_per_expert_ffn_loop(activation, impl):
+def test_grouped_experts_match_per_expert_ffn_loop(activation, impl, layout):
     torch.manual_seed(1)
     config = MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2, activation=activation, expert_impl=impl)
     experts = GroupedExperts(config)
+    set_expert_layout(experts, layout)
     counts = [3, 0, 6, 1]
     x_ND = torch.randn(sum(counts), 16, requires_grad=True)
     upstream = torch.randn(sum(counts), 16)
@@ -120,6 +127,49 @@ def test_grouped_experts_match_per_expert_ffn_loop(activation, impl):
     torch.testing.assert_close(experts.w_in.grad, w_in.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(experts.w_out.grad, w_out.grad, atol=1e-5, rtol=1e-5)
     assert torch.count_nonzero(experts.w_in.grad[1]) == 0  # the empty expert
+    assert expert_layout(experts.w_in.grad) == expert_layout(experts.w_out.grad) == layout  # as the weights lie
+
+
+def test_set_expert_layout_moves_storage_not_values():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([GroupedExperts(MoEConfig(d_model=16, d_ff=8, num_experts=4, top_k=2))
+                                 for _ in range(2)])
+    before = [p.detach().clone() for p in model.parameters()]
+    assert set_expert_layout(model, "cols") == 0  # already moekit's layout
+    assert set_expert_layout(model, "rows") == 4  # w_in and w_out of both
+    assert model[0].w_in.shape == (4, 16, 16) and model[0].w_in.stride() == (256, 1, 16)  # [E, H, D] stored
+    assert model[0].w_out.shape == (4, 8, 16) and model[0].w_out.stride() == (128, 1, 8)  # [E, D, F] stored
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in model.parameters())
+    assert set_expert_layout(model, "rows") == 0
+    assert set_expert_layout(model, "cols") == 4 and model[1].w_in.is_contiguous()
+    with pytest.raises(ValueError, match="layout='packed' is invalid: use one of cols, rows"):
+        set_expert_layout(model, "packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoded_token_through_either_layout_gives_the_same_output(dtype):
+    """The MoE layer's one-token fast path (moekit.matvec's C call where it is built, torch's
+    ops otherwise) and its prefill path on "rows" experts equal those on "cols" ones (to the
+    sums' order) and the naive per-expert FFN."""
+    from moekit import MoE
+
+    torch.manual_seed(2)
+    layer = MoE(MoEConfig(d_model=256, d_ff=192, num_experts=4, top_k=2)).to(dtype).eval()
+    rows_layer = copy.deepcopy(layer)
+    set_expert_layout(rows_layer, "rows")
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        for tokens in (1, 7):
+            x = torch.randn(1, tokens, 256).to(dtype)
+            want = layer(x)
+            torch.testing.assert_close(rows_layer(x).float(), want.float(), **tolerance)
+        chosen = layer.router.route(x[0, :1]).assignments
+        naive = torch.zeros(256, dtype=torch.float64)
+        for e, w in zip(chosen.expert_idx_N.tolist(), chosen.weight_N.tolist(), strict=True):
+            gate, up = (x[0, 0].double() @ layer.experts.w_in[e].double()).chunk(2)
+            naive += w * ((F.silu(gate) * up) @ layer.experts.w_out[e].double())
+        torch.testing.assert_close(rows_layer(x[:, :1])[0, 0].double(), naive, **tolerance)
 
 
 def test_module_experts_skip_empty_experts():

@@ -172,6 +172,14 @@ def test_huge_page_copy_is_equal_aligned_and_its_own_storage():
     assert copied.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     copied.add_(1)  # a copy, not a view of the original
     assert not torch.equal(copied, tensor)
+    experts_EIO = torch.randn(2, HUGE_PAGE_BYTES // 16, 3)
+    rows_EIO = torch.randn(2, 3, HUGE_PAGE_BYTES // 16).transpose(1, 2)  # the "rows" expert layout
+    for view in (experts_EIO, rows_EIO):
+        copied = huge_page_copy(view)
+        assert torch.equal(copied, view) and copied.stride() == view.stride()  # the same layout
+        assert copied.data_ptr() % HUGE_PAGE_BYTES == 0
+    with_gaps = torch.randn(4, 6)[:, :3]
+    assert huge_page_copy(with_gaps).is_contiguous() and torch.equal(huge_page_copy(with_gaps), with_gaps)
 
 
 def test_place_in_huge_pages_keeps_outputs_ties_and_trainability():
@@ -369,16 +377,33 @@ def naive_experts(x_D, w_in_EDH, w_out_EFD, experts, weights, activation, alpha,
     return y
 
 
+def as_layout(w_EIO: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values stored as ``layout`` (moekit.experts.set_expert_layout's two)."""
+    return w_EIO.contiguous() if layout == "cols" else w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def test_expert_layout_names_the_two_storages_and_nothing_else():
+    w_EIO = torch.randn(3, 4, 5)
+    assert matvec.expert_layout(w_EIO) == "cols" and matvec.expert_layout(w_EIO[1]) == "cols"
+    rows_EIO = as_layout(w_EIO, "rows")
+    assert rows_EIO.stride() == (20, 1, 4)  # expert e's [O, I] = [5, 4] matrix, row-major
+    assert matvec.expert_layout(rows_EIO) == "rows" and matvec.expert_layout(rows_EIO[2]) == "rows"
+    assert matvec.expert_layout(w_EIO[:, :, :3]) is None  # rows with gaps
+    assert matvec.expert_layout(w_EIO.transpose(0, 1)) is None  # experts interleaved
+    assert matvec.expert_layout(w_EIO[::2]) is None  # every other expert
+
+
 @needs_kernels
+@pytest.mark.parametrize("layout", ["cols", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("activation", "biases"), [("swiglu", False), ("clamped_swiglu", True), ("gelu", False),
                                                     ("relu", True)])
-def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activation, biases):
+def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activation, biases, layout):
     torch.manual_seed(1)
     d_model, d_ff, num_experts = 256, 192, 5
     hidden = 2 * d_ff if "swiglu" in activation else d_ff
-    w_in = (torch.randn(num_experts, d_model, hidden) / 16).to(dtype)
-    w_out = (torch.randn(num_experts, d_ff, d_model) / 16).to(dtype)
+    w_in = as_layout((torch.randn(num_experts, d_model, hidden) / 16).to(dtype), layout)
+    w_out = as_layout((torch.randn(num_experts, d_ff, d_model) / 16).to(dtype), layout)
     b_in = (torch.randn(num_experts, hidden) / 4).to(dtype) if biases else None
     b_out = (torch.randn(num_experts, d_model) / 4).to(dtype) if biases else None
     x = torch.randn(1, d_model).to(dtype)
@@ -393,6 +418,12 @@ def test_experts_ffn_equals_the_float64_formulas_stacked_or_listed(dtype, activa
         )
     assert stacked.dtype == torch.float32 and stacked.shape == (1, d_model)
     assert torch.equal(stacked, listed)  # the same sums, however the experts are held
+    if layout == "rows":  # vecmat reads a transposed expert matrix with the rows kernel
+        with torch.no_grad():
+            h = matvec.rows(x, w_in[experts[0]].T)
+        assert torch.equal(h, matvec.vecmat(x, w_in[experts[0]]))
+        with pytest.raises(ValueError, match=r"all \[I, O\] or all \[O, I\]"):
+            matvec.experts_ffn(x, w_in, w_out.contiguous(), experts, weights, activation)
     want = naive_experts(x[0], w_in, w_out, experts, weights, activation, 1.702, 0.7, b_in, b_out)
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
     torch.testing.assert_close(stacked[0].double(), want, **tolerance)

@@ -51,9 +51,25 @@ def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> 
     return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
 
 
+def _dense_order(tensor: Tensor) -> list[int] | None:
+    """The dimensions from outermost to innermost in memory when ``tensor`` covers its bytes
+    exactly (contiguous, or a permutation of a contiguous tensor such as a transpose); None
+    when it has gaps or overlaps."""
+    order = sorted(range(tensor.dim()), key=lambda d: (tensor.stride(d), -d), reverse=True)
+    expected = 1
+    for d in reversed(order):
+        if tensor.shape[d] != 1 and tensor.stride(d) != expected:
+            return None
+        expected *= tensor.shape[d]
+    return order
+
+
 def huge_page_copy(tensor: Tensor) -> Tensor:
-    """A copy of a CPU tensor in huge pages (``huge_page_empty``)."""
-    copy = huge_page_empty(tensor.shape, tensor.dtype)
+    """A copy of a CPU tensor in huge pages (``huge_page_empty``), in the same memory layout
+    (a transposed view stays one: the copy is the same permutation of a contiguous tensor)."""
+    order = _dense_order(tensor) or list(range(tensor.dim()))
+    stored = huge_page_empty(tuple(tensor.shape[d] for d in order), tensor.dtype)
+    copy = stored.permute(*sorted(range(len(order)), key=order.__getitem__)) if order else stored
     copy.copy_(tensor)
     return copy
 
@@ -69,7 +85,7 @@ def place_in_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> 
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             nbytes = tensor.numel() * tensor.element_size()
-            if tensor.device.type != "cpu" or nbytes < min_bytes or not tensor.is_contiguous():
+            if tensor.device.type != "cpu" or nbytes < min_bytes or _dense_order(tensor) is None:
                 continue
             key = tensor.data_ptr()
             if key not in copies:

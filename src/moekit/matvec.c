@@ -29,52 +29,96 @@ static inline v8f even_bf16(v8u u) { return (v8f)(u << 16); }
 static inline v8f odd_bf16(v8u u) { return (v8f)(u & 0xffff0000u); }
 static inline float bf16_to_f(uint16_t b) { uint32_t w = (uint32_t)b << 16; float f; memcpy(&f, &w, 4); return f; }
 
-/* y[O] = W[O, I] x[I]: the nn.Linear layout, one row at a time (each row one stream). */
-int moekit_rows_f32(const float *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
+/* y[O] = W[O, I] x[I]: the nn.Linear layout, one row at a time (each row one stream). A row's
+ * sum is fixed by I alone: four 8-lane accumulators over 32-element steps, then the tail. */
+static inline float dot_f32(const float *w, const float *x, int64_t I) {
     const int64_t I32 = I & ~(int64_t)31;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < O; o++) {
-        const float *w = W + o * I;
-        v8f a = {0}, b = {0}, c = {0}, d = {0};
-        for (int64_t i = 0; i < I32; i += 32) {
-            a += load_f(w + i) * load_f(x + i);
-            b += load_f(w + i + 8) * load_f(x + i + 8);
-            c += load_f(w + i + 16) * load_f(x + i + 16);
-            d += load_f(w + i + 24) * load_f(x + i + 24);
-        }
-        float s = sum8((a + b) + (c + d));
-        for (int64_t i = I32; i < I; i++) s += w[i] * x[i];
-        y[o] = s;
+    v8f a = {0}, b = {0}, c = {0}, d = {0};
+    for (int64_t i = 0; i < I32; i += 32) {
+        a += load_f(w + i) * load_f(x + i);
+        b += load_f(w + i + 8) * load_f(x + i + 8);
+        c += load_f(w + i + 16) * load_f(x + i + 16);
+        d += load_f(w + i + 24) * load_f(x + i + 24);
     }
+    float s = sum8((a + b) + (c + d));
+    for (int64_t i = I32; i < I; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* x's even and odd elements of each 16-element group (of the first I & ~31), in the order a
+ * bfloat16 row's 32-bit words hold them: [I32 / 2] floats each. */
+static void split_even_odd(const float *x, int64_t I, float *x_even, float *x_odd) {
+    const int64_t I32 = I & ~(int64_t)31;
+    for (int64_t i = 0; i < I32; i += 16)
+        for (int j = 0; j < 8; j++) { x_even[i / 2 + j] = x[i + 2 * j]; x_odd[i / 2 + j] = x[i + 2 * j + 1]; }
+}
+
+static inline float dot_bf16(const uint16_t *w, const float *x, const float *x_even, const float *x_odd,
+                             int64_t I) {
+    const int64_t I32 = I & ~(int64_t)31;
+    v8f a = {0}, b = {0}, c = {0}, d = {0};
+    for (int64_t i = 0; i < I32; i += 32) {
+        v8u u = load_u(w + i), v = load_u(w + i + 16);
+        a += even_bf16(u) * load_f(x_even + i / 2);
+        b += odd_bf16(u) * load_f(x_odd + i / 2);
+        c += even_bf16(v) * load_f(x_even + i / 2 + 8);
+        d += odd_bf16(v) * load_f(x_odd + i / 2 + 8);
+    }
+    float s = sum8((a + b) + (c + d));
+    for (int64_t i = I32; i < I; i++) s += bf16_to_f(w[i]) * x[i];
+    return s;
+}
+
+int moekit_rows_f32(const float *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; o++) y[o] = dot_f32(W + o * I, x, I);
     return 0;
 }
 
 int moekit_rows_bf16(const uint16_t *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
-    const int64_t I32 = I & ~(int64_t)31;
-    /* x's even and odd elements of each 16-element group, in the order the words hold them */
-    float *x_even = malloc(sizeof(float) * (size_t)(I32 / 2 + 1));
-    float *x_odd = malloc(sizeof(float) * (size_t)(I32 / 2 + 1));
-    if (!x_even || !x_odd) { free(x_even); free(x_odd); return -1; }
-    for (int64_t i = 0; i < I32; i += 16)
-        for (int j = 0; j < 8; j++) { x_even[i / 2 + j] = x[i + 2 * j]; x_odd[i / 2 + j] = x[i + 2 * j + 1]; }
+    const int64_t half = (I & ~(int64_t)31) / 2 + 1;
+    float *x_even = malloc(sizeof(float) * (size_t)(2 * half));
+    if (!x_even) return -1;
+    float *x_odd = x_even + half;
+    split_even_odd(x, I, x_even, x_odd);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < O; o++) {
-        const uint16_t *w = W + o * I;
-        v8f a = {0}, b = {0}, c = {0}, d = {0};
-        for (int64_t i = 0; i < I32; i += 32) {
-            v8u u = load_u(w + i), v = load_u(w + i + 16);
-            a += even_bf16(u) * load_f(x_even + i / 2);
-            b += odd_bf16(u) * load_f(x_odd + i / 2);
-            c += even_bf16(v) * load_f(x_even + i / 2 + 8);
-            d += odd_bf16(v) * load_f(x_odd + i / 2 + 8);
-        }
-        float s = sum8((a + b) + (c + d));
-        for (int64_t i = I32; i < I; i++) s += bf16_to_f(w[i]) * x[i];
-        y[o] = s;
-    }
+    for (int64_t o = 0; o < O; o++) y[o] = dot_bf16(W + o * I, x, x_even, x_odd, I);
     free(x_even);
-    free(x_odd);
     return 0;
+}
+
+/* Y[k, O] = W_e[O, I] X[k, I] for k matrices in the nn.Linear layout (a token's k experts
+ * stored [O, I] each, as transformers holds them): one parallel region over all k·O rows in
+ * equal contiguous ranges, so each thread reads one or two sequential streams. Each row's sum
+ * is moekit_rows_*'s. */
+static int rows_batch(const void *const *Ws, int bf16, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                      int threads) {
+    const int64_t half = (I & ~(int64_t)31) / 2 + 1;
+    float *split = NULL;
+    if (bf16) {
+        split = malloc(sizeof(float) * (size_t)(2 * k * half));
+        if (!split) return -1;
+        for (int64_t e = 0; e < k; e++) split_even_odd(X + e * I, I, split + 2 * e * half, split + (2 * e + 1) * half);
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < k * O; task++) {
+        const int64_t e = task / O, o = task - e * O;
+        Y[task] = bf16 ? dot_bf16((const uint16_t *)Ws[e] + o * I, X + e * I, split + 2 * e * half,
+                                  split + (2 * e + 1) * half, I)
+                       : dot_f32((const float *)Ws[e] + o * I, X + e * I, I);
+    }
+    free(split);
+    return 0;
+}
+
+int moekit_rows_batch_f32(const float *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                          int threads) {
+    return rows_batch((const void *const *)Ws, 0, X, Y, k, I, O, threads);
+}
+
+int moekit_rows_batch_bf16(const uint16_t *const *Ws, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
+                           int threads) {
+    return rows_batch((const void *const *)Ws, 1, X, Y, k, I, O, threads);
 }
 
 /* y[O] = x[I] W[I, O]: moekit's expert layout. The rows are cut into at most MAX_BLOCKS
@@ -492,7 +536,9 @@ int moekit_attn_block(const void *w_qkv, const void *w_proj, const float *g_attn
 /* ---------------------------------------------------------------------------------------------
  * A decoded token's routed experts, combined, in one call:
  *
- *   h_j = x W_in[e_j] (+ b_in[e_j])     [H]   (cols kernel, the k experts at once)
+ *   h_j = x W_in[e_j] (+ b_in[e_j])     [H]   (the k experts at once: cols kernel, or rows
+ *                                               kernel when rows_layout = 1, each expert's
+ *                                               matrices then stored [H, D] and [D, F])
  *   a_j = act(h_j)                       [F]   (SwiGLU: silu(gate) * up on h = [gate | up],
  *                                               Shazeer 2020 eq. 6; GPT-OSS's clamped SwiGLU;
  *                                               GELU (erf form); ReLU)
@@ -531,12 +577,13 @@ static void activate_row(const float *h, float *a, int64_t F, int activation, fl
 int moekit_experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
                           const void *const *b_out, const float *weights, const float *x, float *y, int64_t k,
                           int64_t D, int64_t H, int64_t F, int activation, float alpha, float limit, int bf16,
-                          int threads) {
+                          int rows_layout, int threads) {
     float *buf = malloc(sizeof(float) * (size_t)(k * D + k * H + k * F + k * D));
     if (!buf) return -1;
     float *xs = buf, *h = xs + k * D, *a = h + k * H, *o = a + k * F;
     for (int64_t j = 0; j < k; j++) memcpy(xs + j * D, x, sizeof(float) * (size_t)D);
-    int code = cols_batch(w_in, bf16 ? block_bf16 : block_f32, bf16, xs, h, k, D, H, threads);
+    int code = rows_layout ? rows_batch(w_in, bf16, xs, h, k, D, H, threads)
+                           : cols_batch(w_in, bf16 ? block_bf16 : block_f32, bf16, xs, h, k, D, H, threads);
     if (code != 0) { free(buf); return code; }
     for (int64_t j = 0; j < k; j++) {
         float *hj = h + j * H;
@@ -546,7 +593,8 @@ int moekit_experts_decode(const void *const *w_in, const void *const *w_out, con
         }
         activate_row(hj, a + j * F, F, activation, alpha, limit, bf16);
     }
-    code = cols_batch(w_out, bf16 ? block_bf16 : block_f32, bf16, a, o, k, F, D, threads);
+    code = rows_layout ? rows_batch(w_out, bf16, a, o, k, F, D, threads)
+                       : cols_batch(w_out, bf16 ? block_bf16 : block_f32, bf16, a, o, k, F, D, threads);
     if (code != 0) { free(buf); return code; }
     for (int64_t i = 0; i < D; i++) y[i] = 0.0f;
     for (int64_t j = 0; j < k; j++)

@@ -141,7 +141,8 @@ def _load() -> ctypes.CDLL | None:
                     function = getattr(library, name)
                     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                     function.restype = ctypes.c_int
-                for name in ("moekit_cols_batch_f32", "moekit_cols_batch_bf16"):
+                for name in ("moekit_cols_batch_f32", "moekit_cols_batch_bf16", "moekit_rows_batch_f32",
+                             "moekit_rows_batch_bf16"):
                     function = getattr(library, name)
                     function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
                     function.restype = ctypes.c_int
@@ -155,7 +156,7 @@ def _load() -> ctypes.CDLL | None:
                 library.moekit_experts_decode.argtypes = (
                     [ctypes.c_void_p] * 6 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                              ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_float,
-                                             ctypes.c_int, ctypes.c_int]
+                                             ctypes.c_int, ctypes.c_int, ctypes.c_int]
                 )
                 library.moekit_experts_decode.restype = ctypes.c_int
                 library.moekit_experts_decode_i8.argtypes = (
@@ -190,11 +191,15 @@ def set_enabled(enabled: bool) -> bool:
     return previous
 
 
-def _eligible(x: Tensor, weight: Tensor, matrix_elements: int, x_dtypes: tuple[torch.dtype, ...]) -> bool:
+def _eligible(
+    x: Tensor, weight: Tensor, matrix_elements: int, x_dtypes: tuple[torch.dtype, ...], contiguous: bool = True
+) -> bool:
     """The conditions every kernel shares: enabled and built, CPU tensors, a contiguous weight
-    whose matrices hold at least ``MIN_WEIGHT_ELEMENTS``, x of an accepted dtype, and no
-    autograd graph to build (inference)."""
-    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu" or not weight.is_contiguous():
+    (unless the caller checks its layout itself) whose matrices hold at least
+    ``MIN_WEIGHT_ELEMENTS``, x of an accepted dtype, and no autograd graph to build (inference)."""
+    if not _enabled or weight.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if contiguous and not weight.is_contiguous():
         return False
     if matrix_elements < MIN_WEIGHT_ELEMENTS or x.dtype not in x_dtypes:
         return False
@@ -285,15 +290,35 @@ def rows_int8(x: Tensor, qweight_OI: Tensor, scales_O: Tensor) -> Tensor:
     return y_O.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
+def expert_layout(weight: Tensor) -> str | None:
+    """How an [E, I, O] stack of expert weights (or one [I, O] expert) lies in memory:
+    ``"cols"`` when each expert's matrix is row-major [I, O] (moekit's layout, ``x @ W``),
+    ``"rows"`` when it is stored [O, I] and viewed transposed (the nn.Linear layout that
+    transformers' experts use, kept as it is by ``moekit.interop``), None otherwise. The decode
+    kernels read either: ``cols`` / ``rows`` sums respectively."""
+    *lead, in_features, out_features = weight.shape
+    matrix = in_features * out_features
+    if lead and weight.stride(0) != matrix and lead[0] > 1:
+        return None
+    if weight.stride()[-2:] == (out_features, 1) or out_features == 1:
+        return "cols"
+    if weight.stride()[-2:] == (1, in_features) or in_features == 1:
+        return "rows"
+    return None
+
+
 def applies_experts(x: Tensor, *weights_EIO: Tensor) -> bool:
-    """Whether ``cols_experts`` runs a token ``x`` (one row) through these contiguous [E, I, O]
-    expert weights (the first one's I is x's features): ``applies``' conditions per matrix.
+    """Whether ``experts_ffn`` (``cols_experts`` for the first layout) runs a token ``x`` (one
+    row) through these [E, I, O] expert weights (the first one's I is x's features), all of one
+    ``expert_layout``: ``applies``' conditions per matrix.
 
     NOTE: checked on every decode step of every layer, so without building per-expert views."""
     if not _one_row(x) or not weights_EIO or weights_EIO[0].dim() != 3 or weights_EIO[0].shape[1] != x.shape[-1]:
         return False
-    return all(
-        w.dim() == 3 and w.dtype in WEIGHT_DTYPES and _eligible(x, w, w.shape[1] * w.shape[2], (w.dtype,))
+    layout = expert_layout(weights_EIO[0])
+    return layout is not None and all(
+        w.dim() == 3 and w.dtype in WEIGHT_DTYPES and expert_layout(w) == layout
+        and _eligible(x, w, w.shape[1] * w.shape[2], (w.dtype,), contiguous=False)
         for w in weights_EIO
     )
 
@@ -424,7 +449,7 @@ def experts_ffn(
         if weights is None:
             return None
         if isinstance(weights, Tensor):
-            row_bytes = weights[0].numel() * weights.element_size()
+            row_bytes = weights.stride(0) * weights.element_size()
             chosen = [weights.data_ptr() + e * row_bytes for e in experts]
         else:
             chosen = [t.data_ptr() for t in weights]
@@ -442,6 +467,9 @@ def experts_ffn(
     for biases in (b_in, b_out):
         if biases is not None and any(not b.is_contiguous() or b.dtype != first_in.dtype for b in biases):
             raise ValueError("matvec.experts_ffn: biases must be contiguous and of the weights' dtype")
+    layout = expert_layout(first_in)
+    if layout is None or expert_layout(first_out) != layout:
+        raise ValueError("matvec.experts_ffn: the weights must be all [I, O] or all [O, I] (transposed) matrices")
     x32 = x.reshape(-1).float().contiguous()
     weights32 = weight_k.reshape(-1).float().contiguous()
     y = torch.empty(1, d_model, dtype=torch.float32)
@@ -451,7 +479,7 @@ def experts_ffn(
         None if b_out is None else ctypes.cast(addresses(b_out), ctypes.c_void_p),
         weights32.data_ptr(), x32.data_ptr(), y.data_ptr(), k, d_model, hidden, width,
         DECODE_ACTIVATIONS[activation], swiglu_alpha, swiglu_limit, int(first_in.dtype == torch.bfloat16),
-        torch.get_num_threads(),
+        int(layout == "rows"), torch.get_num_threads(),
     )
     if code != 0:
         raise MemoryError("moekit.matvec.experts_ffn: could not allocate its scratch buffers")
@@ -511,8 +539,13 @@ def experts_ffn_int8(
 
 
 def vecmat(x: Tensor, weight_IO: Tensor) -> Tensor:
-    """``x @ weight_IO``: through ``cols`` when it applies, else torch's matmul."""
-    return cols(x, weight_IO) if applies(x, weight_IO) else x @ weight_IO
+    """``x @ weight_IO``: through ``cols`` when it applies, ``rows`` on a transposed [O, I]
+    matrix (``expert_layout`` "rows"), else torch's matmul."""
+    if applies(x, weight_IO):
+        return cols(x, weight_IO)
+    if weight_IO.dim() == 2 and applies(x, weight_IO.T):
+        return rows(x, weight_IO.T)
+    return x @ weight_IO
 
 
 def linear(x: Tensor, weight_OI: Tensor, bias: Tensor | None = None) -> Tensor:

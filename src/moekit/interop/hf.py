@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.experts import set_expert_layout
 from moekit.hugepages import place_in_huge_pages
 from moekit.layer import MoE
 from moekit.models.lm import LMConfig, MoETransformerLM
@@ -346,8 +347,10 @@ def _moekit_state_from_fused(get: Any, config: LMConfig) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def from_hf_model(model: nn.Module) -> MoETransformerLM:
-    """A moekit LM with the same logits as a transformers ``MixtralForCausalLM``."""
+def from_hf_model(model: nn.Module, expert_layout: str = "rows") -> MoETransformerLM:
+    """A moekit LM with the same logits as a transformers ``MixtralForCausalLM``, its experts
+    stored as ``expert_layout`` (``moekit.experts.set_expert_layout``: by default "rows",
+    transformers' own [O, I] per expert, which moekit.matvec decodes fastest)."""
     if type(model).__name__ != "MixtralForCausalLM":
         raise ConversionError(f"from_hf_model: expected a MixtralForCausalLM, got {type(model).__name__}")
     config = lm_config_from_mixtral(model.config)
@@ -357,6 +360,7 @@ def from_hf_model(model: nn.Module) -> MoETransformerLM:
     lm.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     _check_complete(lm, state)
     lm = lm.to(next(model.parameters()).dtype).train(model.training)
+    set_expert_layout(lm, expert_layout)
     place_in_huge_pages(lm)  # a converted model is for running: weights in huge pages (moekit.hugepages)
     return lm
 

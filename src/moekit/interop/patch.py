@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.experts import EXPERT_LAYOUTS, set_expert_layout
 from moekit.hugepages import place_in_huge_pages
 from moekit.inference.generate import GenerationResult, SamplingConfig, timed_generate
 from moekit.interop.hf import (
@@ -348,7 +349,8 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def patch_moe(
-    model: nn.Module, strict: bool = True, decode_linears: bool = True, huge_pages: bool = True
+    model: nn.Module, strict: bool = True, decode_linears: bool = True, huge_pages: bool = True,
+    expert_layout: str = "rows",
 ) -> list[PatchedBlock]:
     """Replace every MoE block of a loaded transformers ``model`` with an equivalent
     ``moekit.MoE``, in place; returns what was replaced, in module order.
@@ -357,13 +359,18 @@ def patch_moe(
     (attention, output head) into ``moekit.matvec.DecodeLinear`` (the same parameters; only a
     one-row inference forward changes, to the streaming kernel) and moves its large CPU weights
     into transparent huge pages (``moekit.hugepages``). ``decode_linears=False`` and
-    ``huge_pages=False`` leave those as they are.
+    ``huge_pages=False`` leave those as they are. The experts keep transformers' layout, [O, I]
+    per expert (``expert_layout="rows"``, ``moekit.experts.set_expert_layout``), which
+    moekit.matvec decodes fastest; "cols" stores them as moekit's own layers do.
 
     A block moekit cannot represent (an unknown family, or a supported one with a setting
     moekit lacks) raises ``UnsupportedBlockError`` naming the module, the family and the
     reason, before anything is changed; with ``strict=False`` it is a warning instead and
     that block stays as it was. A model with no MoE block at all is an error.
     """
+    if expert_layout not in EXPERT_LAYOUTS:
+        allowed = ", ".join(EXPERT_LAYOUTS)
+        raise ValueError(f"patch_moe: expert_layout={expert_layout!r} is invalid: use one of {allowed}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe expects an nn.Module (a loaded transformers model), got {type(model).__name__}")
     family_name = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
@@ -395,6 +402,7 @@ def patch_moe(
         # Route as the replaced block did, rounding included: at bf16 the gate's logits in
         # bf16 (Mixtral, Qwen, OLMoE, GPT-OSS) or float32 (DeepSeek, GLM, Switch).
         moe.router.gate_in_activation_dtype = family.gate_in_activation_dtype
+        set_expert_layout(moe, expert_layout)
         _replace(model, path, moe)
         patched.append(PatchedBlock(path, family.name, family.block, moe.config))
     if decode_linears:
