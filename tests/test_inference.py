@@ -221,14 +221,23 @@ def test_decode_fast_path_equals_the_normal_path_exactly(family, dtype, torch_ma
 def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(family, dtype, monkeypatch):
     """With the streaming kernels the fast path sums in another order: equal to rounding, the
     same experts chosen. (Experts large enough for matvec: w_out [256, 128].) The token's k
-    experts and their weighted sum are one C call (``experts_ffn``)."""
+    experts and their weighted sum are one C call (``experts_ffn``); with the plain top-k
+    router (Mixtral, GELU, Qwen2-MoE, GPT-OSS) the router too (``route_experts_ffn``)."""
     layer, calls = _layer_and_normal_path_calls(FAST_PATH_CONFIGS[family], dtype, d_model=128, d_ff=256)
     kernel_calls = []
-    experts_ffn = matvec.experts_ffn
+    experts_ffn, route_experts_ffn = matvec.experts_ffn, matvec.route_experts_ffn
     monkeypatch.setattr(
         matvec, "experts_ffn", lambda x, w_in, w_out, experts, *rest: kernel_calls.append(experts)
         or experts_ffn(x, w_in, w_out, experts, *rest)
     )
+
+    def routed(*args):
+        result = route_experts_ffn(*args)
+        kernel_calls.append(result.expert_idx_K.tolist())
+        return result
+
+    monkeypatch.setattr(matvec, "route_experts_ffn", routed)
+    one_call_router = family in ("mixtral", "gelu", "qwen2_moe", "gpt_oss")
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for seed in range(4):
         x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -237,6 +246,7 @@ def test_decode_fast_path_through_matvec_equals_the_normal_path_to_rounding(fami
             fast = layer(x)
             # one call for the token's k experts
             assert len(kernel_calls) == 1 and len(kernel_calls[0]) == layer.config.top_k
+            assert layer._one_call_decode_applies(x.reshape(1, -1), None) == one_call_router
             fast_stats = layer.last_stats
             layer.decode_fast_path_tokens = 0
             normal = layer(x)
@@ -311,3 +321,32 @@ def test_moekit_sample_of_a_run_reports_prefill_and_decode_speed_in_bfloat16(tmp
     assert payload["dtype"] == "bfloat16" and len(payload["samples"]) == 1
     assert payload["prefill_tokens_per_s"] > 0 and payload["decode_tokens_per_s"] > 0
     assert main(["sample", str(tmp_path / "run"), "--prompt", "To", "--top-p", "0.9"]) == 2
+
+
+@pytest.mark.skipif(not matvec.available(), reason=f"moekit.matvec is {matvec.status()}")
+def test_the_one_call_layer_is_taken_only_where_it_computes_what_the_layer_would():
+    """A decoded token's router and experts in one C call (``MoE._one_call_decode``): only in
+    eval, for the plain top-k router, with its ``route`` not replaced, experts large enough for
+    moekit.matvec; a NaN input still raises."""
+    from moekit import MoE, MoEConfig
+    from moekit.routing import NonFiniteRouterLogitsError
+
+    def layer(**overrides):
+        config = MoEConfig(**{"d_model": 128, "d_ff": 256, "num_experts": 8, "top_k": 2, **overrides})
+        return MoE(config).eval()
+
+    x_TD = torch.randn(1, 128)
+    with torch.no_grad():
+        plain = layer()
+        assert plain._one_call_decode_applies(x_TD, None)
+        assert not plain._one_call_decode_applies(torch.randn(2, 128), None)  # two tokens
+        assert not plain._one_call_decode_applies(x_TD, 1.25)  # a capacity to enforce
+        plain.route = lambda x, capacity_factor: MoE.route(plain, x, capacity_factor)  # e.g. a routing replay
+        assert not plain._one_call_decode_applies(x_TD, None)
+        assert not layer(router="aux_free")._one_call_decode_applies(x_TD, None)
+        assert not layer(n_group=4, topk_group=2, group_score="max")._one_call_decode_applies(x_TD, None)
+        assert not layer(d_model=64, d_ff=96)._one_call_decode_applies(torch.randn(1, 64), None)  # torch's ops
+        training = layer().train()
+        assert not training._one_call_decode_applies(x_TD, None)
+        with pytest.raises(NonFiniteRouterLogitsError, match="NaN or inf"):
+            layer()(torch.full((1, 1, 128), float("nan")))

@@ -9,14 +9,17 @@ row blocks, column counts not a multiple of 8 (float32) or 16 (bfloat16), a sing
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moekit import matvec
+from moekit.config import MoEConfig
 from moekit.hugepages import HUGE_PAGE_BYTES, huge_page_copy, place_in_huge_pages, transparent_huge_pages
 
 needs_kernels = pytest.mark.skipif(not matvec.available(), reason=f"moekit.matvec is {matvec.status()}")
@@ -466,3 +469,66 @@ def test_experts_ffn_int8_equals_the_float64_formulas(dtype, activation, biases)
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
     assert got.shape == (1, d_model) and got.dtype == torch.float32
     torch.testing.assert_close(got[0].double(), want, **tolerance)
+
+
+# ---------------------------------------------------------------------------------------
+# route_experts_ffn: a decoded token's whole MoE layer (router and experts) in one C call
+# ---------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_route_experts_ffn_routes_as_derived_by_hand():
+    """x = e_0 and a gate whose column 0 holds the logits [1, 3, 3, 0, ln 2 + 3]: softmax
+    p ∝ [e, e³, e³, 1, 2e³]; top-2 = expert 4 (2e³), then the tie between 1 and 2 goes to the
+    lower index; normalized weights 2/3 and 1/3, times the scale 2."""
+    d_model = 64
+    gate = torch.zeros(5, d_model)
+    gate[:, 0] = torch.tensor([1.0, 3.0, 3.0, 0.0, math.log(2.0) + 3.0])
+    x = torch.zeros(1, d_model)
+    x[0, 0] = 1.0
+    routed = matvec.route_experts_ffn(x, gate, None, False, True, 2, True, 2.0)
+    assert routed.expert_idx_K.tolist() == [4, 1] and routed.counts_E.tolist() == [0, 1, 0, 0, 1]
+    torch.testing.assert_close(routed.weight_K, torch.tensor([4 / 3, 2 / 3]))
+    torch.testing.assert_close(routed.logits_1E[0], gate[:, 0])
+    torch.testing.assert_close(routed.scores_1E, gate[:, 0].softmax(-1)[None])
+    unnormalized = matvec.route_experts_ffn(x, gate, torch.tensor([0.0, 0, 0, 10, 0]), False, True, 2, False, 1.0)
+    assert unnormalized.expert_idx_K.tolist() == [3, 4]  # the bias lifts expert 3 to 10
+    torch.testing.assert_close(unnormalized.weight_K, unnormalized.scores_1E[0, [3, 4]])
+    gate[1, 0] = float("nan")
+    assert matvec.route_experts_ffn(x, gate, None, False, True, 2, True, 1.0) is None  # the caller raises
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["cols", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_experts_ffn_equals_the_top_k_router_then_experts_ffn(dtype, layout):
+    from moekit.routing import TopKRouter
+
+    torch.manual_seed(3)
+    d_model, d_ff, num_experts = 256, 192, 6
+    router = TopKRouter(MoEConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=2,
+                                  routed_scaling_factor=1.5)).to(dtype)
+    w_in = as_layout((torch.randn(num_experts, d_model, 2 * d_ff) / 16).to(dtype), layout)
+    w_out = as_layout((torch.randn(num_experts, d_ff, d_model) / 16).to(dtype), layout)
+    for seed in range(5):
+        x = torch.randn(1, d_model, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        with torch.no_grad():
+            assert matvec.applies_routed_experts(x, router.weight, w_in, w_out)
+            want = router.route(x).assignments
+            routed = matvec.route_experts_ffn(x, router.weight, None, False, True, 2, True, 1.5, w_in, w_out, "swiglu")
+            alone = matvec.route_experts_ffn(x, router.weight, None, False, True, 2, True, 1.5)  # the routing only
+            y = matvec.experts_ffn(x, w_in, w_out, routed.expert_idx_K.tolist(), routed.weight_K, "swiglu")
+        assert routed.expert_idx_K.tolist() == want.expert_idx_N.tolist()
+        torch.testing.assert_close(routed.weight_K, want.weight_N, atol=1e-6, rtol=1e-6)
+        assert torch.equal(alone.expert_idx_K, routed.expert_idx_K) and torch.equal(alone.weight_K, routed.weight_K)
+        assert torch.equal(routed.y_1D, y)  # the same experts code on the same choices
+
+
+@needs_kernels
+def test_route_experts_ffn_rounds_the_logits_as_a_bf16_gate():
+    torch.manual_seed(4)
+    gate = torch.randn(8, 256).bfloat16()
+    x = torch.randn(1, 256).bfloat16()
+    routed = matvec.route_experts_ffn(x, gate, None, True, True, 2, True, 1.0)
+    assert torch.equal(routed.logits_1E, routed.logits_1E.bfloat16().float())  # bfloat16 values
+    torch.testing.assert_close(routed.logits_1E, F.linear(x, gate).float(), atol=0, rtol=2**-7)  # to 1 ulp

@@ -149,17 +149,19 @@ def test_offloaded_logits_equal_the_plain_lm_bitwise(tmp_path, dtype, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype, monkeypatch):
     """Experts large enough for moekit.matvec (the tests above run torch's products): a decode
-    step takes the layer's one-token fast path, the token's cached experts and their weighted
-    sum in one C call (``experts_ffn`` on their own matrices), and its logits equal the
-    in-memory model's bit for bit (the same call on the stacked weights) at the minimum budget
-    and with every expert cached."""
+    step routes in C (``route_experts_ffn``), then runs the token's cached experts and their
+    weighted sum in one C call (``experts_ffn`` on their own matrices), and its logits equal
+    the in-memory model's bit for bit (the same router code, then the same experts code on the
+    stacked weights, in one call) at the minimum budget and with every expert cached."""
     if not matvec.available():
         pytest.skip(f"moekit.matvec kernels: {matvec.status()}")
     store, model = make_store(tmp_path, dtype, d_model=256, n_head=4, moe=dict(d_model=256, d_ff=128))
     idx = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(5))
     calls = []
-    real = matvec.experts_ffn
+    real, real_routed = matvec.experts_ffn, matvec.route_experts_ffn
     monkeypatch.setattr(matvec, "experts_ffn", lambda *args: calls.append(isinstance(args[1], list)) or real(*args))
+    monkeypatch.setattr(matvec, "route_experts_ffn",
+                        lambda *args: calls.append("routed" if args[8] is None else False) or real_routed(*args))
     plain = prefill_then_decode(model, idx, prompt=8)
     for budget in (minimum_budget(store), None):
         offloaded = load(store, memory_budget=budget)
@@ -169,7 +171,8 @@ def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype,
         assert offloaded.expert_cache.stats().misses > 0
     decode_steps, moe_layers = 14 - 8, 3
     assert calls.count(True) == 2 * decode_steps * moe_layers  # two budgets, the offloaded experts' lists
-    assert calls.count(False) == decode_steps * moe_layers  # the plain LM's stacked weights
+    assert calls.count("routed") == 2 * decode_steps * moe_layers  # their routing, before the loads
+    assert calls.count(False) == decode_steps * moe_layers  # the plain LM: router and stacked experts at once
 
 
 def test_bf16_view_of_a_float32_store_is_bit_identical_across_budgets(tmp_path):

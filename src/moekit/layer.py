@@ -20,17 +20,20 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from moekit import matvec
 from moekit.capacity import apply_capacity, expert_capacity, expert_choice_capacity
 from moekit.config import MoEConfig
 from moekit.dispatch import LocalDispatcher
-from moekit.experts import GroupedExperts, ModuleExperts, SharedExperts
+from moekit.experts import GroupedExperts, ModuleExperts, SharedExperts, hidden_width
 from moekit.fused import fused_experts
 from moekit.losses import balance_loss, z_loss
 from moekit.routing import (
+    Assignments,
     AuxFreeRouter,
     ExpertChoiceRouter,
     NonFiniteRouterLogitsError,
     RoutingResult,
+    TopKRouter,
     build_router,
 )
 
@@ -156,6 +159,8 @@ class MoE(nn.Module):
         num_tokens = x_TD.shape[0]
 
         capacity_factor = self.active_capacity_factor
+        if valid_idx is None and num_tokens == 1 and self._one_call_decode_applies(x_TD, capacity_factor):
+            return self._one_call_decode(x, x_TD)
         # Raises NonFiniteRouterLogitsError on NaN/inf logits (Router.checked_logits).
         routing = self.route(x_TD, capacity_factor)
         assignments = routing.assignments
@@ -223,6 +228,68 @@ class MoE(nn.Module):
             y_all_TD = y_TD.new_zeros(token_mask.numel(), config.d_model)  # type: ignore[union-attr]
             y_TD = y_all_TD.index_copy(0, valid_idx, y_TD)
         return _ContiguousGrad.apply(y_TD.reshape(x.shape))
+
+    def _one_call_decode_applies(self, x_TD: Tensor, capacity_factor: float | None) -> bool:
+        """One decoded token and the plain softmax top-k router (TopKRouter without expert
+        groups, its ``route`` and the layer's not replaced, e.g. by a routing replay or
+        recorder), with in-memory grouped experts that moekit.matvec reads (the whole layer in
+        one C call) or experts that take one token's assignments (``one_token_fast_path``:
+        offloaded and quantized experts, after the router's C call)."""
+        router, experts, config = self.router, self.experts, self.config
+        # NOTE: decided by the config's shapes, not by how the experts are held, so that a model
+        # and its offloaded or quantized copy route with the same code (bit-exact offloading).
+        smallest = min(config.d_model * hidden_width(config, config.d_ff), config.d_ff * config.d_model)
+        return (
+            not self.training and self.decode_fast_path_tokens >= 1 and capacity_factor is None
+            and config.expert_capacity is None and type(router) is TopKRouter and config.n_group == 1
+            and config.top_k <= 64 and "route" not in self.__dict__ and "route" not in router.__dict__
+            and self.dispatcher.fusable and smallest >= matvec.MIN_WEIGHT_ELEMENTS
+            and (type(experts) is GroupedExperts or getattr(experts, "one_token_fast_path", False))
+            and matvec.applies_router(x_TD, router.weight)
+        )
+
+    def _one_call_decode(self, x: Tensor, x_TD: Tensor) -> Tensor:
+        """The layer for one decoded token through ``matvec.route_experts_ffn``: the router's
+        formulas (TopKRouter.route) and the experts' (GroupedExperts.forward_per_assignment) in
+        C, without the ~25 small torch ops per layer that cost more than the router's math;
+        the routing and statistics are recorded as the other paths record them. Other experts
+        take the C call's choices (an offloaded model routes exactly as its in-memory twin)."""
+        router, experts, config = self.router, self.experts, self.config
+        stacked = (
+            type(experts) is GroupedExperts and matvec.applies_experts(x_TD, experts.w_in, experts.w_out)
+            and (experts.b_in is None or (experts.b_in.is_contiguous() and experts.b_out.is_contiguous()))
+        )
+        routed = matvec.route_experts_ffn(
+            x_TD, router.weight, router.bias, router.gate_in_activation_dtype and x_TD.dtype == torch.bfloat16,
+            config.check_finite, config.top_k, config.normalize_weights, config.routed_scaling_factor,
+            experts.w_in if stacked else None, experts.w_out if stacked else None, config.activation,
+            config.swiglu_alpha, config.swiglu_limit, experts.b_in if stacked else None,
+            experts.b_out if stacked else None,
+        )
+        if routed is None:
+            raise NonFiniteRouterLogitsError(
+                "router logits contain NaN or inf: check the layer input and router weights "
+                "(MoEConfig.check_finite=False skips this check)"
+            )
+        top_k = config.top_k
+        token_idx_N = torch.zeros(top_k, dtype=torch.long)
+        assignments = Assignments(
+            token_idx_N, routed.expert_idx_K, routed.weight_K, torch.arange(top_k),
+            routed.scores_1E[0].index_select(0, routed.expert_idx_K),
+        )
+        routing = RoutingResult(routed.logits_1E, routed.scores_1E, assignments, routed.counts_E.float())
+        if stacked:
+            y_TD = routed.y_1D
+        else:
+            assert isinstance(experts, GroupedExperts) or getattr(experts, "one_token_fast_path", False)
+            y_TD = experts.forward_per_assignment(  # type: ignore[operator]
+                x_TD, token_idx_N, routed.expert_idx_K, routed.weight_K
+            )
+        self._record(routing, top_k, routed.counts_E, token_idx_N, 1, None)
+        y_TD = y_TD.to(x.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.reshape(x.shape)
 
     def _decode_fast_path(self, num_tokens: int, capacity_factor: float | None, routing: RoutingResult) -> bool:
         """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop.

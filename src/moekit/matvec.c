@@ -574,7 +574,7 @@ static void activate_row(const float *h, float *a, int64_t F, int activation, fl
     }
 }
 
-int moekit_experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
+static int experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
                           const void *const *b_out, const float *weights, const float *x, float *y, int64_t k,
                           int64_t D, int64_t H, int64_t F, int activation, float alpha, float limit, int bf16,
                           int rows_layout, int threads) {
@@ -605,6 +605,87 @@ int moekit_experts_decode(const void *const *w_in, const void *const *w_out, con
         }
     free(buf);
     return 0;
+}
+
+int moekit_experts_decode(const void *const *w_in, const void *const *w_out, const void *const *b_in,
+                          const void *const *b_out, const float *weights, const float *x, float *y, int64_t k,
+                          int64_t D, int64_t H, int64_t F, int activation, float alpha, float limit, int bf16,
+                          int rows_layout, int threads) {
+    return experts_decode(w_in, w_out, b_in, b_out, weights, x, y, k, D, H, F, activation, alpha, limit, bf16,
+                          rows_layout, threads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * A decoded token's whole MoE layer (top-k softmax router, then its experts) in one call:
+ *
+ *   l = W_gate x (+ b_gate)       [E]  float32 (gate_round_bf16: rounded to bfloat16, as a gate
+ *                                      run in bfloat16 rounds its output)
+ *   p = softmax(l)                [E]  (Shazeer et al. 2017 eq. 3, without noise)
+ *   S = the k largest p, in descending order (ties: the lower expert index first)
+ *   w_j = p_{S_j} (/ sum_{S} p if normalize) * scale     (Mixtral; DeepSeek's routed scaling)
+ *   y = sum_j w_j FFN_{S_j}(x)    as moekit_experts_decode
+ *
+ * The experts are stacked: expert e's matrices start at w_in + e * in_stride (bytes), likewise
+ * w_out, b_in (H values per expert) and b_out (D). Writes y [D], ids [k], w [k], l [E], p [E] and
+ * counts [E] (how many of the k chose each expert); with w_in NULL only the routing (ids, w, l, p,
+ * counts) is computed. Returns 1 when a logit is NaN or inf
+ * (check_finite; nothing else is computed), -1 when out of memory.
+ * ------------------------------------------------------------------------------------------- */
+int moekit_route_experts_decode(const void *gate, const void *gate_bias, int gate_bf16, int gate_round_bf16,
+                                int check_finite, int64_t E, int64_t k, int normalize, float scale,
+                                const char *w_in, const char *w_out, const char *b_in, const char *b_out,
+                                int64_t in_stride, int64_t out_stride, const float *x, float *y, int64_t *ids,
+                                float *weights, float *logits, float *scores, int64_t *counts, int64_t D, int64_t H,
+                                int64_t F, int activation, float alpha, float limit, int bf16, int rows_layout,
+                                int threads) {
+    if (k < 1 || k > E || k > 64) return -1;
+    const int64_t half = (D & ~(int64_t)31) / 2 + 1;
+    float *split = NULL;
+    if (gate_bf16) {
+        split = malloc(sizeof(float) * (size_t)(2 * half));
+        if (!split) return -1;
+        split_even_odd(x, D, split, split + half);
+    }
+    for (int64_t e = 0; e < E; e++) {
+        float v = gate_bf16 ? dot_bf16((const uint16_t *)gate + e * D, x, split, split + half, D)
+                            : dot_f32((const float *)gate + e * D, x, D);
+        if (gate_bias) v += as_value(gate_bias, e, gate_bf16);
+        logits[e] = gate_round_bf16 ? round_bf16(v) : v;
+    }
+    free(split);
+    float top = logits[0];
+    for (int64_t e = 0; e < E; e++) {
+        if (check_finite && !isfinite(logits[e])) return 1;
+        if (logits[e] > top) top = logits[e];
+    }
+    float total = 0.0f;
+    for (int64_t e = 0; e < E; e++) total += (scores[e] = expf(logits[e] - top));
+    for (int64_t e = 0; e < E; e++) { scores[e] /= total; counts[e] = 0; }
+    float chosen_sum = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!counts[e] && (best < 0 || scores[e] > scores[best])) best = e;
+        ids[j] = best;
+        counts[best] = 1;
+        weights[j] = scores[best];
+        chosen_sum += scores[best];
+    }
+    for (int64_t j = 0; j < k; j++) {
+        if (normalize) weights[j] /= chosen_sum;
+        if (scale != 1.0f) weights[j] *= scale;
+    }
+    if (!w_in) return 0; /* the routing alone (experts held elsewhere, e.g. offloaded) */
+    const void *wi[64], *wo[64], *bi[64], *bo[64];
+    const int64_t element = bf16 ? 2 : 4;
+    for (int64_t j = 0; j < k; j++) {
+        wi[j] = w_in + ids[j] * in_stride;
+        wo[j] = w_out + ids[j] * out_stride;
+        if (b_in) bi[j] = b_in + ids[j] * H * element;
+        if (b_out) bo[j] = b_out + ids[j] * D * element;
+    }
+    return experts_decode(wi, wo, b_in ? bi : NULL, b_out ? bo : NULL, weights, x, y, k, D, H, F, activation, alpha,
+                          limit, bf16, rows_layout, threads);
 }
 
 /* The same for int8 experts (moekit.inference.quant's int8: qweight [out, in], one float32 scale

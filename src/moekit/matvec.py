@@ -44,7 +44,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,12 @@ def _load() -> ctypes.CDLL | None:
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int]
                 )
                 library.moekit_experts_decode.restype = ctypes.c_int
+                library.moekit_route_experts_decode.argtypes = (
+                    [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int, ctypes.c_float]
+                    + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3
+                    + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                )
+                library.moekit_route_experts_decode.restype = ctypes.c_int
                 library.moekit_experts_decode_i8.argtypes = (
                     [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
                                                                      ctypes.c_int, ctypes.c_int]
@@ -484,6 +490,89 @@ def experts_ffn(
     if code != 0:
         raise MemoryError("moekit.matvec.experts_ffn: could not allocate its scratch buffers")
     return y
+
+
+def applies_router(x: Tensor, gate_weight_ED: Tensor) -> bool:
+    """Whether ``route_experts_ffn`` routes this token: one row of float32 or bfloat16, a
+    contiguous float32 or bfloat16 [E, D] gate, inference."""
+    return (
+        _one_row(x) and x.dtype in WEIGHT_DTYPES and gate_weight_ED.dim() == 2 and gate_weight_ED.is_contiguous()
+        and gate_weight_ED.dtype in WEIGHT_DTYPES and gate_weight_ED.shape[1] == x.shape[-1]
+        and _eligible(x, gate_weight_ED, MIN_WEIGHT_ELEMENTS, WEIGHT_DTYPES)
+    )
+
+
+def applies_routed_experts(x: Tensor, gate_weight_ED: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether ``route_experts_ffn`` runs this token through the router and these stacked
+    experts: ``applies_router`` and ``applies_experts``."""
+    return applies_router(x, gate_weight_ED) and applies_experts(x, w_in, w_out)
+
+
+class RoutedToken(NamedTuple):
+    """``route_experts_ffn``'s result: the layer's output and its routing, as the top-k router
+    and the experts compute them."""
+
+    y_1D: Tensor  # float32
+    expert_idx_K: Tensor  # long, in descending score order
+    weight_K: Tensor  # float32 combine weights
+    logits_1E: Tensor  # float32
+    scores_1E: Tensor  # float32 softmax
+    counts_E: Tensor  # long: how many of the k chose each expert
+
+
+def route_experts_ffn(
+    x: Tensor, gate_weight_ED: Tensor, gate_bias_E: Tensor | None, round_logits: bool, check_finite: bool, top_k: int,
+    normalize: bool, scale: float, w_in: Tensor | None = None, w_out: Tensor | None = None, activation: str = "swiglu",
+    swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, b_in: Tensor | None = None, b_out: Tensor | None = None,
+) -> RoutedToken | None:
+    """A decoded token through a whole MoE layer in one C call (check ``applies_routed_experts``
+    first): moekit.routing.TopKRouter's softmax top-k (logits in float32 from x's values,
+    rounded to bfloat16 when ``round_logits``; weights normalized over the k when
+    ``normalize``, times ``scale``), then ``experts_ffn`` on the chosen experts of the stacked
+    ``w_in`` / ``w_out``. Without experts (``w_in`` None; check ``applies_router``) only the
+    routing, ``y_1D`` then undefined: experts held elsewhere (offloaded, quantized) run next,
+    on the same choices. None when ``check_finite`` and a logit is NaN or inf (the caller
+    raises)."""
+    num_experts, d_model = gate_weight_ED.shape
+    hidden = w_in.shape[2] if w_in is not None else 0
+    width = w_out.shape[1] if w_out is not None else 0
+    if not 1 <= top_k <= min(num_experts, 64) or activation not in DECODE_ACTIVATIONS or (
+        w_in is not None and (w_out is None or w_in.shape[0] != num_experts)
+    ):
+        raise ValueError(f"matvec.route_experts_ffn: top-{top_k} of {num_experts} experts, activation {activation!r}, "
+                         f"stacked experts {None if w_in is None else tuple(w_in.shape)}")
+    layout = "cols" if w_in is None else expert_layout(w_in)
+    if w_in is not None and (layout is None or w_out is None or expert_layout(w_out) != layout):
+        raise ValueError("matvec.route_experts_ffn: the weights must be all [I, O] or all [O, I] (transposed) matrices")
+    dtype = x.dtype if w_in is None else w_in.dtype
+    for biases in (b_in, b_out):
+        if biases is not None and (w_in is None or not biases.is_contiguous() or biases.dtype != dtype):
+            raise ValueError("matvec.route_experts_ffn: expert biases must be contiguous [E, H] / [E, D] tensors of "
+                             "the stacked weights' dtype")
+    gate = gate_weight_ED
+    gate_bias = None if gate_bias_E is None else gate_bias_E.to(gate.dtype).contiguous()
+    x32 = x.reshape(-1).float().contiguous()
+    floats = torch.empty(d_model + top_k + 2 * num_experts, dtype=torch.float32)
+    longs = torch.empty(top_k + num_experts, dtype=torch.long)
+    y, weight_K, logits, scores = floats.split([d_model, top_k, num_experts, num_experts])
+    expert_idx_K, counts_E = longs.split([top_k, num_experts])
+    element = dtype.itemsize
+    code = _kernel("moekit_route_experts_decode")(
+        gate.data_ptr(), None if gate_bias is None else gate_bias.data_ptr(), int(gate.dtype == torch.bfloat16),
+        int(round_logits), int(check_finite), num_experts, top_k, int(normalize), scale,
+        None if w_in is None else w_in.data_ptr(), None if w_out is None else w_out.data_ptr(),
+        None if b_in is None else b_in.data_ptr(), None if b_out is None else b_out.data_ptr(),
+        0 if w_in is None else w_in.stride(0) * element, 0 if w_out is None else w_out.stride(0) * element,
+        x32.data_ptr(), y.data_ptr(), expert_idx_K.data_ptr(), weight_K.data_ptr(), logits.data_ptr(),
+        scores.data_ptr(), counts_E.data_ptr(), d_model, hidden, width,
+        DECODE_ACTIVATIONS[activation], swiglu_alpha, swiglu_limit, int(dtype == torch.bfloat16),
+        int(layout == "rows"), torch.get_num_threads(),
+    )
+    if code == 1:
+        return None
+    if code != 0:
+        raise MemoryError("moekit.matvec.route_experts_ffn: could not allocate its scratch buffers")
+    return RoutedToken(y.view(1, d_model), expert_idx_K, weight_K, logits.view(1, -1), scores.view(1, -1), counts_E)
 
 
 def applies_int8_experts(x: Tensor, qweights_in: Sequence[Tensor], qweights_out: Sequence[Tensor]) -> bool:
