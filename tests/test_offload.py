@@ -539,6 +539,19 @@ def test_preload_reads_every_expert_once_and_needs_room_for_all(tmp_path):
         load(store, memory_budget=minimum_budget(store), preload=True)
 
 
+def test_a_budget_that_holds_every_expert_preloads_them_by_default(tmp_path):
+    """A user who gives the whole model's memory gets an in-memory model after the load, not
+    one that reads its experts one miss at a time while it decodes; without a budget, or with
+    one that holds fewer, experts are read on demand."""
+    store, _ = make_store(tmp_path)
+    plan = plan_memory(ExpertStore(store), None)
+    whole = plan.non_expert_bytes + plan.expert_bytes
+    assert load(store, memory_budget=whole).expert_cache.stats().misses == 3 * 8
+    assert load(store, memory_budget=whole, preload=False).expert_cache.stats().misses == 0
+    assert load(store).expert_cache.stats().misses == 0  # no budget: read once used
+    assert load(store, memory_budget=whole - 1).expert_cache.stats().misses == 0  # one slot short somewhere
+
+
 def test_a_prefill_frees_each_evicted_expert_before_reading_the_next(tmp_path):
     """At the minimum budget a prefill runs a layer's experts in waves; an expert evicted to make
     room must be freed then (no reference of the previous wave left), so that at most the

@@ -123,6 +123,10 @@ class MemoryPlan:
         return sum(self.slots[layer] * self.slot_bytes[layer] for layer in self.slots)
 
     @property
+    def holds_every_expert(self) -> bool:
+        return all(self.slots[layer] >= self.num_experts[layer] for layer in self.slots)
+
+    @property
     def expert_bytes(self) -> int:
         """Every expert cached at once."""
         return sum(self.slot_bytes[layer] * self.num_experts[layer] for layer in self.slots)
@@ -462,7 +466,7 @@ def load(
     memory_budget: int | str | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
-    preload: bool = False,
+    preload: bool | None = None,
     cache_policy: str = "lru",
 ) -> MoETransformerLM:
     """A moekit LM (in eval mode) whose routed experts are read from ``store`` through a cache.
@@ -471,7 +475,10 @@ def load(
     cached experts; None caches every expert once read. ``dtype``: hold floating weights in
     this dtype (None: as stored). ``verify``: check CRC-32s (the resident file at load, each
     blob the first time it is read). ``preload``: read every expert now (the budget must hold
-    them all). ``cache_policy``: ``lru`` or ``lfu`` (``ExpertCache``).
+    them all); None (the default) preloads exactly when a budget is given and holds every
+    expert: the model is then an in-memory model after its load, as a user who gave that much
+    memory expects, instead of reading its experts one miss at a time while it decodes.
+    ``cache_policy``: ``lru`` or ``lfu`` (``ExpertCache``).
 
     The model carries ``expert_cache`` (counters: ``model.expert_cache.stats()``),
     ``expert_store`` and ``memory_plan``.
@@ -497,15 +504,26 @@ def load(
     model.expert_store = opened
     model.memory_plan = plan
     model.eval()
+    if preload is None:
+        preload = memory_budget is not None and plan.holds_every_expert
     if preload:
-        for layer, count in plan.num_experts.items():
-            if plan.slots[layer] < count:
-                raise BudgetError(f"preload needs every expert cached, but the budget gives layer {layer} "
-                                  f"{plan.slots[layer]} of {count} slots ({format_size(plan.expert_bytes)} of experts)")
-            everything = list(range(count))
-            cache.acquire(layer, everything)
-            cache.release(layer, everything)
+        preload_experts(model)
     return model
+
+
+def preload_experts(model: MoETransformerLM) -> None:
+    """Read every expert of an offloaded model (``load``) into its cache, layer by layer in the
+    store's order (sequential reads); the budget must hold them all (``BudgetError``
+    otherwise). The reads count as the cache's misses."""
+    plan, cache = model.memory_plan, model.expert_cache
+    for layer, count in plan.num_experts.items():
+        if plan.slots[layer] < count:
+            raise BudgetError(f"preload needs every expert cached, but the budget gives layer {layer} "
+                              f"{plan.slots[layer]} of {count} slots ({format_size(plan.expert_bytes)} of experts)")
+    for layer, count in plan.num_experts.items():
+        everything = list(range(count))
+        cache.acquire(layer, everything)
+        cache.release(layer, everything)
 
 
 def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | None = None) -> MoETransformerLM:
