@@ -45,28 +45,17 @@ static inline float dot_f32(const float *w, const float *x, int64_t I) {
     return s;
 }
 
-/* A bfloat16 row's dot product with x needs x prepared once per call (prep_x, into
- * prep_floats(I) floats; it returns the mode that dot_bf16 then takes):
- * - portable (mode 0): x's even and odd elements of each 16-element group, in the order a
- *   bfloat16 row's 32-bit words hold them ([I32 / 2] floats each); each weight is widened to
- *   float32 and multiplied by its float32 x in an FMA.
- * - with AVX512-BF16 (Zen 4, Sapphire Rapids), when every x is a bfloat16 value (mode 1: the
- *   model's activations in a bfloat16 model, rounded as the PyTorch ops round them): x as
- *   bfloat16, so that one vdpbf16ps multiplies 32 weights by 32 inputs and adds the products
- *   pairwise into 16 float32 lanes: a third of the instructions per byte of the portable loop,
- *   which keeps more of a row's cache lines in flight (this loop streams bf16 weights from
- *   memory). The products are exact in float32; the adds round to nearest, denormals flushed
- *   (as the instruction does). Any other x keeps the portable loop: no input is rounded. */
-static void split_even_odd(const float *x, int64_t I, float *prep) {
-    const int64_t I32 = I & ~(int64_t)31, half = I32 / 2 + 1;
-    float *x_even = prep, *x_odd = prep + half;
+/* x's even and odd elements of each 16-element group (of the first I & ~31), in the order a
+ * bfloat16 row's 32-bit words hold them: [I32 / 2] floats each. */
+static void split_even_odd(const float *x, int64_t I, float *x_even, float *x_odd) {
+    const int64_t I32 = I & ~(int64_t)31;
     for (int64_t i = 0; i < I32; i += 16)
         for (int j = 0; j < 8; j++) { x_even[i / 2 + j] = x[i + 2 * j]; x_odd[i / 2 + j] = x[i + 2 * j + 1]; }
 }
 
-static inline float dot_bf16_widened(const uint16_t *w, const float *x, const float *prep, int64_t I) {
-    const int64_t I32 = I & ~(int64_t)31, half = I32 / 2 + 1;
-    const float *x_even = prep, *x_odd = prep + half;
+static inline float dot_bf16(const uint16_t *w, const float *x, const float *x_even, const float *x_odd,
+                             int64_t I) {
+    const int64_t I32 = I & ~(int64_t)31;
     v8f a = {0}, b = {0}, c = {0}, d = {0};
     for (int64_t i = 0; i < I32; i += 32) {
         v8u u = load_u(w + i), v = load_u(w + i + 16);
@@ -80,60 +69,6 @@ static inline float dot_bf16_widened(const uint16_t *w, const float *x, const fl
     return s;
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define MOEKIT_DPBF16 1
-static inline float dot_bf16_pairs(const uint16_t *w, const float *x, const uint16_t *xb, int64_t I) {
-    const int64_t I128 = I & ~(int64_t)127, I32 = I & ~(int64_t)31;
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i < I128; i += 128) {
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
-        b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(xb + i + 32));
-        c = _mm512_dpbf16_ps(c, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(xb + i + 64));
-        d = _mm512_dpbf16_ps(d, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(xb + i + 96));
-    }
-    for (; i < I32; i += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xb + i));
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-    for (; i < I; i++) s += bf16_to_f(w[i]) * x[i];
-    return s;
-}
-#else
-#define MOEKIT_DPBF16 0
-#endif
-
-static size_t prep_floats(int64_t I) {
-    const size_t widened = (size_t)(2 * ((I & ~(int64_t)31) / 2 + 1)), pairs = (size_t)(I / 2 + 16);
-    return widened > pairs ? widened : pairs;
-}
-
-static int prep_x(const float *x, int64_t I, float *prep) {
-#if MOEKIT_DPBF16
-    uint16_t *xb = (uint16_t *)prep;
-    int64_t i = 0;
-    for (; i < I; i++) {
-        uint32_t bits;
-        memcpy(&bits, x + i, 4);
-        if (bits & 0xffffu) break; /* not a bfloat16 value */
-        xb[i] = (uint16_t)(bits >> 16);
-    }
-    if (i == I) return 1;
-#endif
-    split_even_odd(x, I, prep);
-    return 0;
-}
-
-static inline float dot_bf16(const uint16_t *w, const float *x, const float *prep, int mode, int64_t I) {
-#if MOEKIT_DPBF16
-    if (mode) return dot_bf16_pairs(w, x, (const uint16_t *)prep, I);
-#endif
-    (void)mode;
-    return dot_bf16_widened(w, x, prep, I);
-}
-
-int moekit_dpbf16(void) { return MOEKIT_DPBF16; }
-
 int moekit_rows_f32(const float *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < O; o++) y[o] = dot_f32(W + o * I, x, I);
@@ -141,12 +76,14 @@ int moekit_rows_f32(const float *W, const float *x, float *y, int64_t O, int64_t
 }
 
 int moekit_rows_bf16(const uint16_t *W, const float *x, float *y, int64_t O, int64_t I, int threads) {
-    float *prep = malloc(sizeof(float) * prep_floats(I));
-    if (!prep) return -1;
-    const int mode = prep_x(x, I, prep);
+    const int64_t half = (I & ~(int64_t)31) / 2 + 1;
+    float *x_even = malloc(sizeof(float) * (size_t)(2 * half));
+    if (!x_even) return -1;
+    float *x_odd = x_even + half;
+    split_even_odd(x, I, x_even, x_odd);
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t o = 0; o < O; o++) y[o] = dot_bf16(W + o * I, x, prep, mode, I);
-    free(prep);
+    for (int64_t o = 0; o < O; o++) y[o] = dot_bf16(W + o * I, x, x_even, x_odd, I);
+    free(x_even);
     return 0;
 }
 
@@ -156,23 +93,21 @@ int moekit_rows_bf16(const uint16_t *W, const float *x, float *y, int64_t O, int
  * is moekit_rows_*'s. */
 static int rows_batch(const void *const *Ws, int bf16, const float *X, float *Y, int64_t k, int64_t I, int64_t O,
                       int threads) {
-    const size_t per = prep_floats(I);
-    float *prep = NULL;
-    int *modes = NULL;
+    const int64_t half = (I & ~(int64_t)31) / 2 + 1;
+    float *split = NULL;
     if (bf16) {
-        prep = malloc(sizeof(float) * per * (size_t)k);
-        modes = malloc(sizeof(int) * (size_t)k);
-        if (!prep || !modes) { free(prep); free(modes); return -1; }
-        for (int64_t e = 0; e < k; e++) modes[e] = prep_x(X + e * I, I, prep + (size_t)e * per);
+        split = malloc(sizeof(float) * (size_t)(2 * k * half));
+        if (!split) return -1;
+        for (int64_t e = 0; e < k; e++) split_even_odd(X + e * I, I, split + 2 * e * half, split + (2 * e + 1) * half);
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < k * O; task++) {
         const int64_t e = task / O, o = task - e * O;
-        Y[task] = bf16 ? dot_bf16((const uint16_t *)Ws[e] + o * I, X + e * I, prep + (size_t)e * per, modes[e], I)
+        Y[task] = bf16 ? dot_bf16((const uint16_t *)Ws[e] + o * I, X + e * I, split + 2 * e * half,
+                                  split + (2 * e + 1) * half, I)
                        : dot_f32((const float *)Ws[e] + o * I, X + e * I, I);
     }
-    free(prep);
-    free(modes);
+    free(split);
     return 0;
 }
 
@@ -704,20 +639,20 @@ int moekit_route_experts_decode(const void *gate, const void *gate_bias, int gat
                                 int64_t F, int activation, float alpha, float limit, int bf16, int rows_layout,
                                 int threads) {
     if (k < 1 || k > E || k > 64) return -1;
-    float *prep = NULL;
-    int mode = 0;
+    const int64_t half = (D & ~(int64_t)31) / 2 + 1;
+    float *split = NULL;
     if (gate_bf16) {
-        prep = malloc(sizeof(float) * prep_floats(D));
-        if (!prep) return -1;
-        mode = prep_x(x, D, prep);
+        split = malloc(sizeof(float) * (size_t)(2 * half));
+        if (!split) return -1;
+        split_even_odd(x, D, split, split + half);
     }
     for (int64_t e = 0; e < E; e++) {
-        float v = gate_bf16 ? dot_bf16((const uint16_t *)gate + e * D, x, prep, mode, D)
+        float v = gate_bf16 ? dot_bf16((const uint16_t *)gate + e * D, x, split, split + half, D)
                             : dot_f32((const float *)gate + e * D, x, D);
         if (gate_bias) v += as_value(gate_bias, e, gate_bf16);
         logits[e] = gate_round_bf16 ? round_bf16(v) : v;
     }
-    free(prep);
+    free(split);
     float top = logits[0];
     for (int64_t e = 0; e < E; e++) {
         if (check_finite && !isfinite(logits[e])) return 1;

@@ -165,8 +165,6 @@ def _load() -> ctypes.CDLL | None:
                     + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
                 )
                 library.moekit_route_experts_decode.restype = ctypes.c_int
-                library.moekit_dpbf16.argtypes = []
-                library.moekit_dpbf16.restype = ctypes.c_int
                 library.moekit_experts_decode_i8.argtypes = (
                     [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
                                                                      ctypes.c_int, ctypes.c_int]
@@ -186,16 +184,6 @@ def status() -> str:
     _load()
     assert _status is not None
     return _status if _enabled else "off: disabled by moekit.matvec.set_enabled(False)"
-
-
-def bf16_dot() -> str:
-    """How the kernels multiply bfloat16 weights: ``"avx512_bf16"`` (vdpbf16ps, 32 products
-    per instruction) or ``"portable"`` (each bfloat16 widened to float32, then an FMA); ""
-    when the kernels are off."""
-    library = _load() if _enabled else None
-    if library is None:
-        return ""
-    return "avx512_bf16" if library.moekit_dpbf16() else "portable"
 
 
 def available() -> bool:
