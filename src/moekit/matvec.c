@@ -15,6 +15,7 @@
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 
 static inline v8f load_f(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline v8u load_u(const void *p) { v8u v; memcpy(&v, p, sizeof v); return v; }
@@ -28,6 +29,12 @@ static inline float sum8(v8f v) {
 static inline v8f even_bf16(v8u u) { return (v8f)(u << 16); }
 static inline v8f odd_bf16(v8u u) { return (v8f)(u & 0xffff0000u); }
 static inline float bf16_to_f(uint16_t b) { uint32_t w = (uint32_t)b << 16; float f; memcpy(&f, &w, 4); return f; }
+/* eight consecutive bfloat16 values widened to float32 (exact: a bfloat16 is a float32's top half) */
+static inline v8f load_bf16x8(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u) << 16);
+}
 
 /* y[O] = W[O, I] x[I]: the nn.Linear layout, one row at a time (each row one stream). A row's
  * sum is fixed by I alone: four 8-lane accumulators over 32-element steps, then the tail. */
@@ -376,7 +383,9 @@ static inline float as_value(const void *base, int64_t index, int bf16) {
 static inline void cache_row(const void *cache, int64_t offset, float *row, int64_t hd, int bf16) {
     if (bf16) {
         const uint16_t *src = (const uint16_t *)cache + offset;
-        for (int64_t j = 0; j < hd; j++) { uint32_t w = (uint32_t)src[j] << 16; memcpy(row + j, &w, 4); }
+        int64_t j = 0;
+        for (; j + 8 <= hd; j += 8) store_f(row + j, load_bf16x8(src + j));
+        for (; j < hd; j++) row[j] = bf16_to_f(src[j]);
     } else {
         memcpy(row, (const float *)cache + offset, sizeof(float) * (size_t)hd);
     }
@@ -499,8 +508,7 @@ int moekit_attn_block(const void *w_qkv, const void *w_proj, const float *g_attn
                 for (int64_t t = 0; t < length; t++) {
                     v8f v8;
                     if (bf16) {
-                        const uint16_t *src = (const uint16_t *)v_cache + g * cache_stride + t * hd + j;
-                        for (int e = 0; e < 8; e++) { uint32_t w = (uint32_t)src[e] << 16; memcpy((float *)&v8 + e, &w, 4); }
+                        v8 = load_bf16x8((const uint16_t *)v_cache + g * cache_stride + t * hd + j);
                     } else {
                         v8 = load_f((const float *)v_cache + g * cache_stride + t * hd + j);
                     }
