@@ -212,6 +212,8 @@ def test_the_one_call_attention_half_equals_the_torch_ops(n_kv_head, monkeypatch
     calls = []
     real = matvec.attention_block
     monkeypatch.setattr(matvec, "attention_block", lambda *args: calls.append(1) or real(*args))
+    # block by block (the whole-step call, tested below, runs the same C function for every block)
+    monkeypatch.setattr(lm_module.MoETransformerLM, "_decode_blocks_in_one_call", lambda *args: None)
 
     def decode() -> tuple[torch.Tensor, KVCache]:
         cache = KVCache(model.config.n_layer, capacity=6)  # grows twice below
@@ -235,3 +237,91 @@ def test_the_one_call_attention_half_equals_the_torch_ops(n_kv_head, monkeypatch
     model(idx[:, :4], cache=cache)
     model(idx[:, 4:5], cache=cache)
     assert calls == []
+
+
+def _big_enough_lm(**moe_overrides) -> MoETransformerLM:
+    """Weights large enough for moekit.matvec's kernels (d_model 256: the one-call paths)."""
+    moe = MoEConfig(**{"d_model": 256, "d_ff": 128, "num_experts": 4, "top_k": 2, **moe_overrides})
+    return tiny_lm(d_model=256, n_head=8, n_kv_head=2, seq_len=64, n_layer=3, moe=moe)
+
+
+@pytest.mark.parametrize("layout", ["cols", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoded_token_through_every_block_in_one_call_equals_block_by_block(dtype, layout, monkeypatch):
+    """``matvec.lm_decode`` runs each block's attention call, MoE call and residual add in one
+    C call: the same logits, KV cache and routing statistics bit for bit as calling the blocks
+    one by one (which run the same C functions per block)."""
+    from moekit import matvec
+    from moekit.experts import set_expert_layout
+    from moekit.models import lm as lm_module
+
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec is {matvec.status()}")
+    model = _big_enough_lm().to(dtype)
+    set_expert_layout(model, layout)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = matvec.lm_decode
+    monkeypatch.setattr(matvec, "lm_decode", lambda *args: calls.append(1) or real(*args))
+
+    def decode():
+        cache = KVCache(model.config.n_layer, capacity=5)  # grows while decoding
+        stats = []
+        with torch.no_grad():
+            model(idx[:, :4], cache=cache)
+            steps = []
+            for t in range(4, 16):
+                steps.append(model(idx[:, t : t + 1], cache=cache)[0])
+                stats.append([(b.ffn.last_stats.tokens_per_expert_E, b.ffn.last_stats.scores_TE) for b in model.blocks])
+        return torch.cat(steps, dim=1), cache, stats
+
+    got, got_cache, got_stats = decode()
+    assert len(calls) == 12  # one per decoded token
+    with monkeypatch.context() as per_block:
+        per_block.setattr(lm_module.MoETransformerLM, "_decode_blocks_in_one_call", lambda *args: None)
+        want, want_cache, want_stats = decode()
+    assert len(calls) == 12
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_cache.keys + got_cache.values,
+                                                   want_cache.keys + want_cache.values, strict=True))
+    for step_got, step_want in zip(got_stats, want_stats, strict=True):
+        for a, b in zip(step_got, step_want, strict=True):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_one_call_step_leaves_the_blocks_to_themselves_where_it_would_skip_something(monkeypatch):
+    """A forward hook on a block or its MoE layer, shared experts, or a layer routed otherwise:
+    the blocks run one by one (and the hook runs); a NaN input raises the router's error."""
+    from moekit import matvec
+    from moekit.routing import NonFiniteRouterLogitsError
+
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec is {matvec.status()}")
+    calls = []
+    real = matvec.lm_decode
+    monkeypatch.setattr(matvec, "lm_decode", lambda *args: calls.append(1) or real(*args))
+    idx = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5))
+
+    def decode(model):
+        cache = KVCache(model.config.n_layer)
+        with torch.no_grad():
+            model(idx[:, :5], cache=cache)
+            model(idx[:, 5:], cache=cache)
+
+    model = _big_enough_lm()
+    decode(model)
+    assert calls == [1]
+    seen = []
+    handle = model.blocks[1].ffn.register_forward_hook(lambda *args: seen.append(1))
+    decode(model)
+    assert calls == [1] and len(seen) == 2  # the prompt's forward and the decoded token's, block by block
+    handle.remove()
+    decode(_big_enough_lm(num_shared_experts=1))
+    decode(_big_enough_lm(router="aux_free"))
+    assert calls == [1]
+    model = _big_enough_lm()
+    with torch.no_grad(), pytest.raises(NonFiniteRouterLogitsError, match="block 0"):
+        cache = KVCache(model.config.n_layer)
+        model(idx[:, :5], cache=cache)
+        model.blocks[0].ffn.router.weight[0, 0] = float("nan")
+        model(idx[:, 5:], cache=cache)

@@ -152,7 +152,8 @@ def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype,
     step routes in C (``route_experts_ffn``), then runs the token's cached experts and their
     weighted sum in one C call (``experts_ffn`` on their own matrices), and its logits equal
     the in-memory model's bit for bit (the same router code, then the same experts code on the
-    stacked weights, in one call) at the minimum budget and with every expert cached."""
+    stacked weights, every block in one ``lm_decode`` call) at the minimum budget and with
+    every expert cached."""
     if not matvec.available():
         pytest.skip(f"moekit.matvec kernels: {matvec.status()}")
     store, model = make_store(tmp_path, dtype, d_model=256, n_head=4, moe=dict(d_model=256, d_ff=128))
@@ -162,6 +163,8 @@ def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype,
     monkeypatch.setattr(matvec, "experts_ffn", lambda *args: calls.append(isinstance(args[1], list)) or real(*args))
     monkeypatch.setattr(matvec, "route_experts_ffn",
                         lambda *args: calls.append("routed" if args[8] is None else False) or real_routed(*args))
+    real_step = matvec.lm_decode
+    monkeypatch.setattr(matvec, "lm_decode", lambda *args: calls.append("step") or real_step(*args))
     plain = prefill_then_decode(model, idx, prompt=8)
     for budget in (minimum_budget(store), None):
         offloaded = load(store, memory_budget=budget)
@@ -172,7 +175,9 @@ def test_decode_through_the_kernels_equals_the_plain_lm_bitwise(tmp_path, dtype,
     decode_steps, moe_layers = 14 - 8, 3
     assert calls.count(True) == 2 * decode_steps * moe_layers  # two budgets, the offloaded experts' lists
     assert calls.count("routed") == 2 * decode_steps * moe_layers  # their routing, before the loads
-    assert calls.count(False) == decode_steps * moe_layers  # the plain LM: router and stacked experts at once
+    # the plain LM: every block's attention, router and stacked experts in one call per token
+    # (the same C functions as the offloaded model's per-layer calls)
+    assert calls.count("step") == decode_steps and calls.count(False) == 0
 
 
 def test_bf16_view_of_a_float32_store_is_bit_identical_across_budgets(tmp_path):

@@ -255,10 +255,7 @@ class MoE(nn.Module):
         the routing and statistics are recorded as the other paths record them. Other experts
         take the C call's choices (an offloaded model routes exactly as its in-memory twin)."""
         router, experts, config = self.router, self.experts, self.config
-        stacked = (
-            type(experts) is GroupedExperts and matvec.applies_experts(x_TD, experts.w_in, experts.w_out)
-            and (experts.b_in is None or (experts.b_in.is_contiguous() and experts.b_out.is_contiguous()))
-        )
+        stacked = self._stacked_experts_in_c(x_TD)
         routed = matvec.route_experts_ffn(
             x_TD, router.weight, router.bias, router.gate_in_activation_dtype and x_TD.dtype == torch.bfloat16,
             config.check_finite, config.top_k, config.normalize_weights, config.routed_scaling_factor,
@@ -271,25 +268,40 @@ class MoE(nn.Module):
                 "router logits contain NaN or inf: check the layer input and router weights "
                 "(MoEConfig.check_finite=False skips this check)"
             )
-        top_k = config.top_k
+        if stacked:
+            assert routed.y_1D is not None
+            y_TD = routed.y_1D
+        else:
+            assert isinstance(experts, GroupedExperts) or getattr(experts, "one_token_fast_path", False)
+            y_TD = experts.forward_per_assignment(  # type: ignore[operator]
+                x_TD, torch.zeros(config.top_k, dtype=torch.long), routed.expert_idx_K, routed.weight_K
+            )
+        self.record_routed_token(routed)
+        y_TD = y_TD.to(x.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.reshape(x.shape)
+
+    def _stacked_experts_in_c(self, x_TD: Tensor) -> bool:
+        """Whether this layer's experts run inside ``route_experts_ffn`` (in-memory grouped
+        experts that moekit.matvec reads; contiguous biases)."""
+        experts = self.experts
+        return (
+            type(experts) is GroupedExperts and matvec.applies_experts(x_TD, experts.w_in, experts.w_out)
+            and (experts.b_in is None or (experts.b_in.is_contiguous() and experts.b_out.is_contiguous()))
+        )
+
+    def record_routed_token(self, routed: matvec.RoutedToken) -> None:
+        """Record one decoded token's routing from the C router (``route_experts_ffn`` or
+        ``lm_decode``) as the layer's other paths record theirs (``last_stats``)."""
+        top_k = self.config.top_k
         token_idx_N = torch.zeros(top_k, dtype=torch.long)
         assignments = Assignments(
             token_idx_N, routed.expert_idx_K, routed.weight_K, torch.arange(top_k),
             routed.scores_1E[0].index_select(0, routed.expert_idx_K),
         )
         routing = RoutingResult(routed.logits_1E, routed.scores_1E, assignments, routed.counts_E.float())
-        if stacked:
-            y_TD = routed.y_1D
-        else:
-            assert isinstance(experts, GroupedExperts) or getattr(experts, "one_token_fast_path", False)
-            y_TD = experts.forward_per_assignment(  # type: ignore[operator]
-                x_TD, token_idx_N, routed.expert_idx_K, routed.weight_K
-            )
         self._record(routing, top_k, routed.counts_E, token_idx_N, 1, None)
-        y_TD = y_TD.to(x.dtype)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
-        return y_TD.reshape(x.shape)
 
     def _decode_fast_path(self, num_tokens: int, capacity_factor: float | None, routing: RoutingResult) -> bool:
         """Eval, few tokens, dropless, local grouped experts, no token mask: nothing to sort or drop.

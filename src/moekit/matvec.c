@@ -727,3 +727,48 @@ int moekit_experts_decode_i8(const int8_t *const *q_in, const float *const *s_in
     free(buf);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * A decoded token through every block of moekit's LM in one call: for each layer l,
+ *
+ *   (x', h) = moekit_attn_block(x)                 the attention half and the FFN's RMSNorm
+ *   y       = moekit_route_experts_decode(h)       the top-k router and the experts
+ *   x       = x' + y                               (bf16: y rounded to bfloat16, then the sum,
+ *                                                   as the PyTorch block adds in bfloat16)
+ *
+ * with layer l's weights at index l of each pointer array (every layer the same shapes and
+ * MoE config; a layer's cache stride in cache_strides[l]). x [D] is read and overwritten with
+ * the last block's output; layer l's routing goes to ids + l k, weights + l k, logits + l E,
+ * scores + l E, counts + l E. The same calls and roundings as the per-layer path, so the same
+ * bits: only the Python between them is gone. Returns 0, -1 when out of memory, or 2 + l when
+ * layer l's router logits hold a NaN or inf (check_finite).
+ * ------------------------------------------------------------------------------------------- */
+int moekit_lm_decode(int64_t L, const void *const *w_qkv, const void *const *w_proj, const float *const *g_attn,
+                     const float *const *g_ffn, float eps, const float *cos_k, const float *sin_k,
+                     void *const *k_cache, void *const *v_cache, const int64_t *cache_strides, int64_t pos,
+                     int64_t n_head, int64_t n_kv, int64_t hd, const void *const *gate, const void *const *gate_bias,
+                     int gate_bf16, int gate_round_bf16, int check_finite, int64_t E, int64_t k, int normalize,
+                     float scale, const char *const *w_in, const char *const *w_out, const char *const *b_in,
+                     const char *const *b_out, int64_t in_stride, int64_t out_stride, float *x, int64_t *ids,
+                     float *weights, float *logits, float *scores, int64_t *counts, int64_t D, int64_t H, int64_t F,
+                     int activation, float alpha, float limit, int bf16, int rows_layout, int threads) {
+    float *buf = malloc(sizeof(float) * (size_t)(3 * D));
+    if (!buf) return -1;
+    float *x_mid = buf, *h = buf + D, *y = buf + 2 * D;
+    for (int64_t l = 0; l < L; l++) {
+        int code = moekit_attn_block(w_qkv[l], w_proj[l], g_attn[l], g_ffn[l], eps, cos_k, sin_k, k_cache[l],
+                                     v_cache[l], cache_strides[l], pos, x, x_mid, h, D, n_head, n_kv, hd, bf16,
+                                     threads);
+        if (code == 0)
+            code = moekit_route_experts_decode(gate[l], gate_bias ? gate_bias[l] : NULL, gate_bf16, gate_round_bf16,
+                                               check_finite, E, k, normalize, scale, w_in[l], w_out[l],
+                                               b_in ? b_in[l] : NULL, b_out ? b_out[l] : NULL, in_stride, out_stride,
+                                               h, y, ids + l * k, weights + l * k, logits + l * E, scores + l * E,
+                                               counts + l * E, D, H, F, activation, alpha, limit, bf16, rows_layout,
+                                               threads);
+        if (code != 0) { free(buf); return code == 1 ? (int)(2 + l) : code; }
+        for (int64_t i = 0; i < D; i++) x[i] = bf16 ? round_bf16(x_mid[i] + round_bf16(y[i])) : x_mid[i] + y[i];
+    }
+    free(buf);
+    return 0;
+}

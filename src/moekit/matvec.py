@@ -165,6 +165,14 @@ def _load() -> ctypes.CDLL | None:
                     + [ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
                 )
                 library.moekit_route_experts_decode.restype = ctypes.c_int
+                library.moekit_lm_decode.argtypes = (
+                    [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 5
+                    + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 2
+                    + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+                    + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_float]
+                    + [ctypes.c_int] * 3
+                )
+                library.moekit_lm_decode.restype = ctypes.c_int
                 library.moekit_experts_decode_i8.argtypes = (
                     [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_float,
                                                                      ctypes.c_int, ctypes.c_int]
@@ -512,7 +520,7 @@ class RoutedToken(NamedTuple):
     """``route_experts_ffn``'s result: the layer's output and its routing, as the top-k router
     and the experts compute them."""
 
-    y_1D: Tensor  # float32
+    y_1D: Tensor | None  # float32 (None from lm_decode, whose layers' outputs stay in C)
     expert_idx_K: Tensor  # long, in descending score order
     weight_K: Tensor  # float32 combine weights
     logits_1E: Tensor  # float32
@@ -573,6 +581,88 @@ def route_experts_ffn(
     if code != 0:
         raise MemoryError("moekit.matvec.route_experts_ffn: could not allocate its scratch buffers")
     return RoutedToken(y.view(1, d_model), expert_idx_K, weight_K, logits.view(1, -1), scores.view(1, -1), counts_E)
+
+
+class DecodeLayer(NamedTuple):
+    """One block's tensors for ``lm_decode``: its attention half's (``attention_block``'s, the
+    norms' weights in float32, the cache buffers reserved for this token) and its MoE layer's
+    (``route_experts_ffn``'s)."""
+
+    w_qkv_OI: Tensor
+    w_proj_OI: Tensor
+    g_attn_D: Tensor  # float32
+    g_ffn_D: Tensor  # float32
+    keys: Tensor  # [1, n_kv, capacity, head_dim]
+    values: Tensor
+    gate_ED: Tensor
+    gate_bias_E: Tensor | None
+    w_in: Tensor
+    w_out: Tensor
+    b_in: Tensor | None
+    b_out: Tensor | None
+
+
+def lm_decode(
+    x_D: Tensor, layers: Sequence[DecodeLayer], eps: float, cos_K: Tensor, sin_K: Tensor, position: int, n_head: int,
+    round_logits: bool, check_finite: bool, top_k: int, normalize: bool, scale: float, activation: str,
+    swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+) -> tuple[Tensor, list[RoutedToken]] | int:
+    """A decoded token through every block of moekit's LM in one C call: for each layer, the
+    ``attention_block`` call, the ``route_experts_ffn`` call on its FFN input and the residual
+    add, with the same roundings (the same bits as calling them per layer). Every layer must
+    have the same shapes, dtype, expert layout and MoE settings, and pass ``applies_*``'s checks
+    (the caller checks). Returns the last block's output (float32 [D], values of the weights'
+    dtype) and each layer's routing (``y_1D`` None), or the index of the first layer whose router
+    logits hold a NaN or inf (``check_finite``)."""
+    first = layers[0]
+    num_layers = len(layers)
+    _, n_kv, _, head_dim = first.keys.shape
+    num_experts, d_model = first.gate_ED.shape
+    hidden, width = first.w_in.shape[2], first.w_out.shape[1]
+    dtype = first.w_in.dtype
+    layout = expert_layout(first.w_in)
+    element = dtype.itemsize
+
+    def pointers(tensors: Sequence[Tensor | None]) -> Any:
+        return (ctypes.c_void_p * num_layers)(*[None if t is None else t.data_ptr() for t in tensors])
+
+    x32 = x_D.reshape(-1).float().contiguous()
+    floats = torch.empty(num_layers * (top_k + 2 * num_experts), dtype=torch.float32)
+    longs = torch.empty(num_layers * (top_k + num_experts), dtype=torch.long)
+    weights, logits, scores = floats.split([num_layers * top_k, num_layers * num_experts, num_layers * num_experts])
+    ids, counts = longs.split([num_layers * top_k, num_layers * num_experts])
+    strides = (ctypes.c_int64 * num_layers)(*[layer.keys.stride(1) for layer in layers])
+    cos32, sin32 = cos_K.float().contiguous(), sin_K.float().contiguous()
+    code = _kernel("moekit_lm_decode")(
+        num_layers, pointers([layer.w_qkv_OI for layer in layers]), pointers([layer.w_proj_OI for layer in layers]),
+        pointers([layer.g_attn_D for layer in layers]), pointers([layer.g_ffn_D for layer in layers]), eps,
+        cos32.data_ptr(), sin32.data_ptr(), pointers([layer.keys for layer in layers]),
+        pointers([layer.values for layer in layers]), strides, position, n_head, n_kv, head_dim,
+        pointers([layer.gate_ED for layer in layers]),
+        None if first.gate_bias_E is None else pointers([layer.gate_bias_E for layer in layers]),
+        int(first.gate_ED.dtype == torch.bfloat16), int(round_logits), int(check_finite), num_experts, top_k,
+        int(normalize), scale, pointers([layer.w_in for layer in layers]), pointers([layer.w_out for layer in layers]),
+        None if first.b_in is None else pointers([layer.b_in for layer in layers]),
+        None if first.b_out is None else pointers([layer.b_out for layer in layers]),
+        first.w_in.stride(0) * element, first.w_out.stride(0) * element, x32.data_ptr(), ids.data_ptr(),
+        weights.data_ptr(), logits.data_ptr(), scores.data_ptr(), counts.data_ptr(), d_model, hidden, width,
+        DECODE_ACTIVATIONS[activation], swiglu_alpha, swiglu_limit, int(dtype == torch.bfloat16),
+        int(layout == "rows"), torch.get_num_threads(),
+    )
+    if code >= 2:
+        return code - 2
+    if code != 0:
+        raise MemoryError("moekit.matvec.lm_decode: could not allocate its scratch buffers")
+    routed = [
+        RoutedToken(
+            None, ids[i * top_k : (i + 1) * top_k], weights[i * top_k : (i + 1) * top_k],
+            logits[i * num_experts : (i + 1) * num_experts].view(1, -1),
+            scores[i * num_experts : (i + 1) * num_experts].view(1, -1),
+            counts[i * num_experts : (i + 1) * num_experts],
+        )
+        for i in range(num_layers)
+    ]
+    return x32, routed
 
 
 def applies_int8_experts(x: Tensor, qweights_in: Sequence[Tensor], qweights_out: Sequence[Tensor]) -> bool:
