@@ -30,7 +30,7 @@ from moekit.experiments.bench import generate as bench
 COLUMNS = {
     "impl", "label", "prefill_tokens_per_s", "decode_tokens_per_s", "prefill_vs_transformers",
     "decode_vs_transformers", "weight_read_gb_per_s", "share_of_bandwidth", "identical_tokens", "first_mismatch",
-    "round_prefill_tokens_per_s", "round_decode_tokens_per_s", "tokens",
+    "round_prefill_tokens_per_s", "round_decode_tokens_per_s", "round_probe_gb_per_s", "tokens",
 }
 
 
@@ -44,7 +44,9 @@ def test_quick_bench_json_has_every_column_and_identical_tokens(monkeypatch, cap
     assert report["bench"] == "generate" and report["dtype"] == "float32"
     assert report["cpu"] and report["torch"] == torch.__version__ and report["threads"] == torch.get_num_threads()
     assert (report["prompt_tokens"], report["new_tokens"], report["rounds"]) == (16, 8, 2)
-    assert report["memory_bandwidth"]["gb_per_s"] > 0 and len(report["memory_bandwidth"]["runs_gb_per_s"]) == 3 + 2 * 2
+    # 3 at the start, then per round one before the first run and one after each (mixtral: 3 runs, deepseek_v3: 2)
+    probes = 3 + 2 * (1 + 3) + 2 * (1 + 2)
+    assert report["memory_bandwidth"]["gb_per_s"] > 0 and len(report["memory_bandwidth"]["runs_gb_per_s"]) == probes
     assert report["identical_tokens"] is True
     families = {f["family"]: f for f in report["families"]}
     assert list(families) == ["mixtral", "deepseek_v3"]
@@ -62,8 +64,11 @@ def test_quick_bench_json_has_every_column_and_identical_tokens(monkeypatch, cap
             assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
             expected_read = family["bytes_per_token"]["total"] * result["decode_tokens_per_s"] / 1e9
             assert result["weight_read_gb_per_s"] == pytest.approx(expected_read, rel=1e-3, abs=1e-4)
-            # each round's read rate over the probe taken as that round began, median over rounds
-            rounds = zip(result["round_decode_tokens_per_s"], family["round_bandwidth_gb_per_s"], strict=True)
+            # each run's read rate over the mean of the probes just before and after it, median over rounds
+            assert len(result["round_probe_gb_per_s"]) == 2
+            assert all(min(family["round_bandwidth_gb_per_s"]) <= p <= max(family["round_bandwidth_gb_per_s"])
+                       for p in result["round_probe_gb_per_s"])
+            rounds = zip(result["round_decode_tokens_per_s"], result["round_probe_gb_per_s"], strict=True)
             per_token = family["bytes_per_token"]["total"]
             per_round = [per_token * tokens_per_s / 1e9 / probe for tokens_per_s, probe in rounds]
             assert result["share_of_bandwidth"] == pytest.approx(statistics.median(per_round), rel=1e-2, abs=1e-4)

@@ -379,19 +379,27 @@ def memory_bandwidth_gbps(buffer_bytes: int = BANDWIDTH_BUFFER_BYTES, runs: int 
     """
     if buffer_bytes < 4 or runs < 1:
         raise ValueError(f"buffer_bytes={buffer_bytes} and runs={runs} must be >= 4 and >= 1")
-    buffers = [torch.ones(buffer_bytes // 4, dtype=torch.float32), huge_page_empty((buffer_bytes // 4,), torch.float32)]
-    buffers[1].fill_(1.0)
-    rates = []
-    for _ in range(runs):
+    probe = BandwidthProbe(buffer_bytes)
+    return [probe.read() for _ in range(runs)]
+
+
+class BandwidthProbe:
+    """``memory_bandwidth_gbps``' buffers, allocated once, for probes taken next to each
+    implementation's run (the machine's bandwidth moves from minute to minute)."""
+
+    def __init__(self, buffer_bytes: int = BANDWIDTH_BUFFER_BYTES) -> None:
+        self.buffers = [torch.ones(buffer_bytes // 4, dtype=torch.float32),
+                        huge_page_empty((buffer_bytes // 4,), torch.float32)]
+        self.buffers[1].fill_(1.0)
+
+    def read(self) -> float:
         best = 0.0
-        for buffer in buffers:
+        for buffer in self.buffers:
             start = time.perf_counter()
             buffer.sum()
             seconds = time.perf_counter() - start
             best = max(best, buffer.numel() * 4 / seconds / 1e9)
-        rates.append(best)
-    del buffers
-    return rates
+        return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,13 +441,15 @@ class ImplResult:
     prefill_vs_transformers: float  # median of the per-round ratios to transformers' tokens/s
     decode_vs_transformers: float
     weight_read_gb_per_s: float  # bytes_per_token · decode tokens/s / 1e9
-    # median over rounds of the round's weight read rate / the probe taken as that round began
+    # median over rounds of the run's weight read rate / the mean of the probes just before and
+    # just after that run
     share_of_bandwidth: float | None
     identical_tokens: bool  # same greedy tokens as transformers in every round
     first_mismatch: int | None  # index of the first differing new token (None when identical)
     round_prefill_tokens_per_s: list[float]
     round_decode_tokens_per_s: list[float]
     tokens: list[int]  # the greedy tokens of the last round
+    round_probe_gb_per_s: list[float] = field(default_factory=list)  # each run's bracketing probes' mean
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -455,6 +465,7 @@ class ImplResult:
             "first_mismatch": self.first_mismatch,
             "round_prefill_tokens_per_s": [round(r, 3) for r in self.round_prefill_tokens_per_s],
             "round_decode_tokens_per_s": [round(r, 3) for r in self.round_decode_tokens_per_s],
+            "round_probe_gb_per_s": [round(r, 3) for r in self.round_probe_gb_per_s],
             "tokens": self.tokens,
         }
 
@@ -616,7 +627,7 @@ class GenerateBenchReport:
             + (" (--quick: tiny models)" if self.quick else ""),
             f"memory bandwidth: {self.bandwidth:.2f} GB/s (sum of a {self.bandwidth_buffer_bytes / 1e9:.2f} GB buffer, "
             f"median of {len(self.bandwidth_gbps)} runs); weights GB/s = MB/token x decode tok/s; of bw = median "
-            "over rounds of a round's weight read rate over the probe taken as that round began",
+            "over rounds of a run's weight read rate over the mean of the probes taken just before and just after it",
             "x tf: median of per-round ratios to transformers as loaded; tokens: greedy tokens vs transformers'",
             f"moekit's batch-1 kernels (moekit.matvec): {self.matvec}; transparent huge pages: {self.huge_pages} "
             "(patch_moe and moekit_lm place their weights in them; transformers as loaded does not)",
@@ -695,12 +706,21 @@ def run_family(
         generate(impl, min(new_tokens, WARMUP_NEW_TOKENS))
     figures: dict[str, list[GenerationResult]] = {impl: [] for impl in impls}
     probes = []
+    paired: dict[str, list[float]] = {impl: [] for impl in impls}
     mismatch: dict[str, int | None] = dict.fromkeys(impls)
+    probe = BandwidthProbe(bandwidth_buffer_bytes)
     for r in range(rounds):
-        probes += memory_bandwidth_gbps(bandwidth_buffer_bytes, runs=1)
         order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate who goes first
+        # NOTE: a probe before every run and one after the round: each run is compared with the
+        # bandwidth of its own minute (this machine's moves between ~30 and ~60 GB/s).
+        before = probe.read()
+        probes.append(before)
         for impl in order:
             figures[impl].append(generate(impl, new_tokens))
+            after = probe.read()
+            probes.append(after)
+            paired[impl].append((before + after) / 2)
+            before = after
         reference = figures[TRANSFORMERS][-1].tokens
         for impl in impls[1:]:
             position = _first_mismatch(figures[impl][-1].tokens, reference)
@@ -725,14 +745,15 @@ def run_family(
             decode_vs_transformers=_median_ratio(decode, reference_decode),
             weight_read_gb_per_s=read,
             share_of_bandwidth=statistics.median(
-                bytes_per_token["total"] * tokens_per_s / 1e9 / probe
-                for tokens_per_s, probe in zip(decode, probes, strict=True)
-            ) if all(p > 0 for p in probes) else None,
+                bytes_per_token["total"] * tokens_per_s / 1e9 / bandwidth
+                for tokens_per_s, bandwidth in zip(decode, paired[impl], strict=True)
+            ) if all(p > 0 for p in paired[impl]) else None,
             identical_tokens=mismatch[impl] is None,
             first_mismatch=mismatch[impl],
             round_prefill_tokens_per_s=prefill,
             round_decode_tokens_per_s=decode,
             tokens=figures[impl][-1].tokens,
+            round_probe_gb_per_s=paired[impl],
         ))
     result = FamilyResult(
         family=family,
@@ -749,7 +770,7 @@ def run_family(
     models.clear()
     steps.clear()
     llama_cpp_files.close()
-    del model, patched
+    del model, patched, probe
     gc.collect()
     return result
 
