@@ -288,7 +288,8 @@ class MoE(nn.Module):
         experts = self.experts
         return (
             type(experts) is GroupedExperts and matvec.applies_experts(x_TD, experts.w_in, experts.w_out)
-            and (experts.b_in is None or (experts.b_in.is_contiguous() and experts.b_out.is_contiguous()))
+            and all(b is None or (b.is_contiguous() and b.dtype == experts.w_in.dtype)
+                    for b in (experts.b_in, experts.b_out))
         )
 
     def record_routed_token(self, routed: matvec.RoutedToken) -> None:

@@ -532,6 +532,8 @@ class MoETransformerLM(nn.Module):
                 or not moe._stacked_experts_in_c(x_TD)
                 or attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
                 or block.attn_norm.eps != block.ffn_norm.eps
+                or (moe.router.bias is not None and (moe.router.bias.dtype != moe.router.weight.dtype
+                                                     or not moe.router.bias.is_contiguous()))
             ):
                 return None
             if first is None:
