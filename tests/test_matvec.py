@@ -393,7 +393,8 @@ def test_expert_layout_names_the_two_storages_and_nothing_else():
     assert matvec.expert_layout(rows_EIO) == "rows" and matvec.expert_layout(rows_EIO[2]) == "rows"
     assert matvec.expert_layout(w_EIO[:, :, :3]) is None  # rows with gaps
     assert matvec.expert_layout(w_EIO.transpose(0, 1)) is None  # experts interleaved
-    assert matvec.expert_layout(w_EIO[::2]) is None  # every other expert
+    assert matvec.expert_layout(w_EIO[::2]) == "cols"  # experts apart, each whole (a store's padded blobs)
+    assert matvec.expert_layout(torch.randn(60).as_strided((3, 4, 5), (10, 5, 1))) is None  # overlapping
 
 
 @needs_kernels

@@ -587,3 +587,37 @@ def test_a_prefill_frees_each_evicted_expert_before_reading_the_next(tmp_path):
     assert cache.stats().evictions > 0 and worst["reused"] == cache.stats().evictions
     # Before each read one slot was freed: at most slots - 1 experts of the layer are alive then.
     assert worst["alive_at_a_read"] <= max(cache.slots.values()) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_budget_that_holds_every_expert_decodes_as_the_in_memory_model_does(tmp_path, dtype, monkeypatch):
+    """Preloaded into one buffer per layer (blob after blob), a layer's experts are stacked
+    views that the whole-step decode (``matvec.lm_decode``) reads as it reads the in-memory
+    model's: the same call, the same logits bit for bit, hits counted per decoded token; a
+    cleared cache drops the views (and decodes through the cache again)."""
+    if not matvec.available():
+        pytest.skip(f"moekit.matvec kernels: {matvec.status()}")
+    store, model = make_store(tmp_path, dtype, d_model=256, n_head=4, moe=dict(d_model=256, d_ff=128))
+    plan = plan_memory(ExpertStore(store), None)
+    idx = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(6))
+    calls = []
+    real = matvec.lm_decode
+    monkeypatch.setattr(matvec, "lm_decode", lambda *args: calls.append(1) or real(*args))
+    plain = prefill_then_decode(model, idx, prompt=8)
+    assert len(calls) == 4
+    offloaded = load(store, memory_budget=plan.non_expert_bytes + plan.expert_bytes)
+    cache = offloaded.expert_cache
+    assert sorted(cache.stacked) == sorted(plan.num_experts) and cache.stats().misses == 3 * 8
+    w_in = cache.stacked[0][0]
+    assert w_in.shape == (8, 256, 256) and w_in.stride(0) == plan.slot_bytes[0] // dtype.itemsize
+    assert torch.equal(w_in[5], cache.entries[0][5][0].w_in_DH)  # the cached expert is that view
+    cache.reset_counters()
+    outputs = prefill_then_decode(offloaded, idx, prompt=8)
+    assert len(calls) == 8  # the offloaded model's 4 decoded tokens, one call each
+    assert all(torch.equal(a, b) for a, b in zip(outputs, plain, strict=True))
+    stats = cache.stats()
+    assert stats.misses == 0 and stats.hits >= 4 * 3 * 2  # each decoded token's k experts in 3 layers, and the prompt's
+    cache.clear()
+    assert cache.stacked == {}
+    again = prefill_then_decode(offloaded, idx, prompt=8)  # read on demand, per layer
+    assert len(calls) == 8 and all(torch.equal(a, b) for a, b in zip(again, plain, strict=True))

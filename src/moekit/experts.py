@@ -182,6 +182,10 @@ class GroupedExperts(nn.Module):
             if bias is not None:
                 nn.init.zeros_(bias)
 
+    def stacked_weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(w_in, w_out, b_in, b_out): every expert at once, for the decode's one C call."""
+        return self.w_in, self.w_out, self.b_in, self.b_out
+
     @property
     def fusable(self) -> bool:
         """Whether the fused path (which knows no bias and no clamped SwiGLU) computes this."""

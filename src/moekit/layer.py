@@ -255,20 +255,19 @@ class MoE(nn.Module):
         the routing and statistics are recorded as the other paths record them. Other experts
         take the C call's choices (an offloaded model routes exactly as its in-memory twin)."""
         router, experts, config = self.router, self.experts, self.config
-        stacked = self._stacked_experts_in_c(x_TD)
+        stacked = self.stacked_experts(x_TD)
+        w_in, w_out, b_in, b_out = stacked if stacked is not None else (None, None, None, None)
         routed = matvec.route_experts_ffn(
             x_TD, router.weight, router.bias, router.gate_in_activation_dtype and x_TD.dtype == torch.bfloat16,
             config.check_finite, config.top_k, config.normalize_weights, config.routed_scaling_factor,
-            experts.w_in if stacked else None, experts.w_out if stacked else None, config.activation,
-            config.swiglu_alpha, config.swiglu_limit, experts.b_in if stacked else None,
-            experts.b_out if stacked else None,
+            w_in, w_out, config.activation, config.swiglu_alpha, config.swiglu_limit, b_in, b_out,
         )
         if routed is None:
             raise NonFiniteRouterLogitsError(
                 "router logits contain NaN or inf: check the layer input and router weights "
                 "(MoEConfig.check_finite=False skips this check)"
             )
-        if stacked:
+        if stacked is not None:
             assert routed.y_1D is not None
             y_TD = routed.y_1D
         else:
@@ -276,25 +275,40 @@ class MoE(nn.Module):
             y_TD = experts.forward_per_assignment(  # type: ignore[operator]
                 x_TD, torch.zeros(config.top_k, dtype=torch.long), routed.expert_idx_K, routed.weight_K
             )
-        self.record_routed_token(routed)
+        self.record_routed_token(routed, stacked is not None)
         y_TD = y_TD.to(x.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.reshape(x.shape)
 
-    def _stacked_experts_in_c(self, x_TD: Tensor) -> bool:
-        """Whether this layer's experts run inside ``route_experts_ffn`` (in-memory grouped
-        experts that moekit.matvec reads; contiguous biases)."""
+    def stacked_experts(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
+        """The experts' stacked weights (w_in, w_out, b_in, b_out) when they run inside
+        ``route_experts_ffn`` / ``lm_decode``: in-memory grouped experts, or experts held
+        elsewhere that expose every expert at once (``stacked_weights``: an offloaded layer
+        whose budget holds them all), that moekit.matvec reads, with contiguous biases of the
+        weights' dtype; None otherwise."""
         experts = self.experts
-        return (
-            type(experts) is GroupedExperts and matvec.applies_experts(x_TD, experts.w_in, experts.w_out)
-            and all(b is None or (b.is_contiguous() and b.dtype == experts.w_in.dtype)
-                    for b in (experts.b_in, experts.b_out))
-        )
+        stacked_weights = getattr(experts, "stacked_weights", None)
+        if type(experts) is not GroupedExperts and stacked_weights is None:
+            return None
+        stacked = stacked_weights() if stacked_weights is not None else None
+        if stacked is None:
+            return None
+        w_in, w_out, b_in, b_out = stacked
+        if not matvec.applies_experts(x_TD, w_in, w_out) or not all(
+            b is None or (b.is_contiguous() and b.dtype == w_in.dtype) for b in (b_in, b_out)
+        ):
+            return None
+        return stacked
 
-    def record_routed_token(self, routed: matvec.RoutedToken) -> None:
+    def record_routed_token(self, routed: matvec.RoutedToken, ran_stacked: bool) -> None:
         """Record one decoded token's routing from the C router (``route_experts_ffn`` or
-        ``lm_decode``) as the layer's other paths record theirs (``last_stats``)."""
+        ``lm_decode``) as the layer's other paths record theirs (``last_stats``); when the
+        experts ran on their stacked weights (``ran_stacked``), tell experts that count their
+        uses (``record_use``: an offloaded layer's cache) which ones ran."""
+        record_use = getattr(self.experts, "record_use", None)
+        if ran_stacked and record_use is not None:
+            record_use(routed.expert_idx_K.tolist())
         top_k = self.config.top_k
         token_idx_N = torch.zeros(top_k, dtype=torch.long)
         assignments = Assignments(

@@ -309,10 +309,13 @@ def expert_layout(weight: Tensor) -> str | None:
     ``"cols"`` when each expert's matrix is row-major [I, O] (moekit's layout, ``x @ W``),
     ``"rows"`` when it is stored [O, I] and viewed transposed (the nn.Linear layout that
     transformers' experts use, kept as it is by ``moekit.interop``), None otherwise. The decode
-    kernels read either: ``cols`` / ``rows`` sums respectively."""
+    kernels read either: ``cols`` / ``rows`` sums respectively. Consecutive experts may lie
+    apart (a stride over the experts larger than one matrix)."""
     *lead, in_features, out_features = weight.shape
     matrix = in_features * out_features
-    if lead and weight.stride(0) != matrix and lead[0] > 1:
+    # experts one after the other, each stored whole (any gap between them: an expert store's
+    # padded blobs read into one buffer)
+    if lead and lead[0] > 1 and weight.stride(0) < matrix:
         return None
     if weight.stride()[-2:] == (out_features, 1) or out_features == 1:
         return "cols"

@@ -86,6 +86,10 @@ class ExpertCache:
         self.entries: dict[int, OrderedDict[int, tuple[Any, int]]] = {layer: OrderedDict() for layer in slots}
         self.pins: dict[tuple[int, int], int] = {}
         self.hits = self.misses = self.evictions = self.bytes_read = 0
+        # layer -> a value describing every expert of the layer at once (offload.preload_experts'
+        # stacked views), valid while the layer's experts stay as inserted: dropped on any
+        # eviction from the layer and on clear(), so it never outlives the entries it describes
+        self.stacked: dict[int, Any] = {}
 
     def cached(self, layer: int) -> list[int]:
         """The experts of ``layer`` in the cache, least recently used first."""
@@ -165,10 +169,32 @@ class ExpertCache:
             victim = candidates[0]
         value, _ = entries.pop(victim)
         self.evictions += 1
+        self.stacked.pop(layer, None)
         return value
+
+    def insert(self, layer: int, expert: int, value: Any, nbytes: int) -> None:
+        """Put an expert read ahead of any request (``offload.preload_experts``) into a free slot:
+        counted as a read (misses, bytes_read), not as a request."""
+        entries = self.entries[layer]
+        if expert in entries or len(entries) >= self.slots[layer] or nbytes > self.slot_bytes[layer]:
+            raise CacheError(f"layer {layer} expert {expert}: no free slot of {self.slot_bytes[layer]} bytes for "
+                             f"{nbytes} bytes ({len(entries)} of {self.slots[layer]} slots used)")
+        entries[expert] = (value, nbytes)
+        self.misses += 1
+        self.bytes_read += nbytes
+
+    def record_hits(self, layer: int, experts: Sequence[int]) -> None:
+        """Count a use of cached ``experts`` that did not go through ``acquire`` (a decode step
+        run on ``stacked`` views in one C call): hits, requests and recency as ``acquire``'s."""
+        entries = self.entries[layer]
+        for expert in experts:
+            self.requests[layer, expert] = self.requests.get((layer, expert), 0) + 1
+            self.hits += 1
+            entries.move_to_end(expert)
 
     def clear(self) -> None:
         """Drop every unpinned expert and the policy's request counts (the counters stay)."""
+        self.stacked.clear()
         self.requests.clear()
         for layer, entries in self.entries.items():
             for expert in [e for e in entries if not self.is_pinned(layer, e)]:

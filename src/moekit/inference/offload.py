@@ -258,6 +258,22 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, slots={self.cache.slots[self.layer]}"
 
+    def stacked_weights(self) -> tuple[Tensor, Tensor, None, None] | None:
+        """The layer's experts as stacked [E, D, H] / [E, F, D] views while every one is cached
+        in one preloaded buffer (``preload_experts``), else None: moekit's one-call decode then
+        reads them as ``GroupedExperts``' (``MoE._stacked_experts``); ``record_use`` counts
+        the hits."""
+        stacked = self.cache.stacked.get(self.layer)
+        if stacked is None or self.quantized or self.training:
+            return None
+        return stacked[0], stacked[1], None, None
+
+    def record_use(self, experts: Sequence[int]) -> None:
+        """A decoded token ran ``experts`` on the stacked views: counted as ``acquire`` counts
+        hits, and kept as the decode working set the next prefill protects."""
+        self.protect = frozenset(experts)
+        self.cache.record_hits(self.layer, experts)
+
     def processing_order(self, needed: Sequence[int]) -> list[int]:
         """Cached experts first (hits evict nothing), then the missing ones, the last token's
         experts (``protect``) at the end of each so that they stay cached for the next step."""
@@ -521,9 +537,46 @@ def preload_experts(model: MoETransformerLM) -> None:
             raise BudgetError(f"preload needs every expert cached, but the budget gives layer {layer} "
                               f"{plan.slots[layer]} of {count} slots ({format_size(plan.expert_bytes)} of experts)")
     for layer, count in plan.num_experts.items():
+        if _preload_stacked(model, layer, count):
+            continue
         everything = list(range(count))
         cache.acquire(layer, everything)
         cache.release(layer, everything)
+
+
+def _preload_stacked(model: MoETransformerLM, layer: int, count: int) -> bool:
+    """Read the layer's experts (stored as the model's dtype, w_in and w_out only) into one
+    page-aligned buffer, blob after blob, and cache each as views into it; the layer's stacked
+    [E, D, H] / [E, F, D] views (expert stride: one padded blob) go to ``cache.stacked``, which
+    moekit's one-call decode reads as it reads in-memory experts. False (nothing read) where the
+    layer's blobs differ in layout or hold biases or another dtype."""
+    store, cache = model.expert_store, model.expert_cache
+    if store.experts_dtype in SCHEMES:
+        return False
+    blobs = [store.blobs[layer, expert] for expert in range(count)]
+    first = blobs[0]
+    names = sorted(t.name for t in first.tensors)
+    dtype = model.embed.weight.dtype
+    slot = cache.slot_bytes[layer]
+    layout = [(t.name, t.offset, t.dtype, tuple(t.shape)) for t in first.tensors]
+    if names != ["w_in", "w_out"] or any(t.dtype != dtype for t in first.tensors) or first.padded_length != slot:
+        return False
+    if any(b.padded_length != slot or [(t.name, t.offset, t.dtype, tuple(t.shape)) for t in b.tensors] != layout
+           for b in blobs):
+        return False
+    buffer = slot_buffer(count * slot)
+    whole = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype)  # keeps the buffer alive
+    element = dtype.itemsize
+    stacked = {}
+    for t in first.tensors:
+        rows, cols = t.shape
+        stacked[t.name] = whole.as_strided((count, rows, cols), (slot // element, cols, 1), t.offset // element)
+    for expert in range(count):
+        store.read_blob(layer, expert, buffer[expert * slot : (expert + 1) * slot])
+        weights = ExpertWeights(stacked["w_in"][expert], stacked["w_out"][expert], None, None, None)
+        cache.insert(layer, expert, weights, slot)
+    cache.stacked[layer] = (stacked["w_in"], stacked["w_out"])
+    return True
 
 
 def plain_lm_from_store(store: str | Path | ExpertStore, dtype: torch.dtype | None = None) -> MoETransformerLM:

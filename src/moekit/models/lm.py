@@ -529,7 +529,7 @@ class MoETransformerLM(nn.Module):
                 or block._forward_hooks or block._forward_pre_hooks or moe._forward_hooks or moe._forward_pre_hooks
                 or "forward" in vars(block) or "forward" in vars(moe)
                 or not moe._one_call_decode_applies(x_TD, moe.active_capacity_factor)
-                or not moe._stacked_experts_in_c(x_TD)
+                or moe.stacked_experts(x_TD) is None
                 or attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
                 or block.attn_norm.eps != block.ffn_norm.eps
                 or (moe.router.bias is not None and (moe.router.bias.dtype != moe.router.weight.dtype
@@ -543,10 +543,16 @@ class MoETransformerLM(nn.Module):
                 or moe.router.gate_in_activation_dtype != first.router.gate_in_activation_dtype
                 or (moe.router.bias is None) != (first.router.bias is None)
                 or moe.router.weight.dtype != first.router.weight.dtype
-                or moe.experts.w_in.dtype != first.experts.w_in.dtype
-                or matvec.expert_layout(moe.experts.w_in) != matvec.expert_layout(first.experts.w_in)
-                or moe.experts.w_in.stride() != first.experts.w_in.stride()
-                or moe.experts.w_out.stride() != first.experts.w_out.stride()
+            ):
+                return None
+            stacked = moe.stacked_experts(x_TD)
+            first_stacked = first.stacked_experts(x_TD)
+            assert stacked is not None and first_stacked is not None
+            if (
+                stacked[0].dtype != first_stacked[0].dtype
+                or matvec.expert_layout(stacked[0]) != matvec.expert_layout(first_stacked[0])
+                or stacked[0].stride() != first_stacked[0].stride() or stacked[1].stride() != first_stacked[1].stride()
+                or (stacked[2] is None) != (first_stacked[2] is None)
             ):
                 return None
             like_BHSK = attn.qkv.weight.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
@@ -566,10 +572,13 @@ class MoETransformerLM(nn.Module):
         for block, like_BHSK in checked:
             keys, values, _ = cache.reserve(block.attn.layer_idx, like_BHSK)
             moe = block.ffn
+            stacked = moe.stacked_experts(x_TD)
+            assert stacked is not None  # checked above
+            w_in, w_out, b_in, b_out = stacked
             layers.append(matvec.DecodeLayer(
                 block.attn.qkv.weight, block.attn.proj.weight, block.attn_norm.weight.float().contiguous(),
                 block.ffn_norm.weight.float().contiguous(), keys, values, moe.router.weight, moe.router.bias,
-                moe.experts.w_in, moe.experts.w_out, moe.experts.b_in, moe.experts.b_out,
+                w_in, w_out, b_in, b_out,
             ))
         config = first.config
         result = matvec.lm_decode(
@@ -585,7 +594,7 @@ class MoETransformerLM(nn.Module):
             )
         x_D, routed = result
         for (block, _), token in zip(checked, routed, strict=True):
-            block.ffn.record_routed_token(token)
+            block.ffn.record_routed_token(token, ran_stacked=True)
         return x_D.to(x_11D.dtype).view_as(x_11D)
 
     @torch.no_grad()
