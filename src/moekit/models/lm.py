@@ -521,6 +521,7 @@ class MoETransformerLM(nn.Module):
             return None
         x_TD = x_11D.reshape(1, -1)
         first: MoE | None = None
+        first_stacked: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None
         checked = []
         for block in self.blocks:
             moe, attn = block.ffn, block.attn
@@ -529,27 +530,23 @@ class MoETransformerLM(nn.Module):
                 or block._forward_hooks or block._forward_pre_hooks or moe._forward_hooks or moe._forward_pre_hooks
                 or "forward" in vars(block) or "forward" in vars(moe)
                 or not moe._one_call_decode_applies(x_TD, moe.active_capacity_factor)
-                or moe.stacked_experts(x_TD) is None
                 or attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
                 or block.attn_norm.eps != block.ffn_norm.eps
                 or (moe.router.bias is not None and (moe.router.bias.dtype != moe.router.weight.dtype
                                                      or not moe.router.bias.is_contiguous()))
             ):
                 return None
-            if first is None:
-                first = moe
+            stacked = moe.stacked_experts(x_TD)
+            if stacked is None:
+                return None
+            if first is None or first_stacked is None:
+                first, first_stacked = moe, stacked
             elif (
                 moe.config != first.config or block.attn_norm.eps != self.blocks[0].attn_norm.eps
                 or moe.router.gate_in_activation_dtype != first.router.gate_in_activation_dtype
                 or (moe.router.bias is None) != (first.router.bias is None)
                 or moe.router.weight.dtype != first.router.weight.dtype
-            ):
-                return None
-            stacked = moe.stacked_experts(x_TD)
-            first_stacked = first.stacked_experts(x_TD)
-            assert stacked is not None and first_stacked is not None
-            if (
-                stacked[0].dtype != first_stacked[0].dtype
+                or stacked[0].dtype != first_stacked[0].dtype
                 or matvec.expert_layout(stacked[0]) != matvec.expert_layout(first_stacked[0])
                 or stacked[0].stride() != first_stacked[0].stride() or stacked[1].stride() != first_stacked[1].stride()
                 or (stacked[2] is None) != (first_stacked[2] is None)
@@ -561,20 +558,17 @@ class MoETransformerLM(nn.Module):
                                                   like_BHSK if keys is None else keys,
                                                   like_BHSK if values is None else values):
                 return None
-            checked.append((block, like_BHSK))
+            checked.append((block, like_BHSK, stacked))
         if first is None:
             return None
-        positions = {cache.length_of(block.attn.layer_idx) for block, _ in checked}
+        positions = {cache.length_of(block.attn.layer_idx) for block, _, _ in checked}
         if len(positions) != 1:  # the layers hold different lengths: the per-block path copes
             return None
         layers = []
         position = positions.pop()
-        for block, like_BHSK in checked:
+        for block, like_BHSK, (w_in, w_out, b_in, b_out) in checked:
             keys, values, _ = cache.reserve(block.attn.layer_idx, like_BHSK)
             moe = block.ffn
-            stacked = moe.stacked_experts(x_TD)
-            assert stacked is not None  # checked above
-            w_in, w_out, b_in, b_out = stacked
             layers.append(matvec.DecodeLayer(
                 block.attn.qkv.weight, block.attn.proj.weight, block.attn_norm.weight.float().contiguous(),
                 block.ffn_norm.weight.float().contiguous(), keys, values, moe.router.weight, moe.router.bias,
@@ -593,7 +587,7 @@ class MoETransformerLM(nn.Module):
                 "(MoEConfig.check_finite=False skips this check)"
             )
         x_D, routed = result
-        for (block, _), token in zip(checked, routed, strict=True):
+        for (block, _, _), token in zip(checked, routed, strict=True):
             block.ffn.record_routed_token(token, ran_stacked=True)
         return x_D.to(x_11D.dtype).view_as(x_11D)
 
