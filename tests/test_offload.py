@@ -26,7 +26,7 @@ from torch import Tensor
 from moekit import matvec
 from moekit.inference import load, minimum_budget, parse_size
 from moekit.inference.cache import CacheError, ExpertCache
-from moekit.inference.offload import BudgetError, OffloadedExperts, plain_lm_from_store, plan_memory
+from moekit.inference.offload import BudgetError, OffloadedExperts, plain_lm_from_store, plan_memory, preload_experts
 from moekit.inference.store import ExpertStore, write_store
 from moekit.models.lm import KVCache, LMConfig, MoETransformerLM
 from moekit.routing import RoutingResult, topk_assignments
@@ -621,3 +621,16 @@ def test_a_budget_that_holds_every_expert_decodes_as_the_in_memory_model_does(tm
     assert cache.stacked == {}
     again = prefill_then_decode(offloaded, idx, prompt=8)  # read on demand, per layer
     assert len(calls) == 8 and all(torch.equal(a, b) for a, b in zip(again, plain, strict=True))
+
+
+def test_preloading_a_partly_filled_cache_reads_only_the_missing_experts(tmp_path):
+    store, _ = make_store(tmp_path, d_model=256, n_head=4, moe=dict(d_model=256, d_ff=128))
+    plan = plan_memory(ExpertStore(store), None)
+    model = load(store, memory_budget=plan.non_expert_bytes + plan.expert_bytes, preload=False)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 3)))  # reads some experts on demand
+    read = model.expert_cache.stats().misses
+    assert 0 < read < 3 * 8
+    preload_experts(model)
+    assert model.expert_cache.stats().misses == 3 * 8  # each expert read once in all
+    assert model.expert_cache.stacked == {}  # the layers were not read into one buffer

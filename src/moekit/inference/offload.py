@@ -261,7 +261,7 @@ class OffloadedExperts(nn.Module):
     def stacked_weights(self) -> tuple[Tensor, Tensor, None, None] | None:
         """The layer's experts as stacked [E, D, H] / [E, F, D] views while every one is cached
         in one preloaded buffer (``preload_experts``), else None: moekit's one-call decode then
-        reads them as ``GroupedExperts``' (``MoE._stacked_experts``); ``record_use`` counts
+        reads them as ``GroupedExperts``' (``MoE.stacked_experts``); ``record_use`` counts
         the hits."""
         stacked = self.cache.stacked.get(self.layer)
         if stacked is None or self.quantized or self.training:
@@ -549,9 +549,9 @@ def _preload_stacked(model: MoETransformerLM, layer: int, count: int) -> bool:
     page-aligned buffer, blob after blob, and cache each as views into it; the layer's stacked
     [E, D, H] / [E, F, D] views (expert stride: one padded blob) go to ``cache.stacked``, which
     moekit's one-call decode reads as it reads in-memory experts. False (nothing read) where the
-    layer's blobs differ in layout or hold biases or another dtype."""
+    layer's blobs differ in layout or hold biases or another dtype, or some are cached already."""
     store, cache = model.expert_store, model.expert_cache
-    if store.experts_dtype in SCHEMES:
+    if store.experts_dtype in SCHEMES or cache.entries[layer]:  # (some already cached: read the rest as usual)
         return False
     blobs = [store.blobs[layer, expert] for expert in range(count)]
     first = blobs[0]
