@@ -484,9 +484,7 @@ def experts_ffn(
     for biases in (b_in, b_out):
         if biases is not None and any(not b.is_contiguous() or b.dtype != first_in.dtype for b in biases):
             raise ValueError("matvec.experts_ffn: biases must be contiguous and of the weights' dtype")
-    layout = expert_layout(first_in)
-    if layout is None or expert_layout(first_out) != layout:
-        raise ValueError("matvec.experts_ffn: the weights must be all [I, O] or all [O, I] (transposed) matrices")
+    layout = _shared_layout(first_in, first_out, "experts_ffn")
     x32 = x.reshape(-1).float().contiguous()
     weights32 = weight_k.reshape(-1).float().contiguous()
     y = torch.empty(1, d_model, dtype=torch.float32)
@@ -501,6 +499,14 @@ def experts_ffn(
     if code != 0:
         raise MemoryError("moekit.matvec.experts_ffn: could not allocate its scratch buffers")
     return y
+
+
+def _shared_layout(w_in: Tensor, w_out: Tensor, caller: str) -> str:
+    """The ``expert_layout`` both projections share; a ValueError naming ``caller`` otherwise."""
+    layout = expert_layout(w_in)
+    if layout is None or expert_layout(w_out) != layout:
+        raise ValueError(f"matvec.{caller}: the weights must be all [I, O] or all [O, I] (transposed) matrices")
+    return layout
 
 
 def applies_router(x: Tensor, gate_weight_ED: Tensor) -> bool:
@@ -552,9 +558,7 @@ def route_experts_ffn(
     ):
         raise ValueError(f"matvec.route_experts_ffn: top-{top_k} of {num_experts} experts, activation {activation!r}, "
                          f"stacked experts {None if w_in is None else tuple(w_in.shape)}")
-    layout = "cols" if w_in is None else expert_layout(w_in)
-    if w_in is not None and (layout is None or w_out is None or expert_layout(w_out) != layout):
-        raise ValueError("matvec.route_experts_ffn: the weights must be all [I, O] or all [O, I] (transposed) matrices")
+    layout = "cols" if w_in is None or w_out is None else _shared_layout(w_in, w_out, "route_experts_ffn")
     dtype = x.dtype if w_in is None else w_in.dtype
     for biases in (b_in, b_out):
         if biases is not None and (w_in is None or not biases.is_contiguous() or biases.dtype != dtype):

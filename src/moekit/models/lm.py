@@ -378,6 +378,23 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.resid_dropout(self.attn(self.attn_norm(x_BSD), cos_SK, sin_SK, cache))
         return x_BSD + self.resid_dropout(self.ffn(self.ffn_norm(x_BSD)))
 
+    def _attention_call_cache_like(self, x_11D: Tensor, cache: KVCache) -> Tensor | None:
+        """Whether a decoded token's attention half runs in ``matvec.attention_block`` (no
+        biases, one norm epsilon, a cache with room for this layer, the call's own checks): an
+        empty tensor shaped and typed as this layer's cache buffers (``KVCache.reserve``'s
+        ``like``) when it does, None when torch runs it."""
+        attn = self.attn
+        if (attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
+                or self.attn_norm.eps != self.ffn_norm.eps):
+            return None
+        like_BHSK = attn.qkv.weight.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
+        keys, values = cache._keys[attn.layer_idx], cache._values[attn.layer_idx]
+        if not matvec.applies_attention_block(x_11D, attn.qkv.weight, attn.proj.weight,
+                                              like_BHSK if keys is None else keys,
+                                              like_BHSK if values is None else values):
+            return None
+        return like_BHSK
+
     def _decode_attention(
         self, x_11D: Tensor, cos_1K: Tensor, sin_1K: Tensor, cache: KVCache
     ) -> tuple[Tensor, Tensor] | None:
@@ -391,13 +408,8 @@ class Block(nn.Module):
         restores the module calls)."""
         attn = self.attn
         qkv, proj = attn.qkv.weight, attn.proj.weight
-        if (attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
-                or self.attn_norm.eps != self.ffn_norm.eps):
-            return None
-        like_BHSK = qkv.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
-        keys, values = cache._keys[attn.layer_idx], cache._values[attn.layer_idx]
-        if not matvec.applies_attention_block(x_11D, qkv, proj, like_BHSK if keys is None else keys,
-                                              like_BHSK if values is None else values):
+        like_BHSK = self._attention_call_cache_like(x_11D, cache)
+        if like_BHSK is None:
             return None
         keys, values, position = cache.reserve(attn.layer_idx, like_BHSK)
         x_D, h_D = matvec.attention_block(
@@ -524,14 +536,12 @@ class MoETransformerLM(nn.Module):
         first_stacked: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None
         checked = []
         for block in self.blocks:
-            moe, attn = block.ffn, block.attn
+            moe = block.ffn
             if (
                 type(block) is not Block or not isinstance(moe, MoE) or moe.shared_experts is not None
                 or block._forward_hooks or block._forward_pre_hooks or moe._forward_hooks or moe._forward_pre_hooks
                 or "forward" in vars(block) or "forward" in vars(moe)
                 or not moe._one_call_decode_applies(x_TD, moe.active_capacity_factor)
-                or attn.qkv.bias is not None or attn.proj.bias is not None or attn.layer_idx >= len(cache._keys)
-                or block.attn_norm.eps != block.ffn_norm.eps
                 or (moe.router.bias is not None and (moe.router.bias.dtype != moe.router.weight.dtype
                                                      or not moe.router.bias.is_contiguous()))
             ):
@@ -552,11 +562,8 @@ class MoETransformerLM(nn.Module):
                 or (stacked[2] is None) != (first_stacked[2] is None)
             ):
                 return None
-            like_BHSK = attn.qkv.weight.new_empty(1, attn.n_kv_head, 0, attn.head_dim)
-            keys, values = cache._keys[attn.layer_idx], cache._values[attn.layer_idx]
-            if not matvec.applies_attention_block(x_11D, attn.qkv.weight, attn.proj.weight,
-                                                  like_BHSK if keys is None else keys,
-                                                  like_BHSK if values is None else values):
+            like_BHSK = block._attention_call_cache_like(x_11D, cache)
+            if like_BHSK is None:
                 return None
             checked.append((block, like_BHSK, stacked))
         if first is None:
